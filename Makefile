@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
+export DS_BUILD_OPS := 0
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-all clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the pins or setup.py change.
+$(STAMP): requirements-ci.txt setup.py | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-ci.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/unidad-dist demo $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q --run-slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,3 @@
+from unidad_dist.cli import main
+
+raise SystemExit(main())

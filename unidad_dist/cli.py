@@ -1,0 +1,157 @@
+"""``unidad-dist`` command line: train, demo, config, sample, export."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from unidad_dist.errors import UserError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _demo_recipe() -> Path:
+    for candidate in (RECIPES / "demo.yaml", Path(__file__).resolve().parent / "recipes" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError("recipes/demo.yaml not found next to the package; reinstall unidad_dist from its repository")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. train.iterations=100)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="unidad-dist", description="Distributed Uni-DAD training")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("--config", required=True, help="recipe YAML file")
+    _add_overrides(p)
+    p = sub.add_parser("demo", help="train recipes/demo.yaml (a built-in tiny teacher and 10-shot target)")
+    _add_overrides(p)
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("--config", default=None, help="recipe YAML file (default: built-in defaults)")
+    p.add_argument("--keys", action="store_true", help="list every valid key")
+    _add_overrides(p)
+    p = sub.add_parser("sample", help="sample the student of a run")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--steps", type=int, default=None, help="student steps K (default: as trained)")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--out", required=True, help="a .png grid, or a folder for single PNGs")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default=None, help="prompt for text models (default: the recipe's source prompts)")
+    p = sub.add_parser("export", help="export the student as a diffusers model folder (safetensors)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    return ap
+
+
+def cmd_train(config: Path | str, overrides: list[str]) -> int:
+    from unidad_dist.config import load_config
+    from unidad_dist.train.loop import train
+
+    cfg = load_config(config, overrides)
+    rdir = train(cfg)
+    summary = rdir / "summary.json"
+    if summary.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {rdir}")
+        print(summary.read_text())
+    return 0
+
+
+def cmd_config(args) -> int:
+    from unidad_dist.config import all_keys, dump_yaml, load_config, validate, Config
+
+    if args.keys:
+        print("\n".join(all_keys()))
+        return 0
+    if args.config is None:
+        from unidad_dist.config import from_dict, parse_overrides
+
+        cfg = from_dict(Config, parse_overrides(args.overrides))
+        try:
+            validate(cfg)
+        except UserError as e:
+            print(f"# note: {e}", file=sys.stderr)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from unidad_dist.train.logging import save_grid, save_images
+    from unidad_dist.train.loop import load_run
+
+    if args.num < 1:
+        raise UserError(f"--num must be >= 1, got {args.num}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    cfg, models, method, ckpt = load_run(args.run)
+    prompts = [args.prompt] if args.prompt else None
+    with torch.no_grad():
+        x = method.sample(args.num, steps=args.steps, seed=args.seed, prompts=prompts)
+        pixels = models.to_pixels(x).cpu()
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        save_grid(pixels, out)
+    else:
+        save_images(pixels, out)
+    print(f"wrote {args.num} samples ({args.steps or cfg.student.steps} steps, {ckpt.name}) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from unidad_dist.models.backbones import build_unet, resolve_backbone
+    from unidad_dist.train.checkpoint import load_student_weights
+    from unidad_dist.train.loop import load_run
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' exists and is not empty; choose a new folder")
+    cfg, models, method, ckpt = load_run(args.run)
+    spec = resolve_backbone(cfg.student.backbone, "student") if cfg.student.backbone else models.spec
+    unet = build_unet(spec)
+    unet.load_state_dict(load_student_weights(ckpt, prefer_ema=True))
+    tmp = out.with_name(out.name + ".tmp")
+    unet.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "unidad_student.json").write_text(json.dumps({
+        "checkpoint": ckpt.name,
+        "steps": cfg.student.steps,
+        "timesteps": method.timesteps,
+        "output": "x0" if cfg.student.prediction == "x0" else models.schedule.prediction_type,
+        "source_backbone": cfg.source_teacher.backbone,
+        "ema": cfg.student.ema > 0,
+    }, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.replace(out)
+    print(f"exported the student ({ckpt.name}) to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            return cmd_train(args.config, args.overrides)
+        if args.cmd == "demo":
+            return cmd_train(_demo_recipe(), args.overrides)
+        if args.cmd == "config":
+            return cmd_config(args)
+        if args.cmd == "sample":
+            return cmd_sample(args)
+        if args.cmd == "export":
+            return cmd_export(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

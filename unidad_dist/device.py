@@ -1,0 +1,98 @@
+"""The one place that knows about devices and communication backends.
+
+Everything else asks this module which device to use, which backend to start, how to autocast and how to
+save/restore the RNG of the accelerator. No other module may name a device type or backend literally
+(a test greps for that), so the same code runs on CUDA + NCCL clusters and on a CPU + gloo laptop.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    backend: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def accelerator_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if accelerator_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return CPU
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def runtime_from_env(dist_timeout_s: float = 600.0) -> Runtime:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, DeepSpeed launcher, submitit, Ray all set them) and,
+    when more than one rank is present, initialise the default process group with the backend that
+    fits the device."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local_rank)
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=dist_timeout_s)
+        )
+    return Runtime(device=device, backend=backend, rank=rank, world_size=world, local_rank=local_rank)
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast on whatever device we run on; a no-op context when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype == torch.float16 and device.type != "cuda":
+        return False
+    return True
+
+
+def accelerator_rng_state():
+    if accelerator_available():
+        return torch.cuda.get_rng_state_all()
+    return None
+
+
+def set_accelerator_rng_state(state) -> None:
+    if state is not None and accelerator_available():
+        torch.cuda.set_rng_state_all(state)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

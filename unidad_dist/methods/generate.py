@@ -1,0 +1,49 @@
+"""K-step student generation; training and sampling share this code (algorithm.md §3)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from unidad_dist.models.schedule import NoiseSchedule
+
+
+def student_timesteps(steps: int, T: int, explicit: Optional[Sequence[int]] = None) -> list[int]:
+    """t_k = T−1 − k·⌊T/K⌋ (K=1: [999]; K=4: [999, 749, 499, 249]) unless an explicit list is given."""
+    if explicit is not None:
+        return [int(t) for t in explicit]
+    return [T - 1 - k * (T // steps) for k in range(steps)]
+
+
+def generate(
+    call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    timesteps: Sequence[int],
+    schedule: NoiseSchedule,
+    noise_for_step: Callable[[int], torch.Tensor],
+    grad_step: Optional[int] = None,
+    stop_at: Optional[int] = None,
+) -> torch.Tensor:
+    """Run the student from pure noise ``z``.
+
+    ``call(x_t, t)`` returns x̂0 (fp32). ``noise_for_step(k)`` is the fresh noise that re-noises x̂0 into
+    step k (k >= 1). With ``grad_step=None`` every call runs under the ambient grad mode (unroll
+    ``full`` when grad is on, plain sampling under no_grad). With ``grad_step=k`` (backward simulation),
+    steps 0 … k−1 run under no_grad, step k with gradients, and its x̂0 is returned.
+    """
+    last = len(timesteps) - 1 if stop_at is None else stop_at
+    if grad_step is not None:
+        last = grad_step
+    x_t = z
+    x0 = z
+    for k in range(last + 1):
+        t = torch.full((z.shape[0],), int(timesteps[k]), dtype=torch.long, device=z.device)
+        if grad_step is not None and k < grad_step:
+            with torch.no_grad():
+                x0 = call(x_t, t)
+        else:
+            x0 = call(x_t, t)
+        if k < last:
+            t_next = torch.full_like(t, int(timesteps[k + 1]))
+            x_t = schedule.add_noise(x0.detach() if grad_step is not None else x0, noise_for_step(k + 1), t_next)
+    return x0

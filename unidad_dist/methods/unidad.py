@@ -1,0 +1,327 @@
+"""One Uni-DAD iteration (algorithm.md §5): student (G) on dual-domain DMD + GAN generator term, fake
+teacher + heads (F) on denoising + GAN discriminator, online target teacher (T) on the target shots.
+
+Gradients reach only the role being stepped by construction: teacher predictions run under no_grad, the
+GAN generator term is an input-gradient taken through the fake teacher's *activations*
+(``torch.autograd.grad`` w.r.t. the sample only) and injected into the student's graph, and the fake and
+target steps see detached student samples. No ``requires_grad`` is toggled.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from unidad_dist.methods import losses
+from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
+from unidad_dist.methods.generate import generate, student_timesteps
+from unidad_dist.models.conditioning import cat_cond
+from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
+
+
+def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+    """Row-wise choice between two conditions: rows where mask is true come from ``a``."""
+    if not a:
+        return a
+    out = {}
+    for k in a:
+        if isinstance(a[k], dict):
+            out[k] = select_cond(mask, a[k], b[k])
+        else:
+            m = mask.to(a[k].device).view((-1,) + (1,) * (a[k].ndim - 1))
+            out[k] = torch.where(m, a[k], b[k])
+    return out
+
+
+class UniDAD:
+    name = "unidad"
+
+    def __init__(self, cfg, models, rt):
+        self.cfg = cfg
+        self.m = models
+        self.rt = rt
+        self.schedule = models.schedule
+        self.T = self.schedule.T
+        self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
+        self.a = float(cfg.algorithm.a)
+        self.seed = cfg.run.seed
+        # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (algorithm.md §4, precision).
+        self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
+        self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
+        self.calls = defaultdict(int)  # network calls per role (tests count them)
+
+    # -- network calls ---------------------------------------------------------------------------
+    def student_x0(self, x_t, t, cond, module=None):
+        self.calls["student"] += 1
+        role = self.m.student
+        if module is None:
+            pred = role.forward(x_t, t, cond)
+        else:
+            from unidad_dist.models.backbones import unet_forward
+
+            with role.autocast():
+                pred = unet_forward(module, x_t, t, cond)
+        if self.cfg.student.prediction == "x0":
+            return pred.float()
+        return self.schedule.to_x0(pred, x_t, t)
+
+    def teacher_x0(self, role_name: str, x_t, t, cond, uncond, scale: float, force_fp32: bool = False):
+        """x̂0 of a teacher, with CFG when scale != 1 and the backbone is conditional; fp32 conversion."""
+        self.calls[role_name] += 1
+        role = getattr(self.m, role_name)
+        if scale != 1.0 and cond:
+            both = role.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([uncond, cond]), force_fp32)
+            u, c = both.float().chunk(2)
+            pred = cfg_combine(u, c, scale)
+        else:
+            pred = role.forward(x_t, t, cond, force_fp32).float()
+        return self.schedule.to_x0(pred, x_t, t)
+
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch,) + tuple(self.m.sample_shape)
+
+    def draw_t(self, d: SampleDraws, role: str, purpose: str, low: int, high: int) -> torch.Tensor:
+        if self.karras is not None:  # uniform over the index of a Karras σ grid
+            i = d.randint(0, len(self.karras), role, purpose).cpu()
+            return self.karras[i].clamp(low, high - 1).to(d.device)
+        return d.randint(low, high, role, purpose)
+
+    def generate_train(self, d: SampleDraws, batch, k_grad: Optional[int]):
+        z = d.randn(self.m.sample_shape, "student", "z")
+        return generate(lambda x, t: self.student_x0(x, t, batch.cond), z, self.timesteps, self.schedule,
+                        lambda k: d.randn(self.m.sample_shape, "student", f"renoise_{k}"), grad_step=k_grad)
+
+    # -- losses ----------------------------------------------------------------------------------
+    def student_loss(self, x, batch, d: SampleDraws) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        t = self.draw_t(d, "student", "dmd_t", cfg.algorithm.t_min, cfg.algorithm.t_max + 1)
+        n = d.randn(self.m.sample_shape, "student", "dmd_noise")
+        x_t = self.schedule.add_noise(x.detach(), n, t)
+        logs = {}
+        loss = torch.zeros((), device=x.device)
+        with torch.no_grad():
+            x_fk = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
+            branches = []
+            if self.a < 1.0:
+                x_src = self.teacher_x0("source_teacher", x_t, t, batch.cond_src, batch.uncond,
+                                        cfg.source_teacher.cfg, self.dmd_fp32)
+                branches.append(("src", 1.0 - self.a, x_src))
+            if self.a > 0.0:
+                x_trg = self.teacher_x0("target_teacher", x_t, t, batch.cond, batch.uncond,
+                                        cfg.target_teacher.cfg, self.dmd_fp32)
+                branches.append(("trg", self.a, x_trg))
+        for name, weight, x_k in branches:
+            g = losses.dmd_gradient(x, x_fk, x_k)
+            l_k = losses.dmd_loss(x, g)
+            loss = loss + weight * l_k
+            logs[f"dmd_{name}"] = float(l_k)
+        if cfg.gan_heads.enabled and cfg.gan_heads.lambda_g > 0:
+            g_gan, l_g = self.gan_generator_input_grad(x, batch, d)
+            loss = loss + cfg.gan_heads.lambda_g * losses.input_gradient_surrogate(x, g_gan)
+            logs["gan_g"] = float(l_g)
+        return loss, logs
+
+    def gan_generator_input_grad(self, x, batch, d: SampleDraws):
+        """The GAN generator term's gradient on x, taken through the fake teacher's activations; no
+        gradient can land in the fake teacher's or the heads' parameters (design.md)."""
+        x_in = x.detach().requires_grad_(True)
+        t = d.randint(0, self.T, "student", "gan_t")
+        n = d.randn(self.m.sample_shape, "student", "gan_noise")
+        self.calls["fake_teacher_features"] += 1
+        logits = self.m.fake_teacher.discriminate(self.schedule.add_noise(x_in, n, t), t, batch.cond)
+        l_g = losses.gan_generator_loss(logits)
+        (grad,) = torch.autograd.grad(l_g, x_in)
+        return grad, l_g.detach()
+
+    def fake_loss(self, x, batch, d: SampleDraws) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        x = x.detach()
+        fake = self.m.fake_teacher
+        t = d.randint(0, self.T, "fake_teacher", "denoise_t")
+        n = d.randn(self.m.sample_shape, "fake_teacher", "denoise_noise")
+        self.calls["fake_teacher"] += 1
+        pred = fake.forward(self.schedule.add_noise(x, n, t), t, batch.cond)
+        l_fake = losses.denoising_loss(pred, self.schedule.target(x, n, t))
+        loss, logs = l_fake, {"fake_denoise": float(l_fake)}
+        if cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0:
+            t_r = d.randint(0, self.T, "fake_teacher", "gan_real_t")
+            n_r = d.randn(self.m.sample_shape, "fake_teacher", "gan_real_noise")
+            t_f = d.randint(0, self.T, "fake_teacher", "gan_fake_t")
+            n_f = d.randn(self.m.sample_shape, "fake_teacher", "gan_fake_noise")
+            self.calls["fake_teacher_features"] += 2
+            logit_real = fake.discriminate(self.schedule.add_noise(batch.real, n_r, t_r), t_r, batch.real_cond)
+            logit_fake = fake.discriminate(self.schedule.add_noise(x, n_f, t_f), t_f, batch.cond)
+            l_d = losses.gan_discriminator_loss(logit_real, logit_fake)
+            loss = loss + cfg.gan_heads.lambda_d * l_d
+            logs["gan_d"] = float(l_d)
+        return loss, logs
+
+    def target_loss(self, x, batch, d: SampleDraws, iteration: int) -> tuple[torch.Tensor, dict]:
+        tc = self.cfg.target_teacher
+        real, cond = batch.real, batch.real_cond
+        if tc.student_feedback > 0 and iteration >= tc.feedback_start:
+            use_x = (d.rand("target_teacher", "feedback") < tc.student_feedback)
+            real = torch.where(use_x.view(-1, 1, 1, 1), x.detach(), real)
+            cond = select_cond(use_x, batch.cond, cond)
+        if cond and tc.cond_dropout > 0:
+            drop = d.rand("target_teacher", "cond_dropout") < tc.cond_dropout
+            cond = select_cond(drop, batch.uncond, cond)
+        t = d.randint(0, self.T, "target_teacher", "denoise_t")
+        n = d.randn(self.m.sample_shape, "target_teacher", "denoise_noise")
+        self.calls["target_teacher"] += 1
+        pred = self.m.target_teacher.forward(self.schedule.add_noise(real, n, t), t, cond)
+        l_t = losses.denoising_loss(pred, self.schedule.target(real, n, t))
+        return l_t, {"target_denoise": float(l_t)}
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def step(self, iteration: int) -> dict:
+        cfg, m, rt = self.cfg, self.m, self.rt
+        train_g = iteration % cfg.train.fake_updates_per_student == 0
+        train_t = m.target_teacher is not None and m.target_teacher.trainable and \
+            iteration % cfg.target_teacher.update_every == 0
+        ga_g = m.student.grad_accum if train_g else 0
+        ga_f = m.fake_teacher.grad_accum
+        ga_t = m.target_teacher.grad_accum if train_t else 0
+        n_micro = max(ga_g, ga_f, ga_t)
+        k_grad = None
+        if cfg.student.unroll == "backward_simulation":
+            k_grad = shared_randint(self.seed, iteration, "backward_simulation_k", 0, len(self.timesteps))
+        logs: dict = defaultdict(float)
+        for micro in range(n_micro):
+            idx = global_indices(iteration, micro, n_micro, rt.rank, rt.world_size, cfg.train.batch_size)
+            d = SampleDraws(self.seed, iteration, idx, rt.device)
+            batch = m.data.batch(d)
+            if micro < ga_g:
+                x = self.generate_train(d, batch, k_grad)
+                loss_g, lg = self.student_loss(x, batch, d)
+                m.student.backward(loss_g)
+                for k, v in lg.items():
+                    logs[f"student/{k}"] += v / ga_g
+            else:
+                with torch.no_grad():
+                    x = self.generate_train(d, batch, k_grad)
+            x = x.detach()
+            if micro < ga_f:
+                loss_f, lf = self.fake_loss(x, batch, d)
+                m.fake_teacher.backward(loss_f)
+                for k, v in lf.items():
+                    logs[f"fake_teacher/{k}"] += v / ga_f
+            if micro < ga_t:
+                loss_t, lt = self.target_loss(x, batch, d, iteration)
+                m.target_teacher.backward(loss_t)
+                for k, v in lt.items():
+                    logs[f"target_teacher/{k}"] += v / ga_t
+        if train_g:
+            for k, v in m.student.step(iteration).items():
+                logs[f"student/{k}"] = v
+        for k, v in m.fake_teacher.step(iteration).items():
+            logs[f"fake_teacher/{k}"] = v
+        if train_t:
+            for k, v in m.target_teacher.step(iteration).items():
+                logs[f"target_teacher/{k}"] = v
+        return dict(logs)
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, steps: Optional[int] = None, seed: Optional[int] = None, batch: int = 64,
+               prompts: Optional[list[str]] = None, use_ema: bool = True) -> torch.Tensor:
+        """n student samples in model space, drawn from noise keyed by (seed, "sample", index)."""
+        steps = steps or len(self.timesteps)
+        ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
+        module = self.m.student.inference_module() if use_ema else self.m.student.module
+        seed = self.seed if seed is None else seed
+        out = []
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            d = SampleDraws(seed, -1, idx, self.rt.device)
+            z = d.randn(self.m.sample_shape, "sample", "z")
+            ps = None
+            if self.m.data.conditioner is not None:
+                ps = [(prompts or self.m.data.prompts)[i % len(prompts or self.m.data.prompts)] for i in idx]
+            cond = self.m.data.encode(ps) if ps else None
+            x = generate(lambda x_t, t: self.student_x0(x_t, t, cond, module=module), z, ts, self.schedule,
+                         lambda k: d.randn(self.m.sample_shape, "sample", f"renoise_{k}"))
+            out.append(x.float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def teacher_sample(self, n: int, steps: int = 25, seed: Optional[int] = None, batch: int = 64,
+                       purpose: str = "teacher_sample") -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Deterministic DDIM (η = 0) samples of the source teacher: returns (z, x0, prompts)."""
+        seed = self.seed if seed is None else seed
+        ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+        zs, xs, all_prompts = [], [], []
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            d = SampleDraws(seed, -1, idx, self.rt.device)
+            z = d.randn(self.m.sample_shape, purpose, "z")
+            ps = None
+            cond_src = uncond = None
+            if self.m.data.conditioner is not None:
+                b = self.m.data.batch(d)
+                ps, cond_src, uncond = b.prompts, b.cond_src, b.uncond
+            x = z
+            for i, t in enumerate(ts):
+                tt = torch.full((len(idx),), t, dtype=torch.long, device=z.device)
+                x0 = self.teacher_x0("source_teacher", x, tt, cond_src, uncond, self.cfg.source_teacher.cfg).clamp(-1e3, 1e3)
+                if i + 1 < len(ts):
+                    tn = torch.full_like(tt, ts[i + 1])
+                    a, s = self.schedule.coefficients(tt, x.ndim, x.device)
+                    eps = (x.float() - a * x0) / s
+                    a2, s2 = self.schedule.coefficients(tn, x.ndim, x.device)
+                    x = a2 * x0 + s2 * eps
+                else:
+                    x = x0
+            zs.append(z)
+            xs.append(x)
+            all_prompts.extend(ps or [])
+        return torch.cat(zs), torch.cat(xs), all_prompts
+
+    def warm_start(self, progress: bool = True) -> dict:
+        """Regress the student onto (noise -> teacher's DDIM sample) pairs at each of its timesteps
+        (algorithm.md §3, "Student output and warm start"). Uses its own Adam; the student's training
+        optimizer starts fresh afterwards."""
+        sc = self.cfg.student
+        if sc.warm_start <= 0:
+            return {}
+        z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start")
+        if self.m.codec is None:
+            x0 = x0.clamp(-1, 1)
+        student = self.m.student
+        opt = torch.optim.Adam(student.params, lr=sc.warm_start_lr)
+        bar = None
+        if progress and self.rt.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sc.warm_start, desc="student warm start", leave=False)
+        last = 0.0
+        g = torch.Generator(device="cpu").manual_seed(self.seed + 17)
+        for step in range(sc.warm_start):
+            idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
+            cond = self.m.data.encode([prompts[i] for i in idx.tolist()]) if prompts else None
+            loss = torch.zeros((), device=z.device)
+            for k, t in enumerate(self.timesteps):
+                tt = torch.full((idx.numel(),), t, dtype=torch.long, device=z.device)
+                if k == 0:
+                    x_in = z[idx]
+                else:
+                    noise = torch.randn(x0[idx].shape, generator=g).to(z.device)
+                    x_in = self.schedule.add_noise(x0[idx], noise, tt)
+                loss = loss + losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
+            opt.zero_grad(set_to_none=True)
+            (loss / len(self.timesteps)).backward()
+            opt.step()
+            last = float(loss) / len(self.timesteps)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        student.zero_grad()
+        if student.master is not None:
+            with torch.no_grad():
+                for mm, p in zip(student.master, student.params):
+                    mm.copy_(p.float())
+        if student.ema is not None:
+            student.ema.load_state_dict(student.module.state_dict())
+        return {"warm_start_loss": last}

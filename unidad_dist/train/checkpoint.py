@@ -1,0 +1,162 @@
+"""Atomic full-state checkpoints of the trainable roles, and resume.
+
+Layout of ``<run>/checkpoints/``::
+
+    iter_0000100/            one complete checkpoint
+      <role>.safetensors     weights (+ fp32 master copy, + EMA) of each trainable role
+      <role>.optim.pt        optimizer state (loaded with torch.load(weights_only=True))
+      rng_rank<r>.pt         per-rank RNG states
+      state.json             iteration, method, world size
+      manifest.json          sha256 of every file above (written last inside the folder)
+    latest                   name of the newest complete checkpoint (written after the rename)
+
+A checkpoint is written into ``.tmp-iter_…`` and renamed into place, so a killed writer never leaves a
+folder that looks complete; a checkpoint whose manifest does not match is skipped with a warning and the
+previous complete one is used. Frozen roles are not copied: they are reloaded from the recipe's paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from unidad_dist import device as dev
+from unidad_dist.device import CPU
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _barrier(rt) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "accelerator": dev.accelerator_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    dev.set_accelerator_rng_state(state.get("accelerator"))
+
+
+def ckpt_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / ckpt_name(iteration)
+    tmp = root / f".tmp-{ckpt_name(iteration)}"
+    if rt.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, role in models.trainable_roles().items():
+            sd = {k: v.detach().to(CPU).clone().contiguous() for k, v in role.weights().items()}
+            save_file(sd, str(tmp / f"{name}.safetensors"))
+            torch.save(role.optimizer_state(), tmp / f"{name}.optim.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"iteration": iteration, "method": method_name, "world_size": rt.world_size}, indent=2))
+    _barrier(rt)
+    # Each rank's RNG (python random / numpy state hold no tensors that weights_only rejects).
+    st = rng_state()
+    st["python"] = [st["python"][0], list(st["python"][1]), st["python"][2]]
+    st["numpy"] = [st["numpy"][0], torch.from_numpy(np.asarray(st["numpy"][1]).astype(np.int64)),
+                   int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
+    torch.save(st, tmp / f"rng_rank{rt.rank}.pt")
+    _barrier(rt)
+    if rt.is_main:
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {name: _sha256(tmp / name) for name in files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(rt)
+    return final
+
+
+def is_complete(ckpt: Path) -> bool:
+    mf = ckpt / "manifest.json"
+    if not mf.is_file():
+        return False
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        return False
+    for name, digest in manifest.items():
+        p = ckpt / name
+        if not p.is_file() or _sha256(p) != digest:
+            return False
+    return True
+
+
+def latest_complete(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")), reverse=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for i, c in enumerate(candidates):
+        if is_complete(c):
+            return c
+        warnings.warn(f"checkpoint {c} is incomplete or corrupt (checksum mismatch); falling back to an older one")
+    return None
+
+
+def load(ckpt: Path, models, rt) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, role in models.trainable_roles().items():
+        role.load_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
+        role.load_optimizer_state(torch.load(ckpt / f"{name}.optim.pt", map_location=CPU, weights_only=True))
+    rng_file = ckpt / f"rng_rank{rt.rank}.pt"
+    if rng_file.is_file():
+        st = torch.load(rng_file, map_location=CPU, weights_only=True)
+        st["python"] = (st["python"][0], tuple(st["python"][1]), st["python"][2])
+        st["numpy"] = (st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), st["numpy"][2], st["numpy"][3],
+                       st["numpy"][4])
+        set_rng_state(st)
+    return int(state["iteration"])
+
+
+def load_student_weights(ckpt: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The student's UNet weights from a checkpoint (the EMA when present and preferred)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / "student.safetensors"), device=str(CPU))
+    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module."
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

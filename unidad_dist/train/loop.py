@@ -1,0 +1,174 @@
+"""The train loop: one function for every launcher (local, torchrun, SLURM, Ray all end here).
+
+resume? -> build (all inputs checked) -> [warm start, "before" samples, checkpoint 0] -> iterate ->
+checkpoint -> final samples, metrics, summary.json.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from unidad_dist import builtin
+from unidad_dist.config import Config, config_from_dict, dump_yaml, run_dir, to_dict
+from unidad_dist.device import Runtime, runtime_from_env
+from unidad_dist.errors import UserError
+from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
+from unidad_dist.methods.unidad import UniDAD
+from unidad_dist.train import checkpoint
+from unidad_dist.train.build import build
+from unidad_dist.train.logging import RunLogger, save_grid
+
+# Keys that may change between a run and its resumption (everything else must match).
+RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_compatible(saved: dict, new: Config) -> list[str]:
+    """Keys that changed and may change (returned, for a log line); an error for any other change."""
+    a, b = _flatten(saved), _flatten(to_dict(new))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    bad = [k for k in changed if not k.startswith(RESUME_ALLOWED)]
+    if bad:
+        raise UserError(
+            f"run folder already holds a run with different settings ({', '.join(bad[:6])}); "
+            "use another run.dir, or restore those values to resume"
+        )
+    return changed
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def _evaluate(method: UniDAD, models, cfg: Config) -> tuple[torch.Tensor, dict]:
+    x = method.sample(cfg.eval.num_samples, steps=cfg.eval.steps)
+    pixels = models.to_pixels(x).cpu()
+    return pixels, all_metrics(pixels, models.data.images)
+
+
+def train(cfg: Config, rt: Runtime | None = None) -> Path:
+    t_start = time.time()
+    rt = rt or runtime_from_env(cfg.run.dist_timeout)
+    rdir = run_dir(cfg)
+    resume_from = checkpoint.latest_complete(rdir) if rdir.exists() else None
+    if resume_from is not None:
+        saved_cfg = rdir / "config.yaml"
+        if saved_cfg.is_file():
+            changed = check_resume_compatible(yaml.safe_load(saved_cfg.read_text()), cfg)
+            if changed and rt.is_main:
+                print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
+    phases: dict = {}
+    t0 = time.time()
+    models = build(cfg, rt)  # every input problem surfaces here, before anything is written
+    phases["build_s"] = time.time() - t0
+    for name, secs in builtin.BUILD_SECONDS.items():
+        phases[f"builtin_{name}_s"] = secs
+    method = UniDAD(cfg, models, rt)
+    if rt.is_main:
+        (rdir / "samples").mkdir(parents=True, exist_ok=True)
+        tmp = rdir / ".config.yaml.tmp"
+        tmp.write_text(dump_yaml(cfg))
+        tmp.replace(rdir / "config.yaml")
+    _barrier(rt)
+    before_file = rdir / "eval_before.json"
+    if resume_from is not None:
+        start = checkpoint.load(resume_from, models, rt)
+        if rt.is_main:
+            print(f"resumed from {resume_from} (iteration {start})")
+    else:
+        start = 0
+        t0 = time.time()
+        ws = method.warm_start(progress=cfg.logging.progress)
+        phases["warm_start_s"] = time.time() - t0
+        t0 = time.time()
+        if rt.is_main:
+            save_grid(models.data.images[: cfg.logging.grid_size], rdir / "samples" / "target_shots.png")
+            _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
+            save_grid(models.to_pixels(teacher_x).cpu(), rdir / "samples" / "source_teacher.png")
+            pixels, before = _evaluate(method, models, cfg)
+            save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_before.png")
+            before.update(ws)
+            before_file.write_text(json.dumps(before, indent=2))
+        phases["eval_before_s"] = time.time() - t0
+        checkpoint.save(rdir, models, 0, rt, method.name, cfg.checkpoint.keep)
+    logger = RunLogger(rdir, cfg, rt.is_main, cfg.train.iterations, start)
+    t0 = time.time()
+    last_saved = start
+    try:
+        for it in range(start, cfg.train.iterations):
+            logs = method.step(it)
+            logger.advance()
+            done = it + 1
+            if it % cfg.logging.every == 0 or done == cfg.train.iterations:
+                logger.log(it, logs)
+            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0 and rt.is_main:
+                x = method.sample(cfg.logging.grid_size)
+                logger.image("samples", save_grid(models.to_pixels(x).cpu(), rdir / "samples" / f"iter_{done:07d}.png"))
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                checkpoint.save(rdir, models, done, rt, method.name, cfg.checkpoint.keep)
+                last_saved = done
+    finally:
+        logger.close()
+    phases["train_s"] = time.time() - t0
+    if last_saved != cfg.train.iterations and cfg.train.iterations > start:
+        checkpoint.save(rdir, models, cfg.train.iterations, rt, method.name, cfg.checkpoint.keep)
+    t0 = time.time()
+    if rt.is_main:
+        pixels, after = _evaluate(method, models, cfg)
+        save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_after.png")
+        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+        phases["eval_after_s"] = time.time() - t0
+        phases["total_s"] = time.time() - t_start
+        summary = {
+            "iterations": cfg.train.iterations,
+            "student_steps": cfg.student.steps,
+            "a": cfg.algorithm.a,
+            "proxy_feature": PROXY_FEATURE,
+            "proxy_distance_before": before.get("proxy_distance"),
+            "proxy_distance_after": after["proxy_distance"],
+            "copy_rate": after["copy_rate"],
+            "diversity": after["diversity"],
+            "copy_rate_before": before.get("copy_rate"),
+            "diversity_before": before.get("diversity"),
+            "num_samples": cfg.eval.num_samples,
+            "num_shots": int(models.data.num_shots),
+            "wall_time_s": phases,
+        }
+        if before.get("proxy_distance"):
+            summary["proxy_distance_ratio"] = after["proxy_distance"] / before["proxy_distance"]
+        tmp = rdir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(rdir / "summary.json")
+    _barrier(rt)
+    return rdir
+
+
+def load_run(run: str | Path, rt: Runtime | None = None):
+    """Rebuild a run's models from its folder and latest complete checkpoint (for sample/export)."""
+    rdir = Path(run)
+    cfg_file = rdir / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the run.dir of a training run")
+    ckpt = checkpoint.latest_complete(rdir)
+    if ckpt is None:
+        raise UserError(f"run '{run}' has no complete checkpoint yet; train it first (train.iterations=0 writes one)")
+    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    rt = rt or runtime_from_env(cfg.run.dist_timeout)
+    models = build(cfg, rt)
+    checkpoint.load(ckpt, models, rt)
+    return cfg, models, UniDAD(cfg, models, rt), ckpt
