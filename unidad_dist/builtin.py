@@ -145,9 +145,9 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True) -> None:
     domain = DOMAINS[cfg["domain"]]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from unidad_dist.train.logging import progress_bar
 
-        bar = tqdm(total=cfg["steps"], desc="pretraining built-in teacher", leave=False)
+        bar = progress_bar(cfg["steps"], "pretraining built-in teacher", leave=False)
     steps = cfg["steps"]
     for step in range(steps):
         x0 = render_shapes(domain, cfg["batch"], cfg["resolution"], g)

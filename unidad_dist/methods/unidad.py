@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from unidad_dist.device import CPU
 from unidad_dist.methods import losses
 from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
 from unidad_dist.methods.generate import generate, student_timesteps
@@ -115,7 +116,7 @@ class UniDAD:
             g = losses.dmd_gradient(x, x_fk, x_k)
             l_k = losses.dmd_loss(x, g)
             loss = loss + weight * l_k
-            logs[f"dmd_{name}"] = float(l_k)
+            logs[f"dmd_{name}"] = float(l_k.detach())
         if cfg.gan_heads.enabled and cfg.gan_heads.lambda_g > 0:
             g_gan, l_g = self.gan_generator_input_grad(x, batch, d)
             loss = loss + cfg.gan_heads.lambda_g * losses.input_gradient_surrogate(x, g_gan)
@@ -143,7 +144,7 @@ class UniDAD:
         self.calls["fake_teacher"] += 1
         pred = fake.forward(self.schedule.add_noise(x, n, t), t, batch.cond)
         l_fake = losses.denoising_loss(pred, self.schedule.target(x, n, t))
-        loss, logs = l_fake, {"fake_denoise": float(l_fake)}
+        loss, logs = l_fake, {"fake_denoise": float(l_fake.detach())}
         if cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0:
             t_r = d.randint(0, self.T, "fake_teacher", "gan_real_t")
             n_r = d.randn(self.m.sample_shape, "fake_teacher", "gan_real_noise")
@@ -154,7 +155,7 @@ class UniDAD:
             logit_fake = fake.discriminate(self.schedule.add_noise(x, n_f, t_f), t_f, batch.cond)
             l_d = losses.gan_discriminator_loss(logit_real, logit_fake)
             loss = loss + cfg.gan_heads.lambda_d * l_d
-            logs["gan_d"] = float(l_d)
+            logs["gan_d"] = float(l_d.detach())
         return loss, logs
 
     def target_loss(self, x, batch, d: SampleDraws, iteration: int) -> tuple[torch.Tensor, dict]:
@@ -172,7 +173,7 @@ class UniDAD:
         self.calls["target_teacher"] += 1
         pred = self.m.target_teacher.forward(self.schedule.add_noise(real, n, t), t, cond)
         l_t = losses.denoising_loss(pred, self.schedule.target(real, n, t))
-        return l_t, {"target_denoise": float(l_t)}
+        return l_t, {"target_denoise": float(l_t.detach())}
 
     # -- one iteration ---------------------------------------------------------------------------
     def step(self, iteration: int) -> dict:
@@ -264,7 +265,9 @@ class UniDAD:
             x = z
             for i, t in enumerate(ts):
                 tt = torch.full((len(idx),), t, dtype=torch.long, device=z.device)
-                x0 = self.teacher_x0("source_teacher", x, tt, cond_src, uncond, self.cfg.source_teacher.cfg).clamp(-1e3, 1e3)
+                x0 = self.teacher_x0("source_teacher", x, tt, cond_src, uncond, self.cfg.source_teacher.cfg)
+                if self.schedule.clip_sample is not None:
+                    x0 = x0.clamp(-self.schedule.clip_sample, self.schedule.clip_sample)
                 if i + 1 < len(ts):
                     tn = torch.full_like(tt, ts[i + 1])
                     a, s = self.schedule.coefficients(tt, x.ndim, x.device)
@@ -292,11 +295,11 @@ class UniDAD:
         opt = torch.optim.Adam(student.params, lr=sc.warm_start_lr)
         bar = None
         if progress and self.rt.is_main:
-            from tqdm import tqdm
+            from unidad_dist.train.logging import progress_bar
 
-            bar = tqdm(total=sc.warm_start, desc="student warm start", leave=False)
+            bar = progress_bar(sc.warm_start, "student warm start", leave=False)
         last = 0.0
-        g = torch.Generator(device="cpu").manual_seed(self.seed + 17)
+        g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
         for step in range(sc.warm_start):
             idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
             cond = self.m.data.encode([prompts[i] for i in idx.tolist()]) if prompts else None
@@ -312,7 +315,7 @@ class UniDAD:
             opt.zero_grad(set_to_none=True)
             (loss / len(self.timesteps)).backward()
             opt.step()
-            last = float(loss) / len(self.timesteps)
+            last = float(loss.detach()) / len(self.timesteps)
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -11,9 +11,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class NoiseSchedule:
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str):
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, clip_sample: float | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}")
+        self.clip_sample = clip_sample  # clamp x̂0 to ±this while sampling the teacher (scheduler's clip_sample)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
         self.prediction_type = prediction_type
         self.T = int(alphas_cumprod.shape[0])
@@ -23,7 +24,8 @@ class NoiseSchedule:
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler.from_config(config)
-        return cls(sched.alphas_cumprod, config.get("prediction_type", "epsilon"))
+        clip = float(sched.config.clip_sample_range) if sched.config.clip_sample else None
+        return cls(sched.alphas_cumprod, sched.config.prediction_type, clip)
 
     def coefficients(self, t: torch.Tensor, ndim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(√ᾱ_t, √(1−ᾱ_t)) as fp32 tensors shaped to broadcast against an ndim-dimensional batch."""

@@ -16,6 +16,7 @@ from unidad_dist.config import Config
 from unidad_dist.data.target import DataSource, load_target_folder
 from unidad_dist.device import Runtime
 from unidad_dist.errors import UserError
+from unidad_dist.methods.draws import key_seed
 from unidad_dist.models.backbones import BackboneSpec, build_unet, load_unet, load_weights, resolve_backbone
 from unidad_dist.models.conditioning import LatentCodec, TextConditioner
 from unidad_dist.models.gan_heads import GanHeads
@@ -113,7 +114,9 @@ def build(cfg: Config, rt: Runtime) -> Models:
                             cfg.student.grad_accum, rt.world_size, ema=cfg.student.ema)
 
     fake_unet, fspec = _role_unet(cfg.fake_teacher, "fake_teacher", spec, src_unet)
-    heads = GanHeads.for_backbone(fspec.unet_config)
+    with torch.random.fork_rng(devices=[]):  # heads start from a function of run.seed only
+        torch.manual_seed(key_seed(cfg.run.seed, "gan_heads_init"))
+        heads = GanHeads.for_backbone(fspec.unet_config)
     fake = TrainableRole("fake_teacher", torch.nn.ModuleDict({"unet": fake_unet, "heads": heads}),
                          cfg.fake_teacher.precision, rt.device, cfg.fake_teacher.optimizer,
                          cfg.fake_teacher.grad_accum, rt.world_size)

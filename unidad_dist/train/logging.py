@@ -48,6 +48,16 @@ def save_images(images: torch.Tensor, folder: Path) -> list[Path]:
     return out
 
 
+def progress_bar(total: int, desc: str, initial: int = 0, leave: bool = True):
+    """A live bar on a terminal; in a log file (SLURM, CI) one line every 30 s."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
 class RunLogger:
     """Writes one JSON line per logged iteration; only the main rank writes."""
 
@@ -62,9 +72,7 @@ class RunLogger:
         if not is_main:
             return
         if cfg.logging.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="uni-dad", dynamic_ncols=True)
+            self.bar = progress_bar(total, "uni-dad", initial=start)
         if cfg.logging.wandb:
             try:
                 import wandb

@@ -1,0 +1,98 @@
+import pytest
+
+from unidad_dist.config import Config, all_keys, config_from_dict, load_config, parse_overrides
+from unidad_dist.errors import UserError
+
+BASE = {"source_teacher": {"backbone": "/somewhere"}, "data": {"target": {"path": "/shots"}}}
+
+
+def _cfg(**sections):
+    data = {k: dict(v) for k, v in BASE.items()}
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return config_from_dict(data)
+
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source_teacher: {backbone: /m}\ndata: {target: {path: /s}}\n"
+                      "student: {optimizer: {lr: 1e-4}}\ntrain: {iterations: 7}\n")
+    cfg = load_config(recipe, ["train.iterations=9", "student.steps=3", "algorithm.a=0"])
+    assert cfg.train.iterations == 9 and cfg.student.steps == 3
+    assert cfg.student.optimizer.lr == pytest.approx(1e-4)  # "1e-4" is a float, not a string
+    assert cfg.run.name == "r"  # derived from the recipe file name
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("key,bad,close", [("studnet.steps", "studnet", "student"),
+                                           ("train.iteration", "train.iteration", "train.iterations"),
+                                           ("algorithm.aa", "algorithm.aa", "algorithm.a")])
+def test_unknown_key_names_closest(key, bad, close):
+    with pytest.raises(UserError, match=rf"unknown config key '{bad}'; did you mean '{close}'"):
+        config_from_dict({**BASE, **parse_overrides([f"{key}=1"])})
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("train.iterations=ten", "train.iterations: expected int"),
+    ("train.iterations=1.5", "train.iterations: expected int"),
+    ("student.strict=3", "student.strict: expected bool"),
+    ("student.timesteps=5", "student.timesteps: expected list"),
+    ("algorithm.a=1.5", r"algorithm.a must be in \[0, 1\]"),
+    ("algorithm.a=-0.1", r"algorithm.a must be in \[0, 1\]"),
+    ("algorithm.a=auto", "reserved"),
+    ("student.steps=0", "student.steps must be >= 1"),
+    ("student.precision=fp16", "student.precision='fp16' is not one of"),
+    ("placement.mode=split", "placement.mode"),
+])
+def test_bad_values(override, msg):
+    data = {**BASE}
+    tree = parse_overrides([override])
+    for k, v in tree.items():
+        data[k] = {**data.get(k, {}), **v}
+    with pytest.raises(UserError, match=msg):
+        config_from_dict(data)
+
+
+def test_target_weight_needs_target_teacher():
+    with pytest.raises(UserError, match="needs a target teacher"):
+        _cfg(algorithm={"a": 0.5}, target_teacher={"mode": "off"})
+    _cfg(algorithm={"a": 0.5}, target_teacher={"mode": "online"})
+
+
+def test_source_weight_needs_source_teacher():
+    with pytest.raises(UserError, match="needs the source teacher"):
+        _cfg(algorithm={"a": 0.5}, target_teacher={"mode": "online"}, source_teacher={"enabled": False})
+    _cfg(algorithm={"a": 1.0}, target_teacher={"mode": "online"}, source_teacher={"enabled": False})
+
+
+def test_timesteps_must_match_steps():
+    with pytest.raises(UserError, match="student.timesteps has 2 entries"):
+        _cfg(student={"steps": 3, "timesteps": [999, 500]})
+    with pytest.raises(UserError, match="strictly decreasing"):
+        _cfg(student={"steps": 2, "timesteps": [500, 999]})
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="recipe file .* not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_syntax():
+    with pytest.raises(UserError, match="key.sub=value"):
+        parse_overrides(["train.iterations"])
+
+
+def test_public_names_exist():
+    keys = set(all_keys())
+    for k in ("run.dir", "run.seed", "train.iterations", "checkpoint.every", "algorithm.a", "student.steps",
+              "data.target.path"):
+        assert k in keys
+
+
+def test_recipes_in_repo_validate(repo_root):
+    for recipe in sorted((repo_root / "recipes").glob("*.yaml")):
+        load_config(recipe)

@@ -1,0 +1,277 @@
+"""The Uni-DAD iteration: who gets gradients, who is called, what changes."""
+import copy
+
+import pytest
+import torch
+
+from unidad_dist.methods.draws import SampleDraws
+from unidad_dist.methods.generate import generate, student_timesteps
+from unidad_dist.methods.unidad import UniDAD
+from unidad_dist.train.build import build
+
+
+def _setup(make_cfg, rt, form="pixel", **over):
+    cfg = make_cfg(form, **over)
+    models = build(cfg, rt)
+    return cfg, models, UniDAD(cfg, models, rt)
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _draws(rt, it=0, n=2):
+    return SampleDraws(0, it, list(range(n)), rt.device)
+
+
+def _roles(models):
+    out = {"fake_teacher": models.fake_teacher.module, "source_teacher": models.source_teacher.module}
+    if models.target_teacher is not None:
+        out["target_teacher"] = models.target_teacher.module
+    return out
+
+
+@pytest.mark.parametrize("form", ["pixel", "sd15"])
+def test_student_step_touches_only_the_student(make_cfg, rt, form):
+    cfg, models, method = _setup(make_cfg, rt, form, **{"gan_heads.lambda_g": 0.5})
+    before = {k: _params(m) for k, m in _roles(models).items()}
+    student_before = _params(models.student.module)
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    x = method.generate_train(d, batch, None)
+    loss, _ = method.student_loss(x, batch, d)
+    models.student.backward(loss)
+    for name, module in _roles(models).items():
+        assert all(p.grad is None for p in module.parameters()), f"{name} received gradients in the student step"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.student.module.parameters())
+    models.student.step(0)
+    for name, module in _roles(models).items():
+        assert _same(before[name], _params(module)), f"{name} changed in the student step"
+    assert not _same(student_before, _params(models.student.module))
+
+
+def test_gan_generator_term_reaches_the_student(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"gan_heads.lambda_g": 1.0})
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    x = method.generate_train(d, batch, None)
+    grad, _ = method.gan_generator_input_grad(x, batch, d)
+    assert grad.abs().sum() > 0
+    assert all(p.grad is None for p in models.fake_teacher.module.parameters())
+
+    def student_grads(lambda_g):
+        method.cfg.gan_heads.lambda_g = lambda_g
+        models.student.zero_grad()
+        xx = method.generate_train(d, batch, None)
+        loss, _ = method.student_loss(xx, batch, d)
+        models.student.backward(loss)
+        return torch.cat([p.grad.flatten() for p in models.student.params])
+
+    assert not torch.allclose(student_grads(0.0), student_grads(1.0))
+
+
+def test_fake_step_does_not_change_student_or_teachers(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt)
+    student_before = _params(models.student.module)
+    src_before = _params(models.source_teacher.module)
+    fake_before = _params(models.fake_teacher.module)
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    with torch.no_grad():
+        x = method.generate_train(d, batch, None)
+    loss, logs = method.fake_loss(x, batch, d)
+    models.fake_teacher.backward(loss)
+    assert all(p.grad is None for p in models.student.module.parameters())
+    models.fake_teacher.step(0)
+    assert _same(student_before, _params(models.student.module))
+    assert _same(src_before, _params(models.source_teacher.module))
+    assert not _same(fake_before, _params(models.fake_teacher.module))
+    assert "gan_d" in logs
+
+
+def test_frozen_source_teacher_never_changes(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"train.fake_updates_per_student": 2})
+    src = _params(models.source_teacher.module)
+    tgt = _params(models.target_teacher.module)
+    for it in range(4):
+        method.step(it)
+    assert _same(src, _params(models.source_teacher.module))
+    assert not _same(tgt, _params(models.target_teacher.module))  # online: it trains
+    assert all(not p.requires_grad for p in models.source_teacher.module.parameters())
+
+
+def _forbid(role):
+    def boom(*a, **k):
+        raise AssertionError(f"{role.name} must not be called")
+    role.forward = boom
+
+
+def test_a0_never_calls_target_teacher(make_cfg, rt, pipes):
+    cfg, models, method = _setup(make_cfg, rt, **{"algorithm.a": 0.0, "target_teacher.mode": "frozen",
+                                                  "target_teacher.init": str(pipes["pixel"])})
+    _forbid(models.target_teacher)
+    for it in range(2):
+        method.step(it)
+    assert method.calls["target_teacher"] == 0 and method.calls["source_teacher"] > 0
+
+
+def test_a1_never_calls_source_teacher(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"algorithm.a": 1.0})
+    _forbid(models.source_teacher)
+    for it in range(2):
+        method.step(it)
+    assert method.calls["source_teacher"] == 0 and method.calls["target_teacher"] > 0
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("unroll", ["full", "backward_simulation"])
+def test_k_step_generation_makes_k_calls(make_cfg, rt, K, unroll):
+    cfg, models, method = _setup(make_cfg, rt, **{"student.steps": K, "student.unroll": unroll})
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    method.calls.clear()
+    with torch.no_grad():
+        method.sample(2)
+    assert method.calls["student"] == K
+    method.calls.clear()
+    x = method.generate_train(d, batch, None if unroll == "full" else K - 1)
+    assert method.calls["student"] == K
+    assert x.requires_grad
+
+
+def test_backward_simulation_grad_only_in_last_step(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"student.steps": 3})
+    calls = []
+    ts = student_timesteps(3, 1000)
+
+    def call(x_t, t):
+        calls.append(torch.is_grad_enabled())
+        return x_t * 0.5
+
+    z = torch.randn(2, 3, 4, 4)
+    generate(call, z, ts, method.schedule, lambda k: torch.randn_like(z), grad_step=2)
+    assert calls == [False, False, True]
+    assert ts == [999, 666, 333]
+    assert student_timesteps(4, 1000) == [999, 749, 499, 249]
+
+
+def test_source_teacher_gets_prompt_without_rare_token(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, "sd15", **{"data.source.prompts": ["a {rare} {cls} on a beach"],
+                                                          "data.target.rare_token": "sks", "algorithm.a": 0.5})
+    seen = []
+    orig = models.source_teacher.forward
+
+    def spy(x_t, t, cond, force_fp32=False):
+        seen.append(cond["encoder_hidden_states"].detach().clone())
+        return orig(x_t, t, cond, force_fp32)
+
+    models.source_teacher.forward = spy
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    assert batch.prompts == ["a sks cat on a beach"] * 2
+    assert batch.prompts_src == ["a cat on a beach"] * 2
+    x = method.generate_train(d, batch, None)
+    method.student_loss(x, batch, d)
+    expected = models.data.conditioner.encode(["a cat on a beach"] * 2)["encoder_hidden_states"]
+    with_rare = models.data.conditioner.encode(["a sks cat on a beach"] * 2)["encoder_hidden_states"]
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected)
+    assert not torch.allclose(seen[0], with_rare)
+
+
+def test_draws_do_not_depend_on_batch_split(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt)
+    whole = SampleDraws(0, 7, [0, 1, 2, 3], rt.device)
+    parts = [SampleDraws(0, 7, [0, 1], rt.device), SampleDraws(0, 7, [2, 3], rt.device)]
+    torch.testing.assert_close(whole.randn((3, 4, 4), "student", "z"),
+                               torch.cat([p.randn((3, 4, 4), "student", "z") for p in parts]))
+    torch.testing.assert_close(whole.randint(0, 1000, "student", "dmd_t"),
+                               torch.cat([p.randint(0, 1000, "student", "dmd_t") for p in parts]))
+    b_whole = models.data.batch(whole)
+    b_parts = [models.data.batch(p) for p in parts]
+    torch.testing.assert_close(b_whole.real, torch.cat([b.real for b in b_parts]))  # shot choice and flips
+    # different role/purpose/iteration -> different draws
+    assert not torch.equal(whole.randn((3,), "student", "z"), whole.randn((3,), "fake_teacher", "z"))
+    assert not torch.equal(whole.randn((3,), "student", "z"), SampleDraws(0, 8, [0, 1, 2, 3], rt.device).randn((3,), "student", "z"))
+
+
+def test_grad_accumulation_equals_larger_batch(tmp_path, pipes, rt):
+    """batch 2b in one micro-batch and batch b over 2 accumulated micro-batches see the same samples
+    (global sample indices) and so produce the same gradient for every role. A v-prediction backbone is
+    used: converting ε to x̂0 on a linear pixel schedule divides by √ᾱ_t ≈ 0.006, which turns
+    batch-size-dependent float rounding into differences larger than the tolerance."""
+    from unidad_dist import testing
+    from unidad_dist.config import config_from_dict
+
+    pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
+
+    def run(batch, accum):
+        rec = testing.tiny_recipe(pipe, pipes["shots"], tmp_path / "run", **{
+            "train.batch_size": batch, "student.grad_accum": accum, "fake_teacher.grad_accum": accum,
+            "target_teacher.grad_accum": accum})
+        cfg = config_from_dict(rec)
+        models = build(cfg, rt)
+        method = UniDAD(cfg, models, rt)
+        grads = {}
+        for name, role in models.trainable_roles().items():
+            orig = role.step
+
+            def record(it, role=role, name=name, orig=orig):
+                grads[(name, it)] = torch.cat([p.grad.flatten() for p in role.params if p.grad is not None])
+                return orig(it)
+            role.step = record
+        for it in range(2):
+            method.step(it)
+        return grads
+
+    a, b = run(4, 1), run(2, 2)
+    assert {name for name, _ in a} == {"student", "fake_teacher", "target_teacher"}
+    for key in a:
+        err = float((a[key] - b[key]).abs().max())
+        assert err <= 1e-4 * float(a[key].abs().max()) + 1e-8, (key, err, float(a[key].abs().max()))
+
+
+def test_student_steps_every_ratio_iterations(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"train.fake_updates_per_student": 3})
+    stepped = []
+    orig = models.student.step
+    models.student.step = lambda it: stepped.append(it) or orig(it)
+    for it in range(7):
+        method.step(it)
+    assert stepped == [0, 3, 6]
+
+
+def test_precision_modes_run(make_cfg, rt):
+    for prec in ("bf16_autocast", "bf16"):
+        cfg, models, method = _setup(make_cfg, rt, **{"student.precision": prec, "fake_teacher.precision": prec,
+                                                      "target_teacher.precision": prec})
+        logs = method.step(0)
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+        if prec == "bf16":
+            assert next(models.student.module.parameters()).dtype == torch.bfloat16
+            assert models.student.master[0].dtype == torch.float32
+
+
+def test_ema_tracks_student(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"student.ema": 0.5})
+    method.step(0)
+    ema, live = _params(models.student.ema), _params(models.student.module)
+    assert not _same(ema, live)
+    assert models.student.inference_module() is models.student.ema
+
+
+@pytest.mark.parametrize("ptype", ["v_prediction", "sample"])
+def test_other_prediction_types(tmp_path, rt, pipes, ptype):
+    from unidad_dist import testing
+    from unidad_dist.config import config_from_dict
+
+    pipe = testing.write_pixel_pipeline(tmp_path / ptype, prediction_type=ptype)
+    cfg = config_from_dict(testing.tiny_recipe(pipe, pipes["shots"], tmp_path / "run"))
+    models = build(cfg, rt)
+    assert models.schedule.prediction_type == ptype
+    logs = UniDAD(cfg, models, rt).step(0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
