@@ -16,7 +16,6 @@ $(PY):
 
 # Reinstall only when the pins or setup.py change.
 $(STAMP): requirements-ci.txt setup.py | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-ci.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -1,0 +1,198 @@
+"""End to end through the CLI: train, iterations=0, sample, export, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unidad_dist import testing
+from unidad_dist.cli import main
+
+
+def _write_recipe(tmp_path, pipes, form="pixel", name="r.yaml", **over):
+    rec = testing.tiny_recipe(pipes[form], pipes["shots"], tmp_path / "run", **over)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(rec))
+    return path, Path(rec["run"]["dir"])
+
+
+def _cli(*args, capsys=None) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("form", ["pixel", "sd15", "sdxl"])
+def test_train_each_backbone(tmp_path, pipes, form):
+    recipe, rdir = _write_recipe(tmp_path, pipes, form, **{"student.unroll": "backward_simulation",
+                                                          "checkpoint.every": 1, "checkpoint.keep": 2,
+                                                          "source_teacher.cfg": 2.0 if form != "pixel" else 1.0,
+                                                          "target_teacher.cfg": 1.5 if form != "pixel" else 1.0})
+    assert _cli("train", "--config", recipe) == 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples/student_before.png",
+                 "samples/student_after.png", "samples/source_teacher.png", "checkpoints/latest"):
+        assert (rdir / name).exists(), name
+    lines = [json.loads(line) for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["iteration"] == 0 and "seconds_per_iteration" in lines[0]
+    assert any(k.startswith("student/dmd_src") for k in lines[0]) and "fake_teacher/lr" in lines[0]
+    ckpts = sorted(p.name for p in (rdir / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert ckpts == ["iter_0000001", "iter_0000002"]  # keep=2
+    summary = json.loads((rdir / "summary.json").read_text())
+    for k in ("proxy_distance_before", "proxy_distance_after", "copy_rate", "diversity", "wall_time_s"):
+        assert k in summary
+
+
+def test_iterations_zero_then_sample_and_export(tmp_path, pipes):
+    from diffusers import UNet2DModel
+
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"train.iterations": 0})
+    assert _cli("train", "--config", recipe) == 0
+    assert (rdir / "checkpoints" / "iter_0000000" / "student.safetensors").is_file()
+    summary = json.loads((rdir / "summary.json").read_text())
+    assert summary["proxy_distance_before"] == pytest.approx(summary["proxy_distance_after"])
+    assert _cli("sample", "--run", rdir, "--steps", 2, "--num", 5, "--out", tmp_path / "grid.png") == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert _cli("sample", "--run", rdir, "--steps", 1, "--num", 3, "--out", tmp_path / "singles") == 0
+    assert len(list((tmp_path / "singles").glob("*.png"))) == 3
+    assert _cli("export", "--run", rdir, "--out", tmp_path / "export") == 0
+    unet = UNet2DModel.from_pretrained(str(tmp_path / "export"))
+    assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
+    from unidad_dist.train.loop import load_run
+
+    cfg, models, method, _ = load_run(rdir)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([999, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, models.student.module(x, t).sample)
+    meta = json.loads((tmp_path / "export" / "unidad_student.json").read_text())
+    assert meta["timesteps"] == [999, 499]
+
+
+def test_resume_is_bit_identical(tmp_path, pipes):
+    """Stop after 2 iterations, rerun the same command with more iterations: same weights as a straight run."""
+    from safetensors.torch import load_file
+
+    straight, rdir_a = _write_recipe(tmp_path / "a", pipes, **{"train.iterations": 4, "checkpoint.every": 2,
+                                                                "train.fake_updates_per_student": 2})
+    assert _cli("train", "--config", straight) == 0
+    part, rdir_b = _write_recipe(tmp_path / "b", pipes, **{"train.iterations": 2, "checkpoint.every": 2,
+                                                            "train.fake_updates_per_student": 2})
+    assert _cli("train", "--config", part) == 0
+    assert _cli("train", "--config", part, "train.iterations=4") == 0  # allow-listed change
+    for role in ("student", "fake_teacher", "target_teacher"):
+        a = load_file(str(rdir_a / "checkpoints" / "iter_0000004" / f"{role}.safetensors"))
+        b = load_file(str(rdir_b / "checkpoints" / "iter_0000004" / f"{role}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{role}.{k}"
+    # a change outside the allow-list is refused and leaves the run as it was
+    before = sorted(p.name for p in (rdir_b / "checkpoints").iterdir())
+    assert _cli("train", "--config", part, "algorithm.a=0.25") == 2
+    assert sorted(p.name for p in (rdir_b / "checkpoints").iterdir()) == before
+
+
+def test_corrupt_checkpoint_falls_back(tmp_path, pipes):
+    from unidad_dist.train import checkpoint
+
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"train.iterations": 2, "checkpoint.every": 1,
+                                                    "checkpoint.keep": 3})
+    assert _cli("train", "--config", recipe) == 0
+    newest = rdir / "checkpoints" / "iter_0000002" / "student.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        assert checkpoint.latest_complete(rdir).name == "iter_0000001"
+
+
+def _run_cli_subprocess(args, env_extra=None, cwd=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "unidad_dist", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing_recipe", "unknown_key", "wrong_type", "missing_model", "malformed_model",
+                                  "missing_init", "bad_init", "empty_target", "unreadable_image", "missing_target"])
+def test_bad_input_one_clear_line_and_no_run_folder(tmp_path, pipes, case):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for p in Path(pipes["shots"]).glob("*.png"):
+        (shots / p.name).write_bytes(p.read_bytes())
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"data.target.path": str(shots)})
+    args = ["train", "--config", recipe]
+    expect = ""
+    if case == "missing_recipe":
+        args, expect = ["train", "--config", tmp_path / "nope.yaml"], "not found"
+    elif case == "unknown_key":
+        args, expect = args + ["train.iteratons=3"], "did you mean 'train.iterations'"
+    elif case == "wrong_type":
+        args, expect = args + ["train.batch_size=two"], "expected int"
+    elif case == "missing_model":
+        args, expect = args + [f"source_teacher.backbone={tmp_path / 'nomodel'}"], "does not exist"
+    elif case == "malformed_model":
+        bad = tmp_path / "badmodel"
+        (bad / "unet").mkdir(parents=True)
+        (bad / "model_index.json").write_text("{}")
+        (bad / "unet" / "config.json").write_text("{oops")
+        args, expect = args + [f"source_teacher.backbone={bad}"], "not valid JSON"
+    elif case == "missing_init":
+        args, expect = args + [f"student.init={tmp_path / 'none.safetensors'}"], "student.init"
+    elif case == "bad_init":
+        (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+        args, expect = args + [f"student.init={tmp_path / 'bad.safetensors'}"], "cannot read weights"
+    elif case == "empty_target":
+        (tmp_path / "empty").mkdir()
+        args, expect = args + [f"data.target.path={tmp_path / 'empty'}"], "holds no images"
+    elif case == "unreadable_image":
+        (shots / "broken.png").write_bytes(b"not a png")
+        expect = "broken.png"
+    elif case == "missing_target":
+        args, expect = args + [f"data.target.path={tmp_path / 'nowhere'}"], "does not exist"
+    proc = _run_cli_subprocess(args)
+    assert proc.returncode != 0
+    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and expect in err_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not rdir.exists(), "a failed start must not leave a run folder behind"
+
+
+def test_config_command_prints_resolved_yaml(tmp_path, pipes, capsys):
+    recipe, _ = _write_recipe(tmp_path, pipes)
+    assert _cli("config", "--config", recipe, "student.steps=3") == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["student"]["steps"] == 3 and out["run"]["dir"].endswith("run")
+
+
+def test_builtin_cache_built_once_and_waited_for(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from unidad_dist import builtin
+
+    monkeypatch.setenv("UNIDAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK", "1")
+    result = {}
+    waiter = threading.Thread(target=lambda: result.setdefault("p", builtin.resolve("builtin:demo_target")))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # rank 1 waits for rank 0
+    monkeypatch.setenv("RANK", "0")
+    path = builtin.resolve("builtin:demo_target")
+    waiter.join(timeout=10)
+    assert result["p"] == path
+    assert len(list(path.glob("*.png"))) == 10
+    mtime = (path / ".complete").stat().st_mtime
+    assert builtin.resolve("builtin:demo_target") == path and (path / ".complete").stat().st_mtime == mtime
+
+
+def test_no_device_literals_outside_device_module(repo_root):
+    import re
+
+    pat = re.compile(r"""["'](cuda|nccl|gloo|cpu)(:\d+)?["']""")
+    offenders = []
+    for f in (repo_root / "unidad_dist").rglob("*.py"):
+        if f.name == "device.py":
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if pat.search(line):
+                offenders.append(f"{f.relative_to(repo_root)}:{i}: {line.strip()}")
+    assert offenders == []

@@ -1,0 +1,46 @@
+"""Check a demo run's summary.json against the acceptance of issue §5; exit non-zero when it fails.
+
+    python tools/check_demo.py runs/demo/summary.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+ACCEPTANCE = "proxy_distance_after <= 0.5 * proxy_distance_before, copy_rate < 0.05, diversity >= 0.5"
+
+
+def check_summary(s: dict) -> list[str]:
+    problems = []
+    before, after = s.get("proxy_distance_before"), s.get("proxy_distance_after")
+    if before is None or after is None:
+        return ["summary has no proxy distances"]
+    if not after <= 0.5 * before:
+        problems.append(f"proxy_distance_after {after:.4f} > 0.5 x proxy_distance_before {before:.4f}")
+    if not s["copy_rate"] < 0.05:
+        problems.append(f"copy_rate {s['copy_rate']:.3f} >= 0.05")
+    if not s["diversity"] >= 0.5:
+        problems.append(f"diversity {s['diversity']:.3f} < 0.5")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    path = argv[1] if len(argv) > 1 else "runs/demo/summary.json"
+    try:
+        s = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"demo check: cannot read {path} ({e})")
+        return 1
+    problems = check_summary(s)
+    wall = s.get("wall_time_s", {})
+    print(f"demo: proxy {s.get('proxy_distance_before'):.4f} -> {s.get('proxy_distance_after'):.4f}, "
+          f"copy_rate {s.get('copy_rate'):.3f}, diversity {s.get('diversity'):.3f}, total {wall.get('total_s', 0):.0f}s")
+    if problems:
+        print("demo check FAILED (" + ACCEPTANCE + "): " + "; ".join(problems))
+        return 1
+    print("demo check passed (" + ACCEPTANCE + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
