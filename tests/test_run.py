@@ -15,6 +15,7 @@ from unidad_dist.cli import main
 
 def _write_recipe(tmp_path, pipes, form="pixel", name="r.yaml", **over):
     rec = testing.tiny_recipe(pipes[form], pipes["shots"], tmp_path / "run", **over)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(rec))
     return path, Path(rec["run"]["dir"])
