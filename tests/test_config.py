@@ -81,6 +81,15 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_off_is_a_string_not_false(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source_teacher: {backbone: /m}\ndata: {target: {path: /s}}\ntarget_teacher: {mode: off}\n")
+    assert load_config(recipe).target_teacher.mode == "off"
+    cfg = load_config(recipe, ["target_teacher.mode=online", "algorithm.a=0.5", "logging.wandb=true"])
+    assert cfg.target_teacher.mode == "online" and cfg.logging.wandb is True
+    assert load_config(recipe, ["target_teacher.mode=off"]).target_teacher.mode == "off"
+
+
 def test_override_syntax():
     with pytest.raises(UserError, match="key.sub=value"):
         parse_overrides(["train.iterations"])

@@ -197,3 +197,15 @@ def test_no_device_literals_outside_device_module(repo_root):
             if pat.search(line):
                 offenders.append(f"{f.relative_to(repo_root)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def test_wandb_offline_writes_run_files(tmp_path, pipes, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"logging.wandb": True, "train.iterations": 2,
+                                                    "logging.sample_every": 1})
+    assert _cli("train", "--config", recipe) == 0
+    runs = list((rdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))
+    assert list((runs[0] / "files" / "media" / "images").glob("*.png"))
