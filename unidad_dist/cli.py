@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .png grid, or a folder for single PNGs")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt", default=None, help="prompt for text models (default: the recipe's source prompts)")
+    p = sub.add_parser("launch", help="start several ranks of the same train loop")
+    p.add_argument("where", choices=["local"], help="local: N processes on this host")
+    p.add_argument("--nproc", type=int, required=True, help="number of ranks")
+    p.add_argument("--config", required=True, help="recipe YAML file")
+    _add_overrides(p)
     p = sub.add_parser("export", help="export the student as a diffusers model folder (safetensors)")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -135,7 +140,12 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides that argparse did not place (e.g. after options of `launch local`)
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         if args.cmd == "train":
             return cmd_train(args.config, args.overrides)
@@ -147,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "launch":
+            from unidad_dist.launch.local import launch_local
+
+            return launch_local(args.nproc, args.config, args.overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,84 @@
+"""Two ranks on 127.0.0.1 (gloo) through `unidad-dist launch local` — the plain-torch roles all-reduce
+every trainable role's gradients, so 2 ranks x batch b equal 1 rank x batch 2b."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from unidad_dist import testing
+
+
+def _recipe(tmp_path, pipe, shots, name, batch, **over):
+    rec = testing.tiny_recipe(pipe, shots, tmp_path / name, **{
+        "train.batch_size": batch, "train.iterations": 3, "train.fake_updates_per_student": 1,
+        "run.dist_timeout": 60.0, "eval.num_samples": 4,
+        # a large Adam eps keeps updates proportional to gradients, so float rounding in the all-reduce
+        # cannot be blown up to lr-sized differences on near-zero gradients
+        "student.optimizer.eps": 1e-3, "fake_teacher.optimizer.eps": 1e-3, "target_teacher.optimizer.eps": 1e-3,
+        **over})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    return path, tmp_path / name
+
+
+def _launch(nproc, recipe, *over, timeout=300):
+    return subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "local", "--nproc", str(nproc),
+                           "--config", str(recipe), *over], capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, pipes):
+    from safetensors.torch import load_file
+
+    pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
+    one, dir1 = _recipe(tmp_path, pipe, pipes["shots"], "one", 4)
+    two, dir2 = _recipe(tmp_path, pipe, pipes["shots"], "two", 2)
+    r1 = _launch(1, one)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _launch(2, two, "logging.every=1")  # overrides after the options reach every rank
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert (dir2 / "checkpoints" / "iter_0000003" / "rng_rank1.pt").is_file()
+    for role in ("student", "fake_teacher", "target_teacher"):
+        a = load_file(str(dir1 / "checkpoints" / "iter_0000003" / f"{role}.safetensors"))
+        b = load_file(str(dir2 / "checkpoints" / "iter_0000003" / f"{role}.safetensors"))
+        init = load_file(str(dir1 / "checkpoints" / "iter_0000000" / f"{role}.safetensors")) \
+            if (dir1 / "checkpoints" / "iter_0000000").exists() else None
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
+        assert init is None or any(not torch.equal(a[k], init[k]) for k in a), f"{role} did not train"
+    summary = json.loads((dir2 / "summary.json").read_text())
+    assert summary["iterations"] == 3
+    assert len((dir2 / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_dying_rank_fails_the_launch(tmp_path, pipes):
+    """SIGKILL rank 1 mid-run: rank 0 must not hang, and the launcher returns non-zero within the timeout."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    recipe, rdir = _recipe(tmp_path, pipes["pixel"], pipes["shots"], "die", 1,
+                           **{"run.dist_timeout": 20.0, "train.iterations": 100000})
+    launcher = subprocess.Popen([sys.executable, "-m", "unidad_dist", "launch", "local", "--nproc", "2",
+                                 "--config", str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.time() + 180
+        while not (rdir / "metrics.jsonl").is_file():  # both ranks are in the loop
+            assert launcher.poll() is None, launcher.stderr.read()[-2000:]
+            assert time.time() < deadline, "the run did not start"
+            time.sleep(0.5)
+        ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(launcher.pid).children()}
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        killed = time.time()
+        code = launcher.wait(timeout=120)
+        assert code != 0
+        assert time.time() - killed < 20.0 + 15.0
+        assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in ranks.values())
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
