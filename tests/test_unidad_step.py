@@ -275,3 +275,67 @@ def test_other_prediction_types(tmp_path, rt, pipes, ptype):
     assert models.schedule.prediction_type == ptype
     logs = UniDAD(cfg, models, rt).step(0)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+
+
+def test_karras_index_sampling_matches_the_face_setting(make_cfg, rt):
+    """σ = 80, 6.32, 0.5 on the linear pixel schedule sit at t ≈ 933, 605, 144 (algorithm.md §5)."""
+    from unidad_dist.models.schedule import karras_index_timesteps
+
+    cfg, models, method = _setup(make_cfg, rt, **{"algorithm.t_sampling": "karras_index"})
+    grid = karras_index_timesteps(models.schedule)
+    assert len(grid) == 1000 and bool((grid[1:] <= grid[:-1]).all())
+    assert abs(int(grid[0]) - 933) <= 5 and int(grid[-1]) == 0
+    t = method.draw_t(SampleDraws(0, 3, list(range(64)), rt.device), "student", "dmd_t", 20, 981)
+    assert set(t.tolist()) <= set(grid.clamp(20, 980).tolist()) and int(t.min()) >= 20 and int(t.max()) <= 980
+
+
+def test_target_teacher_steps_every_update_every_iterations(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, **{"target_teacher.update_every": 2})
+    stepped = []
+    orig = models.target_teacher.step
+    models.target_teacher.step = lambda it: stepped.append(it) or orig(it)
+    for it in range(5):
+        method.step(it)
+    assert stepped == [0, 2, 4]
+
+
+def test_teacher_cfg_combines_uncond_and_cond(make_cfg, rt):
+    cfg, models, method = _setup(make_cfg, rt, "sd15")
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    x_t = d.randn(models.sample_shape, "t", "x")
+    t = torch.tensor([500, 900])
+    with torch.no_grad():
+        guided = method.teacher_x0("source_teacher", x_t, t, batch.cond_src, batch.uncond, 3.0)
+        cond = method.teacher_x0("source_teacher", x_t, t, batch.cond_src, batch.uncond, 1.0)
+        uncond = method.teacher_x0("source_teacher", x_t, t, batch.uncond, batch.uncond, 1.0)
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+
+
+def test_student_feedback_and_condition_dropout(make_cfg, rt):
+    """OPAD feedback puts detached student samples into the target teacher's batch (after feedback_start);
+    condition dropout swaps in the empty prompt — both as per-sample keyed draws."""
+    cfg, models, method = _setup(make_cfg, rt, "sd15", **{"target_teacher.student_feedback": 0.5,
+                                                          "target_teacher.feedback_start": 1,
+                                                          "target_teacher.cond_dropout": 0.5})
+    seen = []
+    orig = models.target_teacher.forward
+    models.target_teacher.forward = lambda x_t, t, cond, f=False: seen.append((x_t, cond)) or orig(x_t, t, cond, f)
+    d = SampleDraws(0, 5, list(range(8)), rt.device)
+    batch = models.data.batch(d)
+    x = torch.randn_like(batch.real)
+    n = d.randn(models.sample_shape, "target_teacher", "denoise_noise")
+    t = d.randint(0, 1000, "target_teacher", "denoise_t")
+    use_x = d.rand("target_teacher", "feedback") < 0.5
+    drop = d.rand("target_teacher", "cond_dropout") < 0.5
+    assert 0 < int(use_x.sum()) < 8 and 0 < int(drop.sum()) < 8
+    for iteration, expect_x in ((0, torch.zeros_like(use_x)), (5, use_x)):
+        seen.clear()
+        method.target_loss(x, batch, d, iteration)
+        x_t, cond = seen[0]
+        src = torch.where(expect_x.view(-1, 1, 1, 1), x, batch.real)
+        torch.testing.assert_close(x_t, models.schedule.add_noise(src, n, t))
+        ehs = cond["encoder_hidden_states"]
+        for i in range(8):
+            want = batch.uncond if drop[i] else (batch.cond if expect_x[i] else batch.real_cond)
+            torch.testing.assert_close(ehs[i], want["encoder_hidden_states"][i])

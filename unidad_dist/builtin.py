@@ -101,20 +101,13 @@ def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Genera
     return (img * 2 - 1).clamp(-1, 1)
 
 
-def write_pngs(images: torch.Tensor, folder: Path, prefix: str = "shot") -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(arr):
-        Image.fromarray(a).save(folder / f"{prefix}_{i:03d}.png")
-
-
 def make_shots(folder: Path, domain: str | dict, n: int, resolution: int, seed: int) -> Path:
     """Write an n-shot folder of PNGs for a named (or given) procedural domain."""
     d = DOMAINS[domain] if isinstance(domain, str) else domain
     g = torch.Generator().manual_seed(seed)
-    write_pngs(render_shapes(d, n, resolution, g), Path(folder))
+    from unidad_dist.train.logging import save_images
+
+    save_images(render_shapes(d, n, resolution, g), Path(folder), pattern="shot_{:03d}.png")
     return Path(folder)
 
 

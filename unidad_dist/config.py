@@ -491,10 +491,10 @@ def validate(cfg: Config) -> None:
         _positive("eval.steps", cfg.eval.steps)
     if cfg.run.dist_timeout <= 0:
         raise UserError(f"run.dist_timeout must be > 0 seconds, got {cfg.run.dist_timeout}")
-    if cfg.data.target.path is None and (cfg.gan_heads.enabled or cfg.target_teacher.mode == "online"):
+    if cfg.data.target.path is None:
         raise UserError(
             "data.target.path is not set; point it at a folder of target images "
-            "(the GAN heads and an online target teacher train on them)"
+            "(the GAN heads and an online target teacher train on them; the summary measures against them)"
         )
     if cfg.data.target.resolution is not None:
         _positive("data.target.resolution", cfg.data.target.resolution)

@@ -17,6 +17,7 @@ from unidad_dist.device import CPU
 from unidad_dist.methods import losses
 from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
 from unidad_dist.methods.generate import generate, student_timesteps
+from unidad_dist.models.backbones import unet_forward
 from unidad_dist.models.conditioning import cat_cond
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
 
@@ -56,13 +57,8 @@ class UniDAD:
     def student_x0(self, x_t, t, cond, module=None):
         self.calls["student"] += 1
         role = self.m.student
-        if module is None:
-            pred = role.forward(x_t, t, cond)
-        else:
-            from unidad_dist.models.backbones import unet_forward
-
-            with role.autocast():
-                pred = unet_forward(module, x_t, t, cond)
+        with role.autocast():
+            pred = unet_forward(role.unet if module is None else module, x_t, t, cond)
         if self.cfg.student.prediction == "x0":
             return pred.float()
         return self.schedule.to_x0(pred, x_t, t)
@@ -126,6 +122,7 @@ class UniDAD:
     def gan_generator_input_grad(self, x, batch, d: SampleDraws):
         """The GAN generator term's gradient on x, taken through the fake teacher's activations; no
         gradient can land in the fake teacher's or the heads' parameters (design.md)."""
+        # A fresh leaf copy of the *input*, not a module's parameter: the design.md input-gradient pattern.
         x_in = x.detach().requires_grad_(True)
         t = d.randint(0, self.T, "student", "gan_t")
         n = d.randn(self.m.sample_shape, "student", "gan_noise")

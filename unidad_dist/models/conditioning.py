@@ -42,12 +42,6 @@ def cat_cond(conds: list[Optional[dict]]) -> Optional[dict]:
     return out
 
 
-def index_cond(cond: Optional[dict], idx) -> Optional[dict]:
-    if not cond:
-        return cond
-    return {k: index_cond(v, idx) if isinstance(v, dict) else v[idx] for k, v in cond.items()}
-
-
 class TextConditioner(nn.Module):
     """Encodes prompts with the backbone's frozen text encoder(s)."""
 

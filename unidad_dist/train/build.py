@@ -6,8 +6,7 @@ surface here as ``UserError``s, so a failing start leaves nothing behind.
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,7 +35,6 @@ class Models:
     data: DataSource
     codec: Optional[LatentCodec]
     resolution: int  # pixel resolution of images
-    phases: dict = field(default_factory=dict)
 
     def trainable_roles(self) -> dict[str, TrainableRole]:
         out = {"student": self.student, "fake_teacher": self.fake_teacher}
@@ -73,10 +71,7 @@ def _role_unet(cfg_role, role: str, spec: BackboneSpec, source_unet: torch.nn.Mo
 
 
 def build(cfg: Config, rt: Runtime) -> Models:
-    phases = {}
-    t0 = time.time()
     spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
-    phases["resolve_backbone_s"] = time.time() - t0
     if spec.scheduler_config is None:
         raise UserError(
             f"source_teacher.backbone '{spec.given}' has no scheduler config (scheduler/scheduler_config.json); "
@@ -87,14 +82,12 @@ def build(cfg: Config, rt: Runtime) -> Models:
     codec = LatentCodec(spec, rt.device) if spec.kind != "pixel" else None
     factor = 2 ** (len(codec.vae.config.block_out_channels) - 1) if codec is not None else 1
     resolution = cfg.data.target.resolution or spec.sample_size * factor
-    if cfg.data.target.path is None:
-        raise UserError("data.target.path is not set; point it at a folder of target images")
-    images, captions, _ = load_target_folder(cfg.data.target.path, resolution)
     if resolution != spec.sample_size * factor:
         raise UserError(
             f"data.target.resolution={resolution} does not match the backbone ({spec.sample_size * factor}px); "
             "leave it unset or set the backbone's resolution"
         )
+    images, captions, _ = load_target_folder(cfg.data.target.path, resolution)
     flipped = images.flip(-1)
     if codec is not None:
         model_space = torch.cat([codec.encode(images[i:i + 8].to(rt.device)).cpu() for i in range(0, len(images), 8)])
@@ -133,5 +126,4 @@ def build(cfg: Config, rt: Runtime) -> Models:
     del src_unet
     sample_shape = (spec.in_channels, spec.sample_size, spec.sample_size)
     return Models(spec=spec, schedule=schedule, sample_shape=sample_shape, student=student, fake_teacher=fake,
-                  source_teacher=source, target_teacher=target, data=data, codec=codec, resolution=resolution,
-                  phases=phases)
+                  source_teacher=source, target_teacher=target, data=data, codec=codec, resolution=resolution)

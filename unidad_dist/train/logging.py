@@ -10,6 +10,11 @@ from typing import Optional
 import torch
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 on the CPU."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_cell: int = 96) -> Path:
     """A PNG grid of images in [-1, 1] (N, 3, H, W); small images are upscaled (nearest) for viewing."""
     from PIL import Image
@@ -17,7 +22,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_
     n = images.shape[0]
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
     ncol = int(math.ceil(n / nrow))
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    arr = to_uint8(images)
     _, c, h, w = arr.shape
     pad = 2
     canvas = torch.full((3, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
@@ -34,15 +39,16 @@ def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_
     return path
 
 
-def save_images(images: torch.Tensor, folder: Path) -> list[Path]:
+def save_images(images: torch.Tensor, folder: Path, pattern: str = "{:05d}.png") -> list[Path]:
+    """One PNG per image (in [-1, 1]), named by ``pattern.format(index)``."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
     out = []
     for i, a in enumerate(arr):
-        p = folder / f"{i:05d}.png"
+        p = folder / pattern.format(i)
         Image.fromarray(a).save(p)
         out.append(p)
     return out

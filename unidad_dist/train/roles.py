@@ -47,10 +47,6 @@ class Role:
         with self.autocast(force_fp32):
             return unet_forward(self.unet, x_t, t, cond)
 
-    def features(self, x_t, t, cond) -> list[torch.Tensor]:
-        with self.autocast():
-            return encoder_features(self.unet, x_t, t, cond)
-
     def discriminate(self, x_t, t, cond) -> torch.Tensor:
         with self.autocast():
             return self.heads(encoder_features(self.unet, x_t, t, cond)).float()
@@ -85,6 +81,7 @@ class TrainableRole(Role):
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.master: Optional[list[torch.Tensor]] = None
         if precision == "bf16":
+            # new fp32 leaf tensors owned by the optimizer (the module's own parameters are not touched)
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         opt_params = self.master if self.master is not None else self.params
         self.optimizer = torch.optim.AdamW(opt_params, lr=warmup_lr(opt.lr, opt.warmup, 0), betas=tuple(opt.betas),
@@ -101,11 +98,17 @@ class TrainableRole(Role):
     def _sync_grads(self) -> None:
         if self.world_size <= 1:
             return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad.div_(self.world_size)
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)  # one collective per role and step, not one per tensor
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world_size)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
 
     def step(self, iteration: int) -> dict:
         self._sync_grads()
