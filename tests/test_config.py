@@ -41,7 +41,11 @@ def test_unknown_key_names_closest(key, bad, close):
     ("algorithm.a=-0.1", r"algorithm.a must be in \[0, 1\]"),
     ("algorithm.a=auto", "reserved"),
     ("student.steps=0", "student.steps must be >= 1"),
-    ("student.precision=fp16", "student.precision='fp16' is not one of"),
+    ("student.precision=fp8", "student.precision='fp8' is not one of"),
+    ("student.zero_stage=4", "student.zero_stage=4 is not a valid ZeRO stage 0-3"),
+    ("fake_teacher.zero_stage=-1", "fake_teacher.zero_stage=-1 is not a valid ZeRO stage"),
+    ("source_teacher.zero_stage=2", r"a frozen teacher is 0 \(replicated\) or 3"),
+    ("student.offload_optimizer=true", "offload_optimizer needs ZeRO"),
     ("placement.mode=split", "placement.mode"),
 ])
 def test_bad_values(override, msg):

@@ -65,7 +65,7 @@ def test_iterations_zero_then_sample_and_export(tmp_path, pipes):
     cfg, models, method, _ = load_run(rdir)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([999, 10])
     with torch.no_grad():
-        torch.testing.assert_close(unet(x, t).sample, models.student.module(x, t).sample)
+        torch.testing.assert_close(unet(x, t).sample, models.student.module.unet(x, t).sample)
     meta = json.loads((tmp_path / "export" / "unidad_student.json").read_text())
     assert meta["timesteps"] == [999, 499]
 

@@ -7,12 +7,14 @@ import torch
 from unidad_dist.methods.draws import SampleDraws
 from unidad_dist.methods.generate import generate, student_timesteps
 from unidad_dist.methods.unidad import UniDAD
+from unidad_dist.parallel import engines
 from unidad_dist.train.build import build
 
 
 def _setup(make_cfg, rt, form="pixel", **over):
     cfg = make_cfg(form, **over)
     models = build(cfg, rt)
+    engines.attach(models, cfg, rt)
     return cfg, models, UniDAD(cfg, models, rt)
 
 
@@ -215,6 +217,7 @@ def test_grad_accumulation_equals_larger_batch(tmp_path, pipes, rt):
             "target_teacher.grad_accum": accum})
         cfg = config_from_dict(rec)
         models = build(cfg, rt)
+        engines.attach(models, cfg, rt)
         method = UniDAD(cfg, models, rt)
         grads = {}
         for name, role in models.trainable_roles().items():
@@ -253,7 +256,9 @@ def test_precision_modes_run(make_cfg, rt):
         assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
         if prec == "bf16":
             assert next(models.student.module.parameters()).dtype == torch.bfloat16
-            assert models.student.master[0].dtype == torch.float32
+            # DeepSpeed's bf16 mode: bf16 weights in the module, fp32 master copies in the optimizer
+            inner = models.student.engine.optimizer.optimizer
+            assert all(p.dtype == torch.float32 for g in inner.param_groups for p in g["params"])
 
 
 def test_ema_tracks_student(make_cfg, rt):
@@ -272,6 +277,7 @@ def test_other_prediction_types(tmp_path, rt, pipes, ptype):
     pipe = testing.write_pixel_pipeline(tmp_path / ptype, prediction_type=ptype)
     cfg = config_from_dict(testing.tiny_recipe(pipe, pipes["shots"], tmp_path / "run"))
     models = build(cfg, rt)
+    engines.attach(models, cfg, rt)
     assert models.schedule.prediction_type == ptype
     logs = UniDAD(cfg, models, rt).step(0)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
@@ -319,8 +325,8 @@ def test_student_feedback_and_condition_dropout(make_cfg, rt):
                                                           "target_teacher.feedback_start": 1,
                                                           "target_teacher.cond_dropout": 0.5})
     seen = []
-    orig = models.target_teacher.forward
-    models.target_teacher.forward = lambda x_t, t, cond, f=False: seen.append((x_t, cond)) or orig(x_t, t, cond, f)
+    orig = models.target_teacher.train_forward
+    models.target_teacher.train_forward = lambda x_t, t, cond: seen.append((x_t, cond)) or orig(x_t, t, cond)
     d = SampleDraws(0, 5, list(range(8)), rt.device)
     batch = models.data.batch(d)
     x = torch.randn_like(batch.real)

@@ -18,7 +18,7 @@ import yaml
 
 from unidad_dist.errors import UserError
 
-PRECISIONS = ("fp32", "bf16_autocast", "bf16")
+PRECISIONS = ("fp32", "bf16_autocast", "bf16", "fp16")  # fp16: CUDA only (DeepSpeed loss scaling)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,6 +50,14 @@ class OptimizerConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0: train every weight; > 0: train a peft LoRA adapter of this rank on the UNet
+    alpha: Optional[float] = None  # None: = rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
 class StudentConfig:
     backbone: Optional[str] = None  # None: the source teacher's architecture
     init: Optional[str] = None  # None: copy of the source teacher's weights
@@ -57,6 +65,12 @@ class StudentConfig:
     precision: str = "bf16_autocast"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_accum: int = 1
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 of this role's engine
+    offload_optimizer: bool = False  # ZeRO optimizer states (and the fp32 master) in CPU memory
+    zero3_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay whole
+    activation_checkpointing: bool = False  # recompute the UNet blocks' activations in backward
+    deepspeed_config: Optional[str] = None  # JSON file whose fields override the generated config
+    lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 1  # K
     timesteps: Optional[list[int]] = None  # explicit list, else t_k = T-1 - k*floor(T/K)
     unroll: str = "backward_simulation"  # or "full"
@@ -77,6 +91,12 @@ class FakeTeacherConfig:
     precision: str = "bf16_autocast"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_accum: int = 1
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 of this role's engine
+    offload_optimizer: bool = False  # ZeRO optimizer states (and the fp32 master) in CPU memory
+    zero3_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay whole
+    activation_checkpointing: bool = False  # recompute the UNet blocks' activations in backward
+    deepspeed_config: Optional[str] = None  # JSON file whose fields override the generated config
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -94,6 +114,8 @@ class SourceTeacherConfig:
     precision: str = "bf16_autocast"
     enabled: bool = True
     cfg: float = 1.0  # classifier-free guidance scale (text models); 1 = no CFG
+    zero_stage: int = 0  # 0: replicated on every rank; 3: partitioned (ZeRO-3 engine, no optimizer)
+    zero3_persistence_threshold: int = 100000
 
 
 @dataclass
@@ -105,6 +127,11 @@ class TargetTeacherConfig:
     precision: str = "bf16_autocast"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_accum: int = 1
+    zero_stage: int = 0  # online: ZeRO stage 0-3 of its engine; frozen: 0 replicated, 3 partitioned
+    offload_optimizer: bool = False  # ZeRO optimizer states (and the fp32 master) in CPU memory
+    zero3_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay whole
+    activation_checkpointing: bool = False  # recompute the UNet blocks' activations in backward
+    deepspeed_config: Optional[str] = None  # JSON file whose fields override the generated config
     update_every: int = 1  # tt_every: step the online target teacher on iterations = 0 mod this
     cfg: float = 1.0
     cond_dropout: float = 0.1
@@ -464,6 +491,33 @@ def validate(cfg: Config) -> None:
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             raise UserError(f"{role}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
         _positive(f"{role}.optimizer.warmup", opt.warmup, allow_zero=True)
+    for role in ("student", "fake_teacher", "target_teacher"):
+        rc = getattr(cfg, role)
+        trainable = role != "target_teacher" or cfg.target_teacher.mode == "online"
+        stages = (0, 1, 2, 3) if trainable else (0, 3)
+        if rc.zero_stage not in stages:
+            what = "ZeRO stage 0-3" if trainable else "0 (replicated) or 3 (partitioned, frozen)"
+            raise UserError(f"{role}.zero_stage={rc.zero_stage} is not a valid {what}; set one of {list(stages)}")
+        if rc.offload_optimizer and rc.zero_stage == 0:
+            raise UserError(f"{role}.offload_optimizer needs ZeRO: set {role}.zero_stage to 1, 2 or 3")
+        _positive(f"{role}.zero3_persistence_threshold", rc.zero3_persistence_threshold, allow_zero=True)
+        lora = getattr(rc, "lora", None)
+        if lora is not None:
+            _positive(f"{role}.lora.rank", lora.rank, allow_zero=True)
+            if lora.rank > 0 and not lora.target_modules:
+                raise UserError(f"{role}.lora.target_modules is empty; name the UNet layers to adapt (e.g. to_q)")
+    if cfg.source_teacher.zero_stage not in (0, 3):
+        raise UserError(
+            f"source_teacher.zero_stage={cfg.source_teacher.zero_stage}: a frozen teacher is 0 (replicated) "
+            "or 3 (partitioned); set one of [0, 3]"
+        )
+    _positive("source_teacher.zero3_persistence_threshold", cfg.source_teacher.zero3_persistence_threshold,
+              allow_zero=True)
+    if cfg.student.ema > 0 and cfg.student.zero_stage == 3:
+        raise UserError(
+            "student.ema with student.zero_stage=3 is not available (the EMA would need the whole student on "
+            "every rank); use student.zero_stage 0-2 or student.ema=0"
+        )
     _positive("train.iterations", cfg.train.iterations, allow_zero=True)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.fake_updates_per_student", cfg.train.fake_updates_per_student)

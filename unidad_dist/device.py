@@ -23,6 +23,7 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
+    dist_timeout: float = 600.0
 
     @property
     def is_main(self) -> bool:
@@ -58,11 +59,31 @@ def runtime_from_env(dist_timeout_s: float = 600.0) -> Runtime:
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=dist_timeout_s)
-        )
-    return Runtime(device=device, backend=backend, rank=rank, world_size=world, local_rank=local_rank)
+    if not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(seconds=dist_timeout_s)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            # DeepSpeed engines need a process group even for one rank: a private one on a free port
+            for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(var, value)  # DeepSpeed reads them
+            torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                                 rank=0, world_size=1, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    return Runtime(device=device, backend=backend, rank=rank, world_size=world, local_rank=local_rank,
+                   dist_timeout=dist_timeout_s)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_deepspeed_env() -> None:
+    """Tell DeepSpeed which accelerator to use before it is imported (it otherwise guesses and warns)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if accelerator_available() else "cpu")
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from unidad_dist.device import free_port
 from unidad_dist.errors import UserError
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_local(nproc: int, config: str, overrides: list[str], grace_s: float | None = None) -> int:

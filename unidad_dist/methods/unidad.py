@@ -17,7 +17,6 @@ from unidad_dist.device import CPU
 from unidad_dist.methods import losses
 from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
 from unidad_dist.methods.generate import generate, student_timesteps
-from unidad_dist.models.backbones import unet_forward
 from unidad_dist.models.conditioning import cat_cond
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
 
@@ -55,10 +54,14 @@ class UniDAD:
 
     # -- network calls ---------------------------------------------------------------------------
     def student_x0(self, x_t, t, cond, module=None):
+        """x̂0 of the student: through its engine (its own loss), or of ``module`` (sampling, EMA)."""
         self.calls["student"] += 1
         role = self.m.student
-        with role.autocast():
-            pred = unet_forward(role.unet if module is None else module, x_t, t, cond)
+        if module is None:
+            pred = role.train_forward(x_t, t, cond)
+        else:
+            with role.autocast():
+                pred = module(x_t, t, cond)
         if self.cfg.student.prediction == "x0":
             return pred.float()
         return self.schedule.to_x0(pred, x_t, t)
@@ -139,7 +142,7 @@ class UniDAD:
         t = d.randint(0, self.T, "fake_teacher", "denoise_t")
         n = d.randn(self.m.sample_shape, "fake_teacher", "denoise_noise")
         self.calls["fake_teacher"] += 1
-        pred = fake.forward(self.schedule.add_noise(x, n, t), t, batch.cond)
+        pred = fake.train_forward(self.schedule.add_noise(x, n, t), t, batch.cond)
         l_fake = losses.denoising_loss(pred, self.schedule.target(x, n, t))
         loss, logs = l_fake, {"fake_denoise": float(l_fake.detach())}
         if cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0:
@@ -148,8 +151,8 @@ class UniDAD:
             t_f = d.randint(0, self.T, "fake_teacher", "gan_fake_t")
             n_f = d.randn(self.m.sample_shape, "fake_teacher", "gan_fake_noise")
             self.calls["fake_teacher_features"] += 2
-            logit_real = fake.discriminate(self.schedule.add_noise(batch.real, n_r, t_r), t_r, batch.real_cond)
-            logit_fake = fake.discriminate(self.schedule.add_noise(x, n_f, t_f), t_f, batch.cond)
+            logit_real = fake.train_discriminate(self.schedule.add_noise(batch.real, n_r, t_r), t_r, batch.real_cond)
+            logit_fake = fake.train_discriminate(self.schedule.add_noise(x, n_f, t_f), t_f, batch.cond)
             l_d = losses.gan_discriminator_loss(logit_real, logit_fake)
             loss = loss + cfg.gan_heads.lambda_d * l_d
             logs["gan_d"] = float(l_d.detach())
@@ -168,7 +171,7 @@ class UniDAD:
         t = d.randint(0, self.T, "target_teacher", "denoise_t")
         n = d.randn(self.m.sample_shape, "target_teacher", "denoise_noise")
         self.calls["target_teacher"] += 1
-        pred = self.m.target_teacher.forward(self.schedule.add_noise(real, n, t), t, cond)
+        pred = self.m.target_teacher.train_forward(self.schedule.add_noise(real, n, t), t, cond)
         l_t = losses.denoising_loss(pred, self.schedule.target(real, n, t))
         return l_t, {"target_denoise": float(l_t.detach())}
 
@@ -281,7 +284,9 @@ class UniDAD:
     def warm_start(self, progress: bool = True) -> dict:
         """Regress the student onto (noise -> teacher's DDIM sample) pairs at each of its timesteps
         (algorithm.md §3, "Student output and warm start"). Uses its own Adam; the student's training
-        optimizer starts fresh afterwards."""
+        optimizer starts fresh afterwards. Runs on the plain student, before its engine is built (so the
+        engine's fp32 master copies start from the warm-started weights); every rank computes the same
+        pairs and steps, and the engine broadcasts rank 0's weights when it is built."""
         sc = self.cfg.student
         if sc.warm_start <= 0:
             return {}
@@ -289,6 +294,8 @@ class UniDAD:
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
         student = self.m.student
+        if student.engine is not None:
+            raise RuntimeError("warm_start must run before parallel.engines.attach")
         opt = torch.optim.Adam(student.params, lr=sc.warm_start_lr)
         bar = None
         if progress and self.rt.is_main:
@@ -317,11 +324,6 @@ class UniDAD:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        student.zero_grad()
-        if student.master is not None:
-            with torch.no_grad():
-                for mm, p in zip(student.master, student.params):
-                    mm.copy_(p.float())
-        if student.ema is not None:
-            student.ema.load_state_dict(student.module.state_dict())
+        for p in student.params:
+            p.grad = None
         return {"warm_start_loss": last}

@@ -20,7 +20,7 @@ from unidad_dist.models.backbones import BackboneSpec, build_unet, load_unet, lo
 from unidad_dist.models.conditioning import LatentCodec, TextConditioner
 from unidad_dist.models.gan_heads import GanHeads
 from unidad_dist.models.schedule import NoiseSchedule
-from unidad_dist.train.roles import FrozenRole, TrainableRole
+from unidad_dist.train.roles import Role, RoleNet
 
 
 @dataclass
@@ -28,15 +28,15 @@ class Models:
     spec: BackboneSpec
     schedule: NoiseSchedule
     sample_shape: tuple
-    student: TrainableRole
-    fake_teacher: TrainableRole
-    source_teacher: Optional[FrozenRole]
-    target_teacher: Optional[object]  # TrainableRole (online) | FrozenRole (frozen) | None
+    student: Role  # plain after build; an EngineRole after parallel.engines.attach
+    fake_teacher: Role  # its RoleNet holds the UNet and the GAN heads
+    source_teacher: Optional[Role]
+    target_teacher: Optional[Role]  # trainable (online), frozen, or None (off)
     data: DataSource
     codec: Optional[LatentCodec]
     resolution: int  # pixel resolution of images
 
-    def trainable_roles(self) -> dict[str, TrainableRole]:
+    def trainable_roles(self) -> dict[str, Role]:
         out = {"student": self.student, "fake_teacher": self.fake_teacher}
         if self.target_teacher is not None and self.target_teacher.trainable:
             out["target_teacher"] = self.target_teacher
@@ -70,7 +70,41 @@ def _role_unet(cfg_role, role: str, spec: BackboneSpec, source_unet: torch.nn.Mo
     return copy.deepcopy(source_unet), rspec
 
 
+def _prepare_trainable(unet: torch.nn.Module, rc, role: str) -> torch.nn.Module:
+    """Model-side options of a trainable role: a peft LoRA adapter, activation checkpointing."""
+    lora = getattr(rc, "lora", None)
+    if lora is not None and lora.rank > 0:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise UserError(f"{role}.lora.rank > 0 needs peft; pip install peft (it is in requirements-ci.txt)") from None
+        unet.requires_grad_(False)  # the base stays frozen: only the adapter trains (before any engine wraps it)
+        lc = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), init_lora_weights="gaussian")
+        try:
+            inject_adapter_in_model(lc, unet)  # works for pixel UNets too (no diffusers adapter mixin needed)
+        except ValueError as e:
+            raise UserError(f"{role}.lora.target_modules {lora.target_modules} do not fit the UNet ({e}); "
+                            "name its Linear layers, e.g. to_q, to_k, to_v, to_out.0") from None
+    if rc.activation_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def check_runtime(cfg: Config, rt: Runtime) -> None:
+    """Settings that depend on the machine: checked before anything is loaded."""
+    from unidad_dist import device as dev
+
+    for role in ("student", "fake_teacher", "source_teacher", "target_teacher"):
+        if getattr(cfg, role).precision == "fp16" and not dev.supports_dtype(rt.device, torch.float16):
+            raise UserError(
+                f"{role}.precision=fp16 needs a CUDA device, but this rank runs on {rt.device.type}; "
+                "use bf16 or bf16_autocast (or fp32)"
+            )
+
+
 def build(cfg: Config, rt: Runtime) -> Models:
+    check_runtime(cfg, rt)
     spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
     if spec.scheduler_config is None:
         raise UserError(
@@ -100,29 +134,29 @@ def build(cfg: Config, rt: Runtime) -> Models:
     src_unet = load_unet(spec, cfg.source_teacher.init, cfg.source_teacher.strict, "source_teacher")
     source = None
     if cfg.source_teacher.enabled:
-        source = FrozenRole("source_teacher", copy.deepcopy(src_unet), cfg.source_teacher.precision, rt.device)
+        source = Role("source_teacher", RoleNet(copy.deepcopy(src_unet)), cfg.source_teacher.precision, rt.device,
+                      trainable=False)
 
     student_unet, _ = _role_unet(cfg.student, "student", spec, src_unet)
-    student = TrainableRole("student", student_unet, cfg.student.precision, rt.device, cfg.student.optimizer,
-                            cfg.student.grad_accum, rt.world_size, ema=cfg.student.ema)
+    student = Role("student", RoleNet(_prepare_trainable(student_unet, cfg.student, "student")),
+                   cfg.student.precision, rt.device, trainable=True, grad_accum=cfg.student.grad_accum)
 
     fake_unet, fspec = _role_unet(cfg.fake_teacher, "fake_teacher", spec, src_unet)
     with torch.random.fork_rng(devices=[]):  # heads start from a function of run.seed only
         torch.manual_seed(key_seed(cfg.run.seed, "gan_heads_init"))
         heads = GanHeads.for_backbone(fspec.unet_config)
-    fake = TrainableRole("fake_teacher", torch.nn.ModuleDict({"unet": fake_unet, "heads": heads}),
-                         cfg.fake_teacher.precision, rt.device, cfg.fake_teacher.optimizer,
-                         cfg.fake_teacher.grad_accum, rt.world_size)
+    fake = Role("fake_teacher", RoleNet(_prepare_trainable(fake_unet, cfg.fake_teacher, "fake_teacher"), heads),
+                cfg.fake_teacher.precision, rt.device, trainable=True, grad_accum=cfg.fake_teacher.grad_accum)
 
     target = None
     tc = cfg.target_teacher
     if tc.mode != "off":
         t_unet, _ = _role_unet(tc, "target_teacher", spec, src_unet)
-        if tc.mode == "online":
-            target = TrainableRole("target_teacher", t_unet, tc.precision, rt.device, tc.optimizer, tc.grad_accum,
-                                   rt.world_size)
-        else:
-            target = FrozenRole("target_teacher", t_unet, tc.precision, rt.device)
+        online = tc.mode == "online"
+        if online:
+            t_unet = _prepare_trainable(t_unet, tc, "target_teacher")
+        target = Role("target_teacher", RoleNet(t_unet), tc.precision, rt.device, trainable=online,
+                      grad_accum=tc.grad_accum)
     del src_unet
     sample_shape = (spec.in_channels, spec.sample_size, spec.sample_size)
     return Models(spec=spec, schedule=schedule, sample_shape=sample_shape, student=student, fake_teacher=fake,

@@ -3,8 +3,9 @@
 Layout of ``<run>/checkpoints/``::
 
     iter_0000100/            one complete checkpoint
-      <role>.safetensors     weights (+ fp32 master copy, + EMA) of each trainable role
-      <role>.optim.pt        optimizer state (loaded with torch.load(weights_only=True))
+      <role>/state/…         the role's DeepSpeed engine: weights, optimizer, fp32 partitions, counters
+                             (written by every rank under an explicit tag; loaded with weights_only=True)
+      <role>.safetensors     the role's whole (gathered) weights, + the EMA when enabled
       rng_rank<r>.pt         per-rank RNG states
       state.json             iteration, method, world size
       manifest.json          sha256 of every file above (written last inside the folder)
@@ -71,10 +72,15 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int)
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name, role in models.trainable_roles().items():
-            sd = {k: v.detach().to(CPU).clone().contiguous() for k, v in role.weights().items()}
+    _barrier(rt)
+    for name, role in models.trainable_roles().items():
+        role.save_state(tmp / name)  # every rank writes its partitions
+        sd = role.full_weights()  # a collective under ZeRO-3
+        if rt.is_main:
+            sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
+            sd.update({k: v.detach().to(CPU).clone().contiguous() for k, v in role.extra_weights().items()})
             save_file(sd, str(tmp / f"{name}.safetensors"))
-            torch.save(role.optimizer_state(), tmp / f"{name}.optim.pt")
+    if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
             {"iteration": iteration, "method": method_name, "world_size": rt.world_size}, indent=2))
     _barrier(rt)
@@ -86,7 +92,7 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int)
     torch.save(st, tmp / f"rng_rank{rt.rank}.pt")
     _barrier(rt)
     if rt.is_main:
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {name: _sha256(tmp / name) for name in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
@@ -141,8 +147,9 @@ def load(ckpt: Path, models, rt) -> int:
 
     state = json.loads((ckpt / "state.json").read_text())
     for name, role in models.trainable_roles().items():
-        role.load_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
-        role.load_optimizer_state(torch.load(ckpt / f"{name}.optim.pt", map_location=CPU, weights_only=True))
+        role.load_state(ckpt / name)
+        if role.extra_weights():
+            role.load_extra_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
     rng_file = ckpt / f"rng_rank{rt.rank}.pt"
     if rng_file.is_file():
         st = torch.load(rng_file, map_location=CPU, weights_only=True)
@@ -158,5 +165,5 @@ def load_student_weights(ckpt: Path, prefer_ema: bool = True) -> dict[str, torch
     from safetensors.torch import load_file
 
     sd = load_file(str(ckpt / "student.safetensors"), device=str(CPU))
-    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module."
+    prefix = "ema.unet." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module.unet."
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -18,6 +18,7 @@ from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import UserError
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.methods.unidad import UniDAD
+from unidad_dist.parallel import engines
 from unidad_dist.train import checkpoint
 from unidad_dist.train.build import build
 from unidad_dist.train.logging import RunLogger, save_grid
@@ -55,10 +56,11 @@ def _barrier(rt: Runtime) -> None:
         torch.distributed.barrier()
 
 
-def _evaluate(method: UniDAD, models, cfg: Config) -> tuple[torch.Tensor, dict]:
+def _evaluate(method: UniDAD, models, cfg: Config, rt: Runtime) -> tuple[torch.Tensor, dict]:
+    """Every rank samples (a ZeRO-3 role's forward is a collective); rank 0 measures."""
     x = method.sample(cfg.eval.num_samples, steps=cfg.eval.steps)
     pixels = models.to_pixels(x).cpu()
-    return pixels, all_metrics(pixels, models.data.images)
+    return pixels, (all_metrics(pixels, models.data.images) if rt.is_main else {})
 
 
 def train(cfg: Config, rt: Runtime | None = None) -> Path:
@@ -86,6 +88,14 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
         tmp.replace(rdir / "config.yaml")
     _barrier(rt)
     before_file = rdir / "eval_before.json"
+    ws: dict = {}
+    if resume_from is None:
+        t0 = time.time()
+        ws = method.warm_start(progress=cfg.logging.progress)  # on the plain student, before its engine
+        phases["warm_start_s"] = time.time() - t0
+    t0 = time.time()
+    engines.attach(models, cfg, rt)
+    phases["engines_s"] = time.time() - t0
     if resume_from is not None:
         start = checkpoint.load(resume_from, models, rt)
         if rt.is_main:
@@ -93,14 +103,11 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     else:
         start = 0
         t0 = time.time()
-        ws = method.warm_start(progress=cfg.logging.progress)
-        phases["warm_start_s"] = time.time() - t0
-        t0 = time.time()
+        _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
+        pixels, before = _evaluate(method, models, cfg, rt)
         if rt.is_main:
             save_grid(models.data.images[: cfg.logging.grid_size], rdir / "samples" / "target_shots.png")
-            _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
             save_grid(models.to_pixels(teacher_x).cpu(), rdir / "samples" / "source_teacher.png")
-            pixels, before = _evaluate(method, models, cfg)
             save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_before.png")
             before.update(ws)
             before_file.write_text(json.dumps(before, indent=2))
@@ -116,9 +123,11 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             done = it + 1
             if it % cfg.logging.every == 0 or done == cfg.train.iterations:
                 logger.log(it, logs)
-            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0 and rt.is_main:
-                x = method.sample(cfg.logging.grid_size)
-                logger.image("samples", save_grid(models.to_pixels(x).cpu(), rdir / "samples" / f"iter_{done:07d}.png"))
+            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
+                x = method.sample(cfg.logging.grid_size)  # every rank: a ZeRO-3 forward is a collective
+                if rt.is_main:
+                    logger.image("samples", save_grid(models.to_pixels(x).cpu(),
+                                                      rdir / "samples" / f"iter_{done:07d}.png"))
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                 checkpoint.save(rdir, models, done, rt, method.name, cfg.checkpoint.keep)
                 last_saved = done
@@ -128,8 +137,8 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     if last_saved != cfg.train.iterations and cfg.train.iterations > start:
         checkpoint.save(rdir, models, cfg.train.iterations, rt, method.name, cfg.checkpoint.keep)
     t0 = time.time()
+    pixels, after = _evaluate(method, models, cfg, rt)
     if rt.is_main:
-        pixels, after = _evaluate(method, models, cfg)
         save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_after.png")
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
         phases["eval_after_s"] = time.time() - t0
@@ -170,5 +179,6 @@ def load_run(run: str | Path, rt: Runtime | None = None):
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     models = build(cfg, rt)
+    engines.attach(models, cfg, rt)
     checkpoint.load(ckpt, models, rt)
     return cfg, models, UniDAD(cfg, models, rt), ckpt

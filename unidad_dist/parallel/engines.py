@@ -1,0 +1,363 @@
+"""DeepSpeed engines for roles, applied from outside the models (design.md "DeepSpeed with four networks").
+
+* One engine per trainable role: ``student``; ``fake_teacher`` with its ``gan_heads`` (one module, so one
+  engine and one optimizer); ``target_teacher`` in mode ``online``. ZeRO stage 0-3 per role.
+* A frozen teacher is replicated (a plain role) or, with ``zero_stage: 3``, partitioned by a ZeRO-3
+  engine without an optimizer.
+* The DeepSpeed config is generated from the recipe. A user's JSON (``<role>.deepspeed_config``) may set
+  any other field (bucket sizes, overlap, ...) and may repeat a recipe-derived field only with the same
+  value: a contradiction is an error that names both.
+* Another role's network is called through ``engine.module`` (under no_grad, or for an input-gradient
+  with ``torch.autograd.grad(..., x)``): calling an engine inside another engine's graph breaks ZeRO's
+  gradient hooks. A role's own loss goes through its engine.
+* Each engine has its own gradient-accumulation boundary: ``backward`` runs DeepSpeed's micro-step for
+  every micro-batch but the last, ``step(iteration)`` sets the LR (a pure function of the iteration) and
+  takes the boundary step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from unidad_dist import device as dev
+from unidad_dist.errors import UserError
+from unidad_dist.train.roles import Role, warmup_lr
+
+TRAINABLE = ("student", "fake_teacher", "target_teacher")
+TAG = "state"  # one DeepSpeed tag per checkpoint folder: our own `latest` pointer names the folder
+
+
+def import_deepspeed():
+    dev.prepare_deepspeed_env()
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls a torch collective under its deprecated name on every ZeRO step
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+    return deepspeed
+
+
+def init_distributed(rt) -> None:
+    """DeepSpeed's comm layer on top of the process group ``runtime_from_env`` started (any launcher)."""
+    import datetime
+
+    ds = import_deepspeed()
+    ds.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False, verbose=False,
+                        timeout=datetime.timedelta(seconds=rt.dist_timeout))
+
+
+# ------------------------------------------------------------------------------------------------
+# Config generation and user overrides
+# ------------------------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def recipe_fields(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
+    """The DeepSpeed fields that follow from the recipe (flat keys); a user JSON may not contradict them."""
+    stage = rc.zero_stage
+    gas = rc.grad_accum if trainable else 1
+    f: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.train.batch_size * gas * dp_size,
+        "zero_optimization.stage": stage,
+        "bf16.enabled": rc.precision == "bf16",
+        "fp16.enabled": rc.precision == "fp16",
+    }
+    if stage == 3:
+        f["zero_optimization.stage3_param_persistence_threshold"] = rc.zero3_persistence_threshold
+    if trainable:
+        opt = rc.optimizer
+        f.update({
+            "optimizer.type": "AdamW",
+            "optimizer.params.lr": opt.lr,
+            "optimizer.params.betas": list(opt.betas),
+            "optimizer.params.eps": opt.eps,
+            "optimizer.params.weight_decay": opt.weight_decay,
+            "gradient_clipping": opt.clip_grad_norm if opt.clip_grad_norm > 0 else 0.0,
+        })
+        if stage > 0:
+            f["zero_optimization.offload_optimizer.device"] = dev.CPU.type if rc.offload_optimizer else "none"
+    return f
+
+
+def default_fields(trainable: bool) -> dict:
+    """Fields we choose but a user JSON may change."""
+    f: dict[str, Any] = {
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint.tag_validation": "Ignore",  # its check is a world all-reduce; we keep our own pointer
+        "zero_allow_untested_optimizer": True,
+    }
+    if trainable:
+        # torch's AdamW: no JIT build of fused/CPU Adam (a user JSON may switch to them on GPUs)
+        f["optimizer.params.torch_adam"] = True
+        f["zero_force_ds_cpu_optimizer"] = False
+    return f
+
+
+def read_user_config(path: Optional[str], role: str) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{role}.deepspeed_config '{path}' not found; give a DeepSpeed JSON file or leave it unset")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{role}.deepspeed_config '{path}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{role}.deepspeed_config '{path}' must hold a JSON object")
+    return data
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b if isinstance(a, bool) and isinstance(b, bool) else False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+RECIPE_KEY = {  # which recipe key a DeepSpeed field comes from, for the error message
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "{role}.grad_accum",
+    "train_batch_size": "train.batch_size x {role}.grad_accum x ranks",
+    "zero_optimization.stage": "{role}.zero_stage",
+    "bf16.enabled": "{role}.precision",
+    "fp16.enabled": "{role}.precision",
+    "zero_optimization.stage3_param_persistence_threshold": "{role}.zero3_persistence_threshold",
+    "optimizer.type": "(AdamW, the method's optimizer)",
+    "optimizer.params.lr": "{role}.optimizer.lr",
+    "optimizer.params.betas": "{role}.optimizer.betas",
+    "optimizer.params.eps": "{role}.optimizer.eps",
+    "optimizer.params.weight_decay": "{role}.optimizer.weight_decay",
+    "gradient_clipping": "{role}.optimizer.clip_grad_norm",
+    "zero_optimization.offload_optimizer.device": "{role}.offload_optimizer",
+}
+
+
+def engine_config(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
+    """The generated DeepSpeed config with the user's JSON merged in (contradictions are errors)."""
+    fixed = recipe_fields(role, rc, cfg, dp_size, trainable)
+    merged = {**default_fields(trainable), **fixed}
+    user = read_user_config(getattr(rc, "deepspeed_config", None), role)
+    for key in ("scheduler",):
+        if key in user:
+            raise UserError(
+                f"{role}.deepspeed_config sets '{key}', but the LR schedule comes from the recipe "
+                f"({role}.optimizer.lr and .warmup, counted in iterations); remove '{key}' from the JSON"
+            )
+    for key, value in _flatten(user).items():
+        if value == "auto":  # the Hugging Face convention: take the value from the recipe
+            continue
+        if key in fixed and not _same(value, fixed[key]):
+            raise UserError(
+                f"{role}.deepspeed_config sets {key}={value!r} but the recipe gives {fixed[key]!r} "
+                f"(from {RECIPE_KEY.get(key, key).format(role=role)}); change the recipe, or remove the field from the JSON"
+            )
+        if key.startswith("optimizer.") and key not in merged and key.split(".")[1] != "params":
+            raise UserError(f"{role}.deepspeed_config: the optimizer is AdamW from the recipe; remove '{key}'")
+        merged[key] = value
+    return _unflatten(merged)
+
+
+# ------------------------------------------------------------------------------------------------
+# Safe checkpoint loading: DeepSpeed's own loader uses torch.load(weights_only=False)
+# ------------------------------------------------------------------------------------------------
+def _safe_globals() -> list:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    out = [ZeroStageEnum, fragment_address]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - layout of other DeepSpeed versions
+        pass
+    return out
+
+
+def make_safe_checkpoint_engine(config):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch engine, loading with ``weights_only=True`` (only DeepSpeed's own enum and
+        dataclass types are allow-listed)."""
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointEngine(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Roles behind engines
+# ------------------------------------------------------------------------------------------------
+def _initialize(net: nn.Module, config: dict, params=None, mpu=None):
+    ds = import_deepspeed()
+    kwargs: dict[str, Any] = {"model": net, "config": config, "dist_init_required": False}
+    if params is not None:
+        kwargs["model_parameters"] = params
+    if mpu is not None:
+        kwargs["mpu"] = mpu
+    engine, optimizer, _, _ = ds.initialize(**kwargs)
+    engine.checkpoint_engine = make_safe_checkpoint_engine(engine._config)
+    return engine, optimizer
+
+
+class EngineRole(Role):
+    """A trainable role behind its own DeepSpeed engine (same interface as a plain role)."""
+
+    def __init__(self, role: Role, rc, cfg, rt, dp_size: int, ema: float = 0.0, mpu=None):
+        self.name = role.name
+        self.precision = role.precision
+        self.device = role.device
+        self.trainable = True
+        self.grad_accum = rc.grad_accum
+        self.opt_cfg = rc.optimizer
+        self.stage = rc.zero_stage
+        net = role.module.train()
+        self.ema_decay = ema
+        self.ema: Optional[nn.Module] = None
+        if ema > 0:  # fp32 copy of the whole network, updated after every real step
+            self.ema = copy.deepcopy(net).float().eval().requires_grad_(False)
+        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=True)
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.engine, self.optimizer = _initialize(net, self.config, params, mpu)
+        self.module = self.engine.module
+        self._micro = 0
+        self.last_lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, 0)
+
+    def train_forward(self, x_t, t, cond) -> torch.Tensor:
+        with self.autocast():
+            return self.engine(x_t, t, cond)
+
+    def train_discriminate(self, x_t, t, cond) -> torch.Tensor:
+        with self.autocast():
+            return self.engine(x_t, t, cond, discriminate=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+
+    def step(self, iteration: int) -> dict:
+        if self._micro % self.grad_accum:
+            raise RuntimeError(f"{self.name}: step() after {self._micro % self.grad_accum} of {self.grad_accum} micro-batches")
+        lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, iteration)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        own_norm = None
+        if self.stage == 0 and not self.config.get("gradient_clipping"):
+            # DeepSpeed computes the norm only when it clips at stage 0; the grads are whole here
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            own_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        self.engine.step()
+        self.last_lr = lr
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.module.parameters()):
+                    e.lerp_(p.detach().float(), 1 - self.ema_decay)
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        return {"grad_norm": float(norm) if norm is not None else 0.0, "lr": lr}
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+        self._micro = 0
+
+    def inference_module(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.module
+
+    # -- state ----------------------------------------------------------------------------------
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Whole (gathered) weights on every rank; a collective under ZeRO-3."""
+        return gathered_state_dict(self.module, self.stage)
+
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        return {} if self.ema is None else {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+
+    def load_extra_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+
+    def save_state(self, folder: Path) -> None:
+        """All ranks: engine, optimizer, fp32 partitions and counters into ``folder`` (explicit tag)."""
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"checkpoint of role {self.name} in {folder} could not be loaded; it is incomplete")
+        self._micro = 0
+
+
+class PartitionedRole(Role):
+    """A frozen teacher partitioned over the ranks by a ZeRO-3 engine without an optimizer. Every rank
+    must make the same calls (true in colocated placement: all ranks run the same network passes)."""
+
+    def __init__(self, role: Role, rc, cfg, rt, dp_size: int, mpu=None):
+        self.name = role.name
+        self.precision = role.precision
+        self.device = role.device
+        self.trainable = False
+        self.grad_accum = 1
+        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=False)
+        self.engine, _ = _initialize(role.module, self.config, None, mpu)
+        self.module = self.engine.module.eval()
+
+
+def gathered_state_dict(module: nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    if stage < 3:
+        return {k: v.detach().to(dev.CPU).clone() for k, v in module.state_dict().items()}
+    ds = import_deepspeed()
+    with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().to(dev.CPU).clone() for k, v in module.state_dict().items()}
+
+
+def attach(models, cfg, rt, mpu=None) -> None:
+    """Put the trainable roles (and ZeRO-3 frozen teachers) of ``models`` behind engines, in place."""
+    init_distributed(rt)
+    dp = rt.world_size
+    models.student = EngineRole(models.student, cfg.student, cfg, rt, dp, ema=cfg.student.ema, mpu=mpu)
+    models.fake_teacher = EngineRole(models.fake_teacher, cfg.fake_teacher, cfg, rt, dp, mpu=mpu)
+    tt = models.target_teacher
+    if tt is not None and tt.trainable:
+        models.target_teacher = EngineRole(tt, cfg.target_teacher, cfg, rt, dp, mpu=mpu)
+    elif tt is not None and cfg.target_teacher.zero_stage == 3:
+        models.target_teacher = PartitionedRole(tt, cfg.target_teacher, cfg, rt, dp, mpu=mpu)
+    if models.source_teacher is not None and cfg.source_teacher.zero_stage == 3:
+        models.source_teacher = PartitionedRole(models.source_teacher, cfg.source_teacher, cfg, rt, dp, mpu=mpu)
