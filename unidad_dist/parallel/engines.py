@@ -41,7 +41,7 @@ def import_deepspeed():
 
     ds_logger.setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls a torch collective under its deprecated name on every ZeRO step
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated")
     return deepspeed
 
 
@@ -346,6 +346,24 @@ def gathered_state_dict(module: nn.Module, stage: int) -> dict[str, torch.Tensor
     ds = import_deepspeed()
     with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return {k: v.detach().to(dev.CPU).clone() for k, v in module.state_dict().items()}
+
+
+def engine_roles(cfg) -> dict[str, bool]:
+    """Roles that get an engine -> trainable?"""
+    out = {"student": True, "fake_teacher": True}
+    if cfg.target_teacher.mode == "online":
+        out["target_teacher"] = True
+    elif cfg.target_teacher.mode == "frozen" and cfg.target_teacher.zero_stage == 3:
+        out["target_teacher"] = False
+    if cfg.source_teacher.enabled and cfg.source_teacher.zero_stage == 3:
+        out["source_teacher"] = False
+    return out
+
+
+def check_engine_configs(cfg, rt) -> None:
+    """Generate every engine's config (reading the users' JSON files) before anything is built."""
+    for role, trainable in engine_roles(cfg).items():
+        engine_config(role, getattr(cfg, role), cfg, rt.world_size, trainable)
 
 
 def attach(models, cfg, rt, mpu=None) -> None:

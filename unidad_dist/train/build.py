@@ -94,6 +94,7 @@ def _prepare_trainable(unet: torch.nn.Module, rc, role: str) -> torch.nn.Module:
 def check_runtime(cfg: Config, rt: Runtime) -> None:
     """Settings that depend on the machine: checked before anything is loaded."""
     from unidad_dist import device as dev
+    from unidad_dist.parallel.engines import check_engine_configs
 
     for role in ("student", "fake_teacher", "source_teacher", "target_teacher"):
         if getattr(cfg, role).precision == "fp16" and not dev.supports_dtype(rt.device, torch.float16):
@@ -101,6 +102,7 @@ def check_runtime(cfg: Config, rt: Runtime) -> None:
                 f"{role}.precision=fp16 needs a CUDA device, but this rank runs on {rt.device.type}; "
                 "use bf16 or bf16_autocast (or fp32)"
             )
+    check_engine_configs(cfg, rt)  # reads every user DeepSpeed JSON; contradictions fail here
 
 
 def build(cfg: Config, rt: Runtime) -> Models:

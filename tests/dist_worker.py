@@ -1,0 +1,105 @@
+"""Run under torchrun by tests/test_engines.py: for each variant (a set of recipe overrides) build the
+models, attach the engines, train a few iterations and record, per role:
+
+* the whole weights (gathered under ZeRO-3) -> <out>/<variant>/<role>.safetensors (rank 0);
+* whether every rank holds the same whole weights (sha256 of the gathered bytes, compared on rank 0);
+* every gradient that reached a parameter while another role's loss was back-propagated;
+* whether the frozen source teacher changed.
+
+usage: torchrun --nproc_per_node N tests/dist_worker.py SPEC.json OUT_DIR
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _digest(sd: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _whole(role) -> dict:
+    from unidad_dist.parallel.engines import gathered_state_dict
+
+    stage = getattr(role, "stage", None)
+    if stage is None:
+        stage = 3 if role.engine is not None else 0
+    return gathered_state_dict(role.module, stage)
+
+
+def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
+    from safetensors.torch import save_file
+
+    from unidad_dist import testing
+    from unidad_dist.config import config_from_dict
+    from unidad_dist.methods.unidad import UniDAD
+    from unidad_dist.parallel import engines
+    from unidad_dist.train.build import build
+
+    rec = testing.tiny_recipe(Path(spec["backbone"]), Path(spec["shots"]), out / name / "run",
+                              **{**spec.get("common", {}), **spec["variants"][name]})
+    cfg = config_from_dict(rec)
+    models = build(cfg, rt)
+    method = UniDAD(cfg, models, rt)
+    engines.attach(models, cfg, rt)
+    src_before = _digest(_whole(models.source_teacher))
+
+    # gradient-leak probe: which role's backward is running, and which parameters receive gradients
+    current = {"role": None}
+    leaks = []
+    roles = {"student": models.student, "fake_teacher": models.fake_teacher, "target_teacher": models.target_teacher}
+    for rname, role in roles.items():
+        if not role.trainable:
+            continue
+        for pname, p in role.module.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, rname=rname, pname=pname: leaks.append(
+                    (rname, pname, current["role"])) if current["role"] != rname else None)
+        orig = role.backward
+
+        def backward(loss, rname=rname, orig=orig):
+            current["role"] = rname
+            try:
+                orig(loss)
+            finally:
+                current["role"] = None
+        role.backward = backward
+
+    for it in range(cfg.train.iterations):
+        method.step(it)
+    result = {"leaks": leaks[:5], "n_leaks": len(leaks),
+              "source_unchanged": _digest(_whole(models.source_teacher)) == src_before}
+    for rname, role in roles.items():
+        sd = _whole(role)
+        digests = [None] * rt.world_size
+        torch.distributed.all_gather_object(digests, _digest(sd))
+        result[f"{rname}_replicas_agree"] = len(set(digests)) == 1
+        if rt.is_main:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name / f"{rname}.safetensors"))
+    return result
+
+
+def main() -> None:
+    from unidad_dist.device import runtime_from_env
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    rt = runtime_from_env(60.0)
+    results = {}
+    for name in spec["variants"]:
+        if rt.is_main:
+            (out / name).mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        results[name] = run_variant(name, spec, out, rt)
+    if rt.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
