@@ -46,7 +46,7 @@ def test_unknown_key_names_closest(key, bad, close):
     ("fake_teacher.zero_stage=-1", "fake_teacher.zero_stage=-1 is not a valid ZeRO stage"),
     ("source_teacher.zero_stage=2", r"a frozen teacher is 0 \(replicated\) or 3"),
     ("student.offload_optimizer=true", "offload_optimizer needs ZeRO"),
-    ("placement.mode=split", "placement.mode"),
+    ("placement.mode=spread", "placement.mode=.spread. is not one of colocated, split"),
 ])
 def test_bad_values(override, msg):
     data = {**BASE}

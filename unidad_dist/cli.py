@@ -119,6 +119,9 @@ def cmd_export(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' exists and is not empty; choose a new folder")
     cfg, models, method, ckpt = load_run(args.run)
+    if cfg.student.lora.rank > 0:
+        raise UserError("this run trained a LoRA student; exporting LoRA adapters / merged weights is not available "
+                        "in this version (`unidad-dist sample --run` works); see README 'Not in this version yet'")
     spec = resolve_backbone(cfg.student.backbone, "student") if cfg.student.backbone else models.spec
     unet = build_unet(spec)
     unet.load_state_dict(load_student_weights(ckpt, prefer_ema=True))

@@ -172,7 +172,13 @@ class DataConfig:
 
 @dataclass
 class PlacementConfig:
-    mode: str = "colocated"
+    mode: str = "colocated"  # colocated | split
+    # split only: the ranks of each role (default: student + source teacher on the first half of the
+    # ranks, fake teacher + heads + target teacher on the second half)
+    student: Optional[list[int]] = None
+    fake_teacher: Optional[list[int]] = None
+    source_teacher: Optional[list[int]] = None
+    target_teacher: Optional[list[int]] = None
 
 
 @dataclass
@@ -532,11 +538,7 @@ def validate(cfg: Config) -> None:
     _choice("algorithm.t_sampling", al.t_sampling, ("uniform", "karras_index"))
     if not 0 <= al.t_min <= al.t_max:
         raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
-    if cfg.placement.mode != "colocated":
-        raise UserError(
-            f"placement.mode={cfg.placement.mode!r} is not available in this version (only 'colocated'); "
-            "set placement.mode=colocated"
-        )
+    _choice("placement.mode", cfg.placement.mode, ("colocated", "split"))
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("logging.every", cfg.logging.every)

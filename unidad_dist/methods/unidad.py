@@ -38,10 +38,14 @@ def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Opt
 class UniDAD:
     name = "unidad"
 
-    def __init__(self, cfg, models, rt):
+    def __init__(self, cfg, models, rt, placement=None):
+        from unidad_dist.parallel.placement import Placement, ROLES
+
         self.cfg = cfg
         self.m = models
         self.rt = rt
+        self.placement = placement or Placement("colocated", {r: list(range(rt.world_size)) for r in ROLES},
+                                                rt.rank, rt.world_size)
         self.schedule = models.schedule
         self.T = self.schedule.T
         self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
@@ -93,33 +97,77 @@ class UniDAD:
                         lambda k: d.randn(self.m.sample_shape, "student", f"renoise_{k}"), grad_step=k_grad)
 
     # -- losses ----------------------------------------------------------------------------------
-    def student_loss(self, x, batch, d: SampleDraws) -> tuple[torch.Tensor, dict]:
+    def dmd_point(self, x, d: SampleDraws):
+        """The noised sample the DMD teachers see (same draws wherever it is computed)."""
         cfg = self.cfg
         t = self.draw_t(d, "student", "dmd_t", cfg.algorithm.t_min, cfg.algorithm.t_max + 1)
         n = d.randn(self.m.sample_shape, "student", "dmd_noise")
-        x_t = self.schedule.add_noise(x.detach(), n, t)
+        return self.schedule.add_noise(x.detach(), n, t), t
+
+    def critic_feedback(self, x, batch, d: SampleDraws) -> dict:
+        """What the student step needs from the fake/target side: their x̂0 at the DMD point and the GAN
+        generator term's input-gradient. Runs where the fake teacher lives; nothing here can put a
+        gradient into any parameter."""
+        cfg = self.cfg
+        x_t, t = self.dmd_point(x, d)
+        fb = {}
+        with torch.no_grad():
+            fb["x_fk"] = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
+            if self.a > 0.0:
+                fb["x_trg"] = self.teacher_x0("target_teacher", x_t, t, batch.cond, batch.uncond,
+                                              cfg.target_teacher.cfg, self.dmd_fp32)
+        if self.uses_gan_g:
+            fb["g_gan"], fb["gan_g"] = self.gan_generator_input_grad(x, batch, d)
+        return fb
+
+    @property
+    def uses_gan_g(self) -> bool:
+        return self.cfg.gan_heads.enabled and self.cfg.gan_heads.lambda_g > 0
+
+    def feedback_keys(self) -> list[str]:
+        return ["x_fk"] + (["x_trg"] if self.a > 0.0 else []) + (["g_gan"] if self.uses_gan_g else [])
+
+    def pack_feedback(self, fb: dict) -> torch.Tensor:
+        parts = [fb[k].float().flatten() for k in self.feedback_keys()]
+        if self.uses_gan_g:
+            parts.append(fb["gan_g"].float().reshape(1).to(parts[0].device))
+        return torch.cat(parts)
+
+    def unpack_feedback(self, flat: torch.Tensor, shape) -> dict:
+        n = int(torch.Size(shape).numel())
+        fb = {k: flat[i * n:(i + 1) * n].view(shape) for i, k in enumerate(self.feedback_keys())}
+        if self.uses_gan_g:
+            fb["gan_g"] = flat[-1]
+        return fb
+
+    def feedback_numel(self, shape) -> int:
+        return len(self.feedback_keys()) * int(torch.Size(shape).numel()) + (1 if self.uses_gan_g else 0)
+
+    def student_loss(self, x, batch, d: SampleDraws, fb: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
+        """Dual-domain DMD + the GAN generator term, given the critic side's feedback (computed here when
+        the fake teacher is on this rank)."""
+        cfg = self.cfg
+        if fb is None:
+            fb = self.critic_feedback(x, batch, d)
         logs = {}
         loss = torch.zeros((), device=x.device)
-        with torch.no_grad():
-            x_fk = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
-            branches = []
-            if self.a < 1.0:
+        branches = []
+        if self.a < 1.0:
+            x_t, t = self.dmd_point(x, d)
+            with torch.no_grad():
                 x_src = self.teacher_x0("source_teacher", x_t, t, batch.cond_src, batch.uncond,
                                         cfg.source_teacher.cfg, self.dmd_fp32)
-                branches.append(("src", 1.0 - self.a, x_src))
-            if self.a > 0.0:
-                x_trg = self.teacher_x0("target_teacher", x_t, t, batch.cond, batch.uncond,
-                                        cfg.target_teacher.cfg, self.dmd_fp32)
-                branches.append(("trg", self.a, x_trg))
+            branches.append(("src", 1.0 - self.a, x_src))
+        if self.a > 0.0:
+            branches.append(("trg", self.a, fb["x_trg"]))
         for name, weight, x_k in branches:
-            g = losses.dmd_gradient(x, x_fk, x_k)
+            g = losses.dmd_gradient(x, fb["x_fk"], x_k)
             l_k = losses.dmd_loss(x, g)
             loss = loss + weight * l_k
             logs[f"dmd_{name}"] = float(l_k.detach())
-        if cfg.gan_heads.enabled and cfg.gan_heads.lambda_g > 0:
-            g_gan, l_g = self.gan_generator_input_grad(x, batch, d)
-            loss = loss + cfg.gan_heads.lambda_g * losses.input_gradient_surrogate(x, g_gan)
-            logs["gan_g"] = float(l_g)
+        if self.uses_gan_g:
+            loss = loss + cfg.gan_heads.lambda_g * losses.input_gradient_surrogate(x, fb["g_gan"])
+            logs["gan_g"] = float(fb["gan_g"])
         return loss, logs
 
     def gan_generator_input_grad(self, x, batch, d: SampleDraws):
@@ -177,48 +225,68 @@ class UniDAD:
 
     # -- one iteration ---------------------------------------------------------------------------
     def step(self, iteration: int) -> dict:
-        cfg, m, rt = self.cfg, self.m, self.rt
+        """One iteration. Colocated: this rank runs every role. Split: the generator side (student, source
+        teacher) and the critic side (fake teacher + heads, target teacher) run their halves and exchange
+        the student samples one way and the critic's feedback the other (placement.py)."""
+        cfg, m, pl = self.cfg, self.m, self.placement
+        gen, crit = pl.holds("student"), pl.holds("fake_teacher")
         train_g = iteration % cfg.train.fake_updates_per_student == 0
-        train_t = m.target_teacher is not None and m.target_teacher.trainable and \
-            iteration % cfg.target_teacher.update_every == 0
-        ga_g = m.student.grad_accum if train_g else 0
-        ga_f = m.fake_teacher.grad_accum
-        ga_t = m.target_teacher.grad_accum if train_t else 0
+        train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
+        ga_g = cfg.student.grad_accum if train_g else 0
+        ga_f = cfg.fake_teacher.grad_accum
+        ga_t = cfg.target_teacher.grad_accum if train_t else 0
         n_micro = max(ga_g, ga_f, ga_t)
         k_grad = None
         if cfg.student.unroll == "backward_simulation":
             k_grad = shared_randint(self.seed, iteration, "backward_simulation_k", 0, len(self.timesteps))
+        shape = self.sample_shape(cfg.train.batch_size)
         logs: dict = defaultdict(float)
         for micro in range(n_micro):
-            idx = global_indices(iteration, micro, n_micro, rt.rank, rt.world_size, cfg.train.batch_size)
-            d = SampleDraws(self.seed, iteration, idx, rt.device)
+            idx = global_indices(iteration, micro, n_micro, pl.dp_rank, pl.dp_size, cfg.train.batch_size)
+            d = SampleDraws(self.seed, iteration, idx, self.rt.device)
             batch = m.data.batch(d)
-            if micro < ga_g:
-                x = self.generate_train(d, batch, k_grad)
-                loss_g, lg = self.student_loss(x, batch, d)
-                m.student.backward(loss_g)
-                for k, v in lg.items():
-                    logs[f"student/{k}"] += v / ga_g
-            else:
-                with torch.no_grad():
+            if gen:
+                if micro < ga_g:
                     x = self.generate_train(d, batch, k_grad)
+                else:
+                    with torch.no_grad():
+                        x = self.generate_train(d, batch, k_grad)
+                if pl.split:
+                    pl.send(x.detach().float())
+            else:
+                x = pl.recv(shape, torch.float32, self.rt.device)
+            if micro < ga_g:
+                fb = None
+                if crit:
+                    fb = self.critic_feedback(x.detach(), batch, d)
+                    if pl.split:
+                        pl.send(self.pack_feedback(fb))
+                else:
+                    fb = self.unpack_feedback(pl.recv((self.feedback_numel(shape),), torch.float32, self.rt.device),
+                                              shape)
+                if gen:
+                    loss_g, lg = self.student_loss(x, batch, d, fb)
+                    m.student.backward(loss_g)
+                    for k, v in lg.items():
+                        logs[f"student/{k}"] += v / ga_g
             x = x.detach()
-            if micro < ga_f:
+            if crit and micro < ga_f:
                 loss_f, lf = self.fake_loss(x, batch, d)
                 m.fake_teacher.backward(loss_f)
                 for k, v in lf.items():
                     logs[f"fake_teacher/{k}"] += v / ga_f
-            if micro < ga_t:
+            if crit and micro < ga_t:
                 loss_t, lt = self.target_loss(x, batch, d, iteration)
                 m.target_teacher.backward(loss_t)
                 for k, v in lt.items():
                     logs[f"target_teacher/{k}"] += v / ga_t
-        if train_g:
+        if gen and train_g:
             for k, v in m.student.step(iteration).items():
                 logs[f"student/{k}"] = v
-        for k, v in m.fake_teacher.step(iteration).items():
-            logs[f"fake_teacher/{k}"] = v
-        if train_t:
+        if crit:
+            for k, v in m.fake_teacher.step(iteration).items():
+                logs[f"fake_teacher/{k}"] = v
+        if crit and train_t:
             for k, v in m.target_teacher.step(iteration).items():
                 logs[f"target_teacher/{k}"] = v
         return dict(logs)

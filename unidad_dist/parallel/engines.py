@@ -360,22 +360,25 @@ def engine_roles(cfg) -> dict[str, bool]:
     return out
 
 
-def check_engine_configs(cfg, rt) -> None:
+def check_engine_configs(cfg, groups: dict[str, list[int]]) -> None:
     """Generate every engine's config (reading the users' JSON files) before anything is built."""
     for role, trainable in engine_roles(cfg).items():
-        engine_config(role, getattr(cfg, role), cfg, rt.world_size, trainable)
+        engine_config(role, getattr(cfg, role), cfg, len(groups[role]), trainable)
 
 
-def attach(models, cfg, rt, mpu=None) -> None:
-    """Put the trainable roles (and ZeRO-3 frozen teachers) of ``models`` behind engines, in place."""
+def attach(models, cfg, rt, placement=None) -> None:
+    """Put the trainable roles (and ZeRO-3 frozen teachers) this rank holds behind engines, in place.
+    In split placement every engine's data-parallel group is its side's rank group (one shared mpu)."""
     init_distributed(rt)
-    dp = rt.world_size
-    models.student = EngineRole(models.student, cfg.student, cfg, rt, dp, ema=cfg.student.ema, mpu=mpu)
-    models.fake_teacher = EngineRole(models.fake_teacher, cfg.fake_teacher, cfg, rt, dp, mpu=mpu)
-    tt = models.target_teacher
-    if tt is not None and tt.trainable:
-        models.target_teacher = EngineRole(tt, cfg.target_teacher, cfg, rt, dp, mpu=mpu)
-    elif tt is not None and cfg.target_teacher.zero_stage == 3:
-        models.target_teacher = PartitionedRole(tt, cfg.target_teacher, cfg, rt, dp, mpu=mpu)
-    if models.source_teacher is not None and cfg.source_teacher.zero_stage == 3:
-        models.source_teacher = PartitionedRole(models.source_teacher, cfg.source_teacher, cfg, rt, dp, mpu=mpu)
+    mpu = placement.mpu if placement is not None else None
+    for role, trainable in engine_roles(cfg).items():
+        current = getattr(models, role)
+        if current is None:  # held by the other group
+            continue
+        dp = len(placement.groups[role]) if placement is not None else rt.world_size
+        rc = getattr(cfg, role)
+        if trainable:
+            wrapped = EngineRole(current, rc, cfg, rt, dp, ema=cfg.student.ema if role == "student" else 0.0, mpu=mpu)
+        else:
+            wrapped = PartitionedRole(current, rc, cfg, rt, dp, mpu=mpu)
+        setattr(models, role, wrapped)

@@ -28,8 +28,8 @@ class Models:
     spec: BackboneSpec
     schedule: NoiseSchedule
     sample_shape: tuple
-    student: Role  # plain after build; an EngineRole after parallel.engines.attach
-    fake_teacher: Role  # its RoleNet holds the UNet and the GAN heads
+    student: Optional[Role]  # plain after build; an EngineRole after parallel.engines.attach
+    fake_teacher: Optional[Role]  # its RoleNet holds the UNet and the GAN heads (None: on another group)
     source_teacher: Optional[Role]
     target_teacher: Optional[Role]  # trainable (online), frozen, or None (off)
     data: DataSource
@@ -37,9 +37,11 @@ class Models:
     resolution: int  # pixel resolution of images
 
     def trainable_roles(self) -> dict[str, Role]:
-        out = {"student": self.student, "fake_teacher": self.fake_teacher}
-        if self.target_teacher is not None and self.target_teacher.trainable:
-            out["target_teacher"] = self.target_teacher
+        out = {}
+        for name in ("student", "fake_teacher", "target_teacher"):
+            role = getattr(self, name)
+            if role is not None and role.trainable:
+                out[name] = role
         return out
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,7 @@ def _role_unet(cfg_role, role: str, spec: BackboneSpec, source_unet: torch.nn.Mo
     return copy.deepcopy(source_unet), rspec
 
 
-def _prepare_trainable(unet: torch.nn.Module, rc, role: str) -> torch.nn.Module:
+def _prepare_trainable(unet: torch.nn.Module, rc, role: str, seed: int) -> torch.nn.Module:
     """Model-side options of a trainable role: a peft LoRA adapter, activation checkpointing."""
     lora = getattr(rc, "lora", None)
     if lora is not None and lora.rank > 0:
@@ -82,7 +84,9 @@ def _prepare_trainable(unet: torch.nn.Module, rc, role: str) -> torch.nn.Module:
         lc = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), init_lora_weights="gaussian")
         try:
-            inject_adapter_in_model(lc, unet)  # works for pixel UNets too (no diffusers adapter mixin needed)
+            with torch.random.fork_rng(devices=[]):  # the adapter starts from a function of run.seed only
+                torch.manual_seed(key_seed(seed, f"{role}_lora_init"))
+                inject_adapter_in_model(lc, unet)  # works for pixel UNets too (no diffusers adapter mixin needed)
         except ValueError as e:
             raise UserError(f"{role}.lora.target_modules {lora.target_modules} do not fit the UNet ({e}); "
                             "name its Linear layers, e.g. to_q, to_k, to_v, to_out.0") from None
@@ -95,6 +99,7 @@ def check_runtime(cfg: Config, rt: Runtime) -> None:
     """Settings that depend on the machine: checked before anything is loaded."""
     from unidad_dist import device as dev
     from unidad_dist.parallel.engines import check_engine_configs
+    from unidad_dist.parallel.placement import resolve_groups
 
     for role in ("student", "fake_teacher", "source_teacher", "target_teacher"):
         if getattr(cfg, role).precision == "fp16" and not dev.supports_dtype(rt.device, torch.float16):
@@ -102,11 +107,14 @@ def check_runtime(cfg: Config, rt: Runtime) -> None:
                 f"{role}.precision=fp16 needs a CUDA device, but this rank runs on {rt.device.type}; "
                 "use bf16 or bf16_autocast (or fp32)"
             )
-    check_engine_configs(cfg, rt)  # reads every user DeepSpeed JSON; contradictions fail here
+    groups = resolve_groups(cfg, rt.world_size)  # placement problems fail here
+    check_engine_configs(cfg, groups)  # reads every user DeepSpeed JSON; contradictions fail here
 
 
-def build(cfg: Config, rt: Runtime) -> Models:
+def build(cfg: Config, rt: Runtime, roles: Optional[set] = None) -> Models:
+    """Data, schedule and the roles this rank holds (``roles``; default all: colocated placement)."""
     check_runtime(cfg, rt)
+    roles = {"student", "fake_teacher", "source_teacher", "target_teacher"} if roles is None else set(roles)
     spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
     if spec.scheduler_config is None:
         raise UserError(
@@ -135,28 +143,30 @@ def build(cfg: Config, rt: Runtime) -> Models:
 
     src_unet = load_unet(spec, cfg.source_teacher.init, cfg.source_teacher.strict, "source_teacher")
     source = None
-    if cfg.source_teacher.enabled:
+    if cfg.source_teacher.enabled and "source_teacher" in roles:
         source = Role("source_teacher", RoleNet(copy.deepcopy(src_unet)), cfg.source_teacher.precision, rt.device,
                       trainable=False)
 
-    student_unet, _ = _role_unet(cfg.student, "student", spec, src_unet)
-    student = Role("student", RoleNet(_prepare_trainable(student_unet, cfg.student, "student")),
-                   cfg.student.precision, rt.device, trainable=True, grad_accum=cfg.student.grad_accum)
+    student = fake = target = None
+    if "student" in roles:
+        student_unet, _ = _role_unet(cfg.student, "student", spec, src_unet)
+        student = Role("student", RoleNet(_prepare_trainable(student_unet, cfg.student, "student", cfg.run.seed)),
+                       cfg.student.precision, rt.device, trainable=True, grad_accum=cfg.student.grad_accum)
 
-    fake_unet, fspec = _role_unet(cfg.fake_teacher, "fake_teacher", spec, src_unet)
-    with torch.random.fork_rng(devices=[]):  # heads start from a function of run.seed only
-        torch.manual_seed(key_seed(cfg.run.seed, "gan_heads_init"))
-        heads = GanHeads.for_backbone(fspec.unet_config)
-    fake = Role("fake_teacher", RoleNet(_prepare_trainable(fake_unet, cfg.fake_teacher, "fake_teacher"), heads),
-                cfg.fake_teacher.precision, rt.device, trainable=True, grad_accum=cfg.fake_teacher.grad_accum)
+    if "fake_teacher" in roles:
+        fake_unet, fspec = _role_unet(cfg.fake_teacher, "fake_teacher", spec, src_unet)
+        with torch.random.fork_rng(devices=[]):  # heads start from a function of run.seed only
+            torch.manual_seed(key_seed(cfg.run.seed, "gan_heads_init"))
+            heads = GanHeads.for_backbone(fspec.unet_config)
+        fake = Role("fake_teacher", RoleNet(_prepare_trainable(fake_unet, cfg.fake_teacher, "fake_teacher", cfg.run.seed), heads),
+                    cfg.fake_teacher.precision, rt.device, trainable=True, grad_accum=cfg.fake_teacher.grad_accum)
 
-    target = None
     tc = cfg.target_teacher
-    if tc.mode != "off":
+    if tc.mode != "off" and "target_teacher" in roles:
         t_unet, _ = _role_unet(tc, "target_teacher", spec, src_unet)
         online = tc.mode == "online"
         if online:
-            t_unet = _prepare_trainable(t_unet, tc, "target_teacher")
+            t_unet = _prepare_trainable(t_unet, tc, "target_teacher", cfg.run.seed)
         target = Role("target_teacher", RoleNet(t_unet), tc.precision, rt.device, trainable=online,
                       grad_accum=tc.grad_accum)
     del src_unet

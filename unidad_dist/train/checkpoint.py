@@ -62,7 +62,7 @@ def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int) -> Path:
+def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int, placement=None) -> Path:
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -73,10 +73,14 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(rt)
-    for name, role in models.trainable_roles().items():
-        role.save_state(tmp / name)  # every rank writes its partitions
+    for name, role in models.trainable_roles().items():  # the roles this rank holds
+        if placement is not None:
+            with placement.side_barriers():
+                role.save_state(tmp / name)  # every rank of the role's group writes its partitions
+        else:
+            role.save_state(tmp / name)
         sd = role.full_weights()  # a collective under ZeRO-3
-        if rt.is_main:
+        if placement.leader(name) if placement is not None else rt.is_main:
             sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
             sd.update({k: v.detach().to(CPU).clone().contiguous() for k, v in role.extra_weights().items()})
             save_file(sd, str(tmp / f"{name}.safetensors"))
@@ -160,10 +164,13 @@ def load(ckpt: Path, models, rt) -> int:
     return int(state["iteration"])
 
 
-def load_student_weights(ckpt: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The student's UNet weights from a checkpoint (the EMA when present and preferred)."""
+def load_student_weights(ckpt: Path, prefer_ema: bool = True, role_net: bool = False) -> dict[str, torch.Tensor]:
+    """The student's UNet weights (``role_net``: its RoleNet's, keys ``unet.*``) from a checkpoint's whole
+    weights, the EMA when present and preferred."""
     from safetensors.torch import load_file
 
     sd = load_file(str(ckpt / "student.safetensors"), device=str(CPU))
-    prefix = "ema.unet." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module.unet."
+    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module."
+    if not role_net:
+        prefix += "unet."
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -19,6 +19,7 @@ from unidad_dist.errors import UserError
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.methods.unidad import UniDAD
 from unidad_dist.parallel import engines
+from unidad_dist.parallel.placement import ROLES, setup_placement
 from unidad_dist.train import checkpoint
 from unidad_dist.train.build import build
 from unidad_dist.train.logging import RunLogger, save_grid
@@ -76,11 +77,14 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
                 print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
     phases: dict = {}
     t0 = time.time()
-    models = build(cfg, rt)  # every input problem surfaces here, before anything is written
+    placement = setup_placement(cfg, rt)  # bad groups fail here
+    # every input problem surfaces here, before anything is written; each rank builds the roles it holds
+    models = build(cfg, rt, roles={r for r in ROLES if placement.holds(r)})
     phases["build_s"] = time.time() - t0
     for name, secs in builtin.BUILD_SECONDS.items():
         phases[f"builtin_{name}_s"] = secs
-    method = UniDAD(cfg, models, rt)
+    method = UniDAD(cfg, models, rt, placement)
+    samples_here = placement.holds("student")  # the student's ranks sample (all ranks when colocated)
     if rt.is_main:
         (rdir / "samples").mkdir(parents=True, exist_ok=True)
         tmp = rdir / ".config.yaml.tmp"
@@ -89,12 +93,12 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     _barrier(rt)
     before_file = rdir / "eval_before.json"
     ws: dict = {}
-    if resume_from is None:
+    if resume_from is None and samples_here:
         t0 = time.time()
         ws = method.warm_start(progress=cfg.logging.progress)  # on the plain student, before its engine
         phases["warm_start_s"] = time.time() - t0
     t0 = time.time()
-    engines.attach(models, cfg, rt)
+    engines.attach(models, cfg, rt, placement)
     phases["engines_s"] = time.time() - t0
     if resume_from is not None:
         start = checkpoint.load(resume_from, models, rt)
@@ -103,8 +107,9 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     else:
         start = 0
         t0 = time.time()
-        _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
-        pixels, before = _evaluate(method, models, cfg, rt)
+        if samples_here:
+            _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
+            pixels, before = _evaluate(method, models, cfg, rt)
         if rt.is_main:
             save_grid(models.data.images[: cfg.logging.grid_size], rdir / "samples" / "target_shots.png")
             save_grid(models.to_pixels(teacher_x).cpu(), rdir / "samples" / "source_teacher.png")
@@ -112,7 +117,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             before.update(ws)
             before_file.write_text(json.dumps(before, indent=2))
         phases["eval_before_s"] = time.time() - t0
-        checkpoint.save(rdir, models, 0, rt, method.name, cfg.checkpoint.keep)
+        checkpoint.save(rdir, models, 0, rt, method.name, cfg.checkpoint.keep, placement)
     logger = RunLogger(rdir, cfg, rt.is_main, cfg.train.iterations, start)
     t0 = time.time()
     last_saved = start
@@ -122,22 +127,23 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             logger.advance()
             done = it + 1
             if it % cfg.logging.every == 0 or done == cfg.train.iterations:
-                logger.log(it, logs)
-            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0:
+                logger.log(it, placement.merge_logs(logs))
+            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0 and samples_here:
                 x = method.sample(cfg.logging.grid_size)  # every rank: a ZeRO-3 forward is a collective
                 if rt.is_main:
                     logger.image("samples", save_grid(models.to_pixels(x).cpu(),
                                                       rdir / "samples" / f"iter_{done:07d}.png"))
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-                checkpoint.save(rdir, models, done, rt, method.name, cfg.checkpoint.keep)
+                checkpoint.save(rdir, models, done, rt, method.name, cfg.checkpoint.keep, placement)
                 last_saved = done
     finally:
         logger.close()
     phases["train_s"] = time.time() - t0
     if last_saved != cfg.train.iterations and cfg.train.iterations > start:
-        checkpoint.save(rdir, models, cfg.train.iterations, rt, method.name, cfg.checkpoint.keep)
+        checkpoint.save(rdir, models, cfg.train.iterations, rt, method.name, cfg.checkpoint.keep, placement)
     t0 = time.time()
-    pixels, after = _evaluate(method, models, cfg, rt)
+    if samples_here:
+        pixels, after = _evaluate(method, models, cfg, rt)
     if rt.is_main:
         save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_after.png")
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
@@ -167,8 +173,14 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     return rdir
 
 
-def load_run(run: str | Path, rt: Runtime | None = None):
-    """Rebuild a run's models from its folder and latest complete checkpoint (for sample/export)."""
+def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True):
+    """Rebuild a run's student (plain, on this process) from its folder and the whole weights in its latest
+    complete checkpoint, for sample/export. Works whatever the placement, ZeRO stages and world size of
+    the run were: it needs no engine."""
+    from dataclasses import replace
+
+    from unidad_dist.config import PlacementConfig
+
     rdir = Path(run)
     cfg_file = rdir / "config.yaml"
     if not cfg_file.is_file():
@@ -177,8 +189,9 @@ def load_run(run: str | Path, rt: Runtime | None = None):
     if ckpt is None:
         raise UserError(f"run '{run}' has no complete checkpoint yet; train it first (train.iterations=0 writes one)")
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = replace(cfg, placement=PlacementConfig())  # one process holds the student
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
-    models = build(cfg, rt)
-    engines.attach(models, cfg, rt)
-    checkpoint.load(ckpt, models, rt)
+    models = build(cfg, rt, roles={"student", "source_teacher"})
+    models.student.module.load_state_dict(checkpoint.load_student_weights(ckpt, prefer_ema=use_ema, role_net=True))
+    models.student.module.eval()
     return cfg, models, UniDAD(cfg, models, rt), ckpt
