@@ -40,22 +40,25 @@ def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
     from unidad_dist.config import config_from_dict
     from unidad_dist.methods.unidad import UniDAD
     from unidad_dist.parallel import engines
+    from unidad_dist.parallel.placement import ROLES, setup_placement
     from unidad_dist.train.build import build
 
     rec = testing.tiny_recipe(Path(spec["backbone"]), Path(spec["shots"]), out / name / "run",
                               **{**spec.get("common", {}), **spec["variants"][name]})
     cfg = config_from_dict(rec)
-    models = build(cfg, rt)
-    method = UniDAD(cfg, models, rt)
-    engines.attach(models, cfg, rt)
-    src_before = _digest(_whole(models.source_teacher))
+    pl = setup_placement(cfg, rt)
+    models = build(cfg, rt, roles={r for r in ROLES if pl.holds(r)})
+    method = UniDAD(cfg, models, rt, pl)
+    engines.attach(models, cfg, rt, pl)
+    src = models.source_teacher
+    src_before = _digest(_whole(src)) if src is not None else None
 
     # gradient-leak probe: which role's backward is running, and which parameters receive gradients
     current = {"role": None}
     leaks = []
     roles = {"student": models.student, "fake_teacher": models.fake_teacher, "target_teacher": models.target_teacher}
     for rname, role in roles.items():
-        if not role.trainable:
+        if role is None or not role.trainable:
             continue
         for pname, p in role.module.named_parameters():
             if p.requires_grad:
@@ -73,15 +76,22 @@ def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
 
     for it in range(cfg.train.iterations):
         method.step(it)
-    result = {"leaks": leaks[:5], "n_leaks": len(leaks),
-              "source_unchanged": _digest(_whole(models.source_teacher)) == src_before}
+    local = {"leaks": leaks[:5], "n_leaks": len(leaks),
+             "source_unchanged": None if src is None else _digest(_whole(src)) == src_before}
     for rname, role in roles.items():
+        if role is None:  # on the other group
+            continue
         sd = _whole(role)
-        digests = [None] * rt.world_size
-        torch.distributed.all_gather_object(digests, _digest(sd))
-        result[f"{rname}_replicas_agree"] = len(set(digests)) == 1
-        if rt.is_main:
+        local[f"{rname}_digest"] = _digest(sd)
+        if pl.leader(rname):
             save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name / f"{rname}.safetensors"))
+    parts = [None] * rt.world_size
+    torch.distributed.all_gather_object(parts, local)
+    result = {"leaks": sum((p["leaks"] for p in parts), [])[:5], "n_leaks": sum(p["n_leaks"] for p in parts),
+              "source_unchanged": all(p["source_unchanged"] in (None, True) for p in parts)}
+    for rname in roles:
+        digests = {p[f"{rname}_digest"] for p in parts if f"{rname}_digest" in p}
+        result[f"{rname}_replicas_agree"] = len(digests) == 1
     return result
 
 

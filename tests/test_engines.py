@@ -171,3 +171,68 @@ def test_bad_engine_input_fails_before_anything_is_written(tmp_path, pipes, over
 
     assert re.search(msg, r.stderr), r.stderr[-2000:]
     assert not rdir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split placement: 4 ranks = 2 generator + 2 critic ranks, against colocated at the same global batch
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, pipes):
+    tmp = tmp_path_factory.mktemp("split")
+    pipe = testing.write_pixel_pipeline(tmp / "v", prediction_type="v_prediction")
+    variants = {
+        "colocated": {"train.batch_size": 1},  # 4 ranks x 1 = 4 samples per iteration
+        "split": {"placement.mode": "split"},  # 2 generator ranks x 2 (critic ranks see the same 4)
+        "split_zero12": {"placement.mode": "split", "student.zero_stage": 2, "fake_teacher.zero_stage": 1,
+                         "target_teacher.zero_stage": 2},
+        "split_ratio_accum": {"placement.mode": "split", "train.fake_updates_per_student": 2,
+                              "fake_teacher.grad_accum": 2},
+        "colocated_ratio_accum": {"train.fake_updates_per_student": 2, "fake_teacher.grad_accum": 2,
+                                  "train.batch_size": 1},
+    }
+    return tmp, run_worker(tmp, pipe, pipes["shots"], variants, nproc=4, common={"train.iterations": 3})
+
+
+@pytest.mark.parametrize("variant", ["split", "split_zero12"])
+def test_split_equals_colocated(split_run, variant):
+    tmp, results = split_run
+    for role in ("student", "fake_teacher", "target_teacher"):
+        a, b = _weights(tmp, "colocated", role), _weights(tmp, variant, role)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=f"{variant} {role}.{k}")
+    r = results[variant]
+    assert r["n_leaks"] == 0 and r["source_unchanged"]
+    assert all(r[f"{role}_replicas_agree"] for role in ("student", "fake_teacher", "target_teacher"))
+
+
+def test_split_with_update_ratio_and_accumulation(split_run):
+    """micro-batches where only the critic side trains still exchange samples in step."""
+    tmp, results = split_run
+    for role in ("student", "fake_teacher", "target_teacher"):
+        a, b = _weights(tmp, "colocated_ratio_accum", role), _weights(tmp, "split_ratio_accum", role)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
+
+
+@pytest.mark.parametrize("over,world,msg", [
+    ({"placement.mode": "split"}, 1, "needs at least 2 ranks"),
+    ({"placement.mode": "split", "placement.student": [0, 1, 2]}, 2, r"outside the world of 2 ranks"),
+    ({"placement.mode": "split", "placement.fake_teacher": []}, 2, "placed on no rank"),
+    ({"placement.mode": "split", "placement.student": [0], "placement.fake_teacher": [0]}, 2, "overlap"),
+    ({"placement.mode": "split", "student.zero_stage": 3}, 2, "ZeRO-3 does not work on rank subgroups"),
+    ({"placement.mode": "split", "placement.student": [0], "placement.fake_teacher": [1]}, 3, r"ranks \[2\] hold no role"),
+    ({"placement.student": [0]}, 2, "only apply with placement.mode=split"),
+    ({"placement.mode": "split", "placement.target_teacher": [0]}, 2, "target teacher lives with the fake teacher"),
+])
+def test_bad_placement(make_cfg, over, world, msg):
+    from unidad_dist.parallel.placement import resolve_groups
+
+    with pytest.raises(UserError, match=msg):
+        resolve_groups(make_cfg(**over), world)
+
+
+def test_default_split_on_two_ranks(make_cfg):
+    from unidad_dist.parallel.placement import resolve_groups
+
+    g = resolve_groups(make_cfg(**{"placement.mode": "split"}), 2)
+    assert g == {"student": [0], "fake_teacher": [1], "source_teacher": [0], "target_teacher": [1]}

@@ -371,6 +371,9 @@ def attach(models, cfg, rt, placement=None) -> None:
     In split placement every engine's data-parallel group is its side's rank group (one shared mpu)."""
     init_distributed(rt)
     mpu = placement.mpu if placement is not None else None
+    from deepspeed.utils import groups as ds_groups
+
+    ds_groups.mpu = mpu  # DeepSpeed keeps one module-level mpu: set it for this run (None: the world)
     for role, trainable in engine_roles(cfg).items():
         current = getattr(models, role)
         if current is None:  # held by the other group
