@@ -28,8 +28,6 @@ def test_recipe_runs_on_two_ranks_with_a_tiny_model(tmp_path, pipes, repo_root, 
     for role in ("student", "fake_teacher"):
         if rec.get(role, {}).get("init"):
             over.append(f"{role}.init={pipe / 'unet'}")
-    if form == "pixel":
-        over.append("algorithm.t_min=20")
     r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "local", "--nproc", "2", "--config",
                         str(recipe), *over], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

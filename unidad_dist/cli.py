@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, required=True, help="number of ranks")
     p.add_argument("--config", required=True, help="recipe YAML file")
     _add_overrides(p)
+    p = sub.add_parser("plan", help="memory and FLOPs per role and rank, from model configs (meta device)")
+    p.add_argument("--config", required=True, help="recipe YAML file")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
+    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB: say whether it fits")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_overrides(p)
     p = sub.add_parser("export", help="export the student as a diffusers model folder (safetensors)")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -110,6 +116,24 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import dataclasses
+
+    from unidad_dist.config import load_config
+    from unidad_dist.parallel.plan import format_plan, make_plan, parse_bytes
+
+    cfg = load_config(args.config, args.overrides)
+    mem = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    plan = make_plan(cfg, args.world_size, mem)
+    if args.json:
+        out = dataclasses.asdict(plan)
+        out["fits"] = plan.fits
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
 def cmd_export(args) -> int:
     from unidad_dist.models.backbones import build_unet, resolve_backbone
     from unidad_dist.train.checkpoint import load_student_weights
@@ -160,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "plan":
+            return cmd_plan(args)
         if args.cmd == "launch":
             from unidad_dist.launch.local import launch_local
 

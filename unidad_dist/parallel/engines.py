@@ -108,9 +108,21 @@ def recipe_fields(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
     return f
 
 
-def default_fields(trainable: bool) -> dict:
+def bucket_elements(n_params: Optional[int]) -> int:
+    """ZeRO communication buckets: DeepSpeed's default (5e8 elements, 2 GB in fp32, allocated up front
+    under ZeRO-3) capped at the engine's parameter count, so small and medium models do not pay for it."""
+    if n_params is None:
+        return int(5e8)
+    return int(max(1024, min(5e8, n_params)) // 1024 * 1024)  # a multiple of every alignment ZeRO asks
+
+
+def default_fields(trainable: bool, n_params: Optional[int] = None) -> dict:
     """Fields we choose but a user JSON may change."""
+    bucket = bucket_elements(n_params)
     f: dict[str, Any] = {
+        "zero_optimization.reduce_bucket_size": bucket,
+        "zero_optimization.allgather_bucket_size": bucket,
+        "zero_optimization.stage3_prefetch_bucket_size": bucket,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint.tag_validation": "Ignore",  # its check is a world all-reduce; we keep our own pointer
@@ -166,10 +178,10 @@ RECIPE_KEY = {  # which recipe key a DeepSpeed field comes from, for the error m
 }
 
 
-def engine_config(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
+def engine_config(role: str, rc, cfg, dp_size: int, trainable: bool, n_params: Optional[int] = None) -> dict:
     """The generated DeepSpeed config with the user's JSON merged in (contradictions are errors)."""
     fixed = recipe_fields(role, rc, cfg, dp_size, trainable)
-    merged = {**default_fields(trainable), **fixed}
+    merged = {**default_fields(trainable, n_params), **fixed}
     user = read_user_config(getattr(rc, "deepspeed_config", None), role)
     for key in ("scheduler",):
         if key in user:
@@ -253,8 +265,9 @@ class EngineRole(Role):
         self.ema: Optional[nn.Module] = None
         if ema > 0:  # fp32 copy of the whole network, updated after every real step
             self.ema = copy.deepcopy(net).float().eval().requires_grad_(False)
-        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=True)
         params = [p for p in net.parameters() if p.requires_grad]
+        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=True,
+                                    n_params=sum(p.numel() for p in net.parameters()))
         self.engine, self.optimizer = _initialize(net, self.config, params, mpu)
         self.module = self.engine.module
         self._micro = 0
@@ -335,7 +348,8 @@ class PartitionedRole(Role):
         self.device = role.device
         self.trainable = False
         self.grad_accum = 1
-        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=False)
+        self.config = engine_config(role.name, rc, cfg, dp_size, trainable=False,
+                                    n_params=sum(p.numel() for p in role.module.parameters()))
         self.engine, _ = _initialize(role.module, self.config, None, mpu)
         self.module = self.engine.module.eval()
 

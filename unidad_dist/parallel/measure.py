@@ -1,0 +1,175 @@
+"""Measure what the planner estimates, on real engines and real iterations (used by the plan check and
+the benchmarks): model-state bytes reachable from an engine, bytes saved for backward per role, FLOPs."""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+
+def _tensors_in(obj, out: list, seen: set, depth: int = 0) -> None:
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return
+    if isinstance(obj, nn.Module):
+        return  # modules are reached through their parameters, not through an optimizer's references
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors_in(k, out, seen, depth + 1)
+            _tensors_in(v, out, seen, depth + 1)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            _tensors_in(v, out, seen, depth + 1)
+    elif isinstance(obj, torch.optim.Optimizer):
+        _tensors_in(obj.state, out, seen, depth + 1)
+        _tensors_in(obj.param_groups, out, seen, depth + 1)
+        _tensors_in(vars(obj), out, seen, depth + 1)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("deepspeed", "torch.optim")):
+        _tensors_in(vars(obj), out, seen, depth + 1)
+
+
+def numel(p) -> int:
+    """A parameter's full element count (ZeRO-3 keeps only a partition in ``p``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@contextlib.contextmanager
+def model_states_before_step(roles: dict):
+    """Record each role's model-state bytes right before its optimizer step (gradients still held)."""
+    found: dict = {}
+    originals = {}
+    for name, role in roles.items():
+        originals[name] = role.engine.step
+
+        def step(*a, name=name, role=role, orig=originals[name], **k):
+            if role.engine.is_gradient_accumulation_boundary():
+                found[name] = max(found.get(name, 0), model_state_bytes(role))
+            return orig(*a, **k)
+        role.engine.step = step
+    try:
+        yield found
+    finally:
+        for name, role in roles.items():
+            role.engine.step = originals[name]
+
+
+def model_state_bytes(role) -> int:
+    """Bytes of the distinct storages reachable from a role's parameters (their ZeRO-3 partitions), their
+    gradients, and its optimizer (fp32 partitions, moments, flat buffers)."""
+    tensors: list = []
+    seen: set = set()
+    for p in role.module.parameters():
+        tensors.append(getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p.data)
+        if p.grad is not None:
+            tensors.append(p.grad)
+    if getattr(role, "engine", None) is not None and getattr(role.engine, "optimizer", None) is not None:
+        _tensors_in(role.engine.optimizer, tensors, seen)
+    storages = {}
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return int(sum(storages.values()))
+
+
+@contextlib.contextmanager
+def saved_bytes_by_phase(method):
+    """Bytes of the tensors autograd saves for backward per micro-batch, attributed to the role whose loss
+    is being built (student: generation + critic feedback incl. the GAN input-gradient graph + student
+    loss; fake_teacher; target_teacher). Parameters themselves are not counted. The dict is filled when
+    the context exits."""
+    totals: dict = defaultdict(int)
+    phase = {"name": None}
+    params = set()
+    for name in ("student", "fake_teacher", "source_teacher", "target_teacher"):
+        role = getattr(method.m, name)
+        if role is not None:
+            params.update(id(p) for p in role.module.parameters())
+
+    calls: dict = defaultdict(int)
+
+    def wrap(fn, name, attr):
+        def inner(*a, **k):
+            if attr in ("student_loss", "fake_loss", "target_loss"):
+                calls[name] += 1
+            prev, phase["name"] = phase["name"], name
+            try:
+                return fn(*a, **k)
+            finally:
+                phase["name"] = prev
+        return inner
+
+    originals = {}
+    for attr, name in (("generate_train", "student"), ("student_loss", "student"), ("critic_feedback", "student"),
+                       ("fake_loss", "fake_teacher"),
+                       ("target_loss", "target_teacher")):
+        originals[attr] = getattr(method, attr)
+        setattr(method, attr, wrap(originals[attr], name, attr))
+
+    def pack(t):
+        if phase["name"] is not None and id(t) not in params:
+            totals[phase["name"]] += t.numel() * t.element_size()
+        return t
+
+    per_micro: dict = {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield per_micro
+    finally:
+        per_micro.update({k: v / max(1, calls[k]) for k, v in totals.items()})
+        for attr, fn in originals.items():
+            setattr(method, attr, fn)
+
+
+def flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+def measure_run(cfg, rt) -> dict:
+    """Build the recipe on this process (1 rank), run `ratio` iterations to warm the caches, then measure
+    `ratio` more: FLOPs of everything (flop counter), bytes saved for backward per role in the first
+    (student) iteration, and each engine's model-state bytes right before its optimizer steps."""
+    from unidad_dist.methods.unidad import UniDAD
+    from unidad_dist.parallel import engines
+    from unidad_dist.train.build import build
+
+    models = build(cfg, rt)
+    method = UniDAD(cfg, models, rt)
+    engines.attach(models, cfg, rt)
+    ratio = cfg.train.fake_updates_per_student
+    for it in range(ratio):
+        method.step(it)
+    saved: dict = {}
+    with model_states_before_step(models.trainable_roles()) as states, flop_counter() as fc:
+        for it in range(ratio):
+            if it == 0:
+                with saved_bytes_by_phase(method) as totals:
+                    method.step(it)
+                saved = dict(totals)
+            else:
+                method.step(it)
+    return {"flops": float(fc.get_total_flops()), "saved": saved, "states": dict(states), "models": models}
+
+
+def compare_with_plan(cfg, rt) -> dict:
+    """estimate / measured for the three quantities of the plan, per trainable role and in total."""
+    from unidad_dist.parallel.plan import make_plan
+
+    plan = make_plan(cfg, rt.world_size)
+    got = measure_run(cfg, rt)
+    ratio = cfg.train.fake_updates_per_student
+    out = {"flops": sum(r.flops_per_iteration for r in plan.roles.values()) * ratio / got["flops"]}
+    for name in got["states"]:
+        out[f"states/{name}"] = plan.roles[name].model_state_bytes / got["states"][name]
+    for name, measured in got["saved"].items():
+        if measured > 0:
+            out[f"activations/{name}"] = plan.roles[name].activation_bytes / measured
+    return out
