@@ -1,5 +1,5 @@
-"""Two ranks on 127.0.0.1 (gloo) through `unidad-dist launch local` — the plain-torch roles all-reduce
-every trainable role's gradients, so 2 ranks x batch b equal 1 rank x batch 2b."""
+"""Two ranks on 127.0.0.1 (gloo) through `unidad-dist launch local` — every trainable role's DeepSpeed
+engine averages its gradients over the ranks, so 2 ranks x batch b equal 1 rank x batch 2b."""
 import json
 import subprocess
 import sys

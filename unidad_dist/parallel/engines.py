@@ -109,11 +109,12 @@ def recipe_fields(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
 
 
 def bucket_elements(n_params: Optional[int]) -> int:
-    """ZeRO communication buckets: DeepSpeed's default (5e8 elements, 2 GB in fp32, allocated up front
-    under ZeRO-3) capped at the engine's parameter count, so small and medium models do not pay for it."""
+    """ZeRO communication buckets: 1/16 of the engine's parameters (at least 64 Ki, at most DeepSpeed's
+    default 5e8 elements). DeepSpeed's fixed default is 2 GB in fp32 and is allocated up front (whole, on
+    every rank) under ZeRO-3, which would dominate the per-rank memory of any model below ~10 B params."""
     if n_params is None:
         return int(5e8)
-    return int(max(1024, min(5e8, n_params)) // 1024 * 1024)  # a multiple of every alignment ZeRO asks
+    return int(max(2 ** 16, min(5e8, n_params // 16)) // 1024 * 1024)  # a multiple of every alignment ZeRO asks
 
 
 def default_fields(trainable: bool, n_params: Optional[int] = None) -> dict:
