@@ -504,6 +504,9 @@ def validate(cfg: Config) -> None:
         if rc.zero_stage not in stages:
             what = "ZeRO stage 0-3" if trainable else "0 (replicated) or 3 (partitioned, frozen)"
             raise UserError(f"{role}.zero_stage={rc.zero_stage} is not a valid {what}; set one of {list(stages)}")
+        if rc.offload_optimizer and not trainable:
+            raise UserError(f"{role}.offload_optimizer applies to trainable roles only (a frozen teacher has no "
+                            f"optimizer); remove it or set {role}.mode=online")
         if rc.offload_optimizer and rc.zero_stage == 0:
             raise UserError(f"{role}.offload_optimizer needs ZeRO: set {role}.zero_stage to 1, 2 or 3")
         _positive(f"{role}.zero3_persistence_threshold", rc.zero3_persistence_threshold, allow_zero=True)

@@ -90,6 +90,8 @@ def recipe_fields(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
         "zero_optimization.stage": stage,
         "bf16.enabled": rc.precision == "bf16",
         "fp16.enabled": rc.precision == "fp16",
+        # its check is a world all-reduce (split groups save different engines); we keep our own pointer
+        "checkpoint.tag_validation": "Ignore",
     }
     if stage == 3:
         f["zero_optimization.stage3_param_persistence_threshold"] = rc.zero3_persistence_threshold
@@ -126,7 +128,6 @@ def default_fields(trainable: bool, n_params: Optional[int] = None) -> dict:
         "zero_optimization.stage3_prefetch_bucket_size": bucket,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
-        "checkpoint.tag_validation": "Ignore",  # its check is a world all-reduce; we keep our own pointer
         "zero_allow_untested_optimizer": True,
     }
     if trainable:
@@ -176,6 +177,7 @@ RECIPE_KEY = {  # which recipe key a DeepSpeed field comes from, for the error m
     "optimizer.params.weight_decay": "{role}.optimizer.weight_decay",
     "gradient_clipping": "{role}.optimizer.clip_grad_norm",
     "zero_optimization.offload_optimizer.device": "{role}.offload_optimizer",
+    "checkpoint.tag_validation": "(Ignore: the check is a world all-reduce; the run keeps its own pointer)",
 }
 
 
@@ -264,13 +266,13 @@ class EngineRole(Role):
         net = role.module.train()
         self.ema_decay = ema
         self.ema: Optional[nn.Module] = None
-        if ema > 0:  # fp32 copy of the whole network, updated after every real step
-            self.ema = copy.deepcopy(net).float().eval().requires_grad_(False)
         params = [p for p in net.parameters() if p.requires_grad]
         self.config = engine_config(role.name, rc, cfg, dp_size, trainable=True,
                                     n_params=sum(p.numel() for p in net.parameters()))
         self.engine, self.optimizer = _initialize(net, self.config, params, mpu)
         self.module = self.engine.module
+        if ema > 0:  # fp32 copy of the whole network (after the engine broadcast rank 0's weights)
+            self.ema = copy.deepcopy(self.module).float().eval().requires_grad_(False)
         self._micro = 0
         self.last_lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, 0)
 

@@ -6,10 +6,11 @@
 
       stage 0        w + w + m + 8                 (weights, grads, fp32 master when w = 2, Adam)
       stage 1, 2     w + (4 + 8 + w) / N           (fp32 partition, Adam and grads partitioned)
-      stage 3        (w + 4 + 8 + w) / N + w * B/P (everything partitioned, + the reduce bucket B)
+      stage 3        (w + 4 + 8 + w) / N, + w * B once per engine (everything partitioned; the reduce
+                     bucket of B elements is whole on every rank)
 
-  with w = 2 for bf16/fp16 weights and 4 otherwise, N the engine's data-parallel size, B the reduce
-  bucket (elements). Under ZeRO-3 a parameter smaller than ``zero3_persistence_threshold`` stays whole on
+  per trainable parameter, with w = 2 for bf16/fp16 weights and 4 otherwise, N the engine's
+  data-parallel size, B the reduce bucket (elements; parallel.engines.bucket_elements). Under ZeRO-3 a parameter smaller than ``zero3_persistence_threshold`` stays whole on
   every rank (DeepSpeed's persistence rule). Frozen weights count w (replicated) or w / N (ZeRO-3).
   ``offload_optimizer`` moves the fp32 partition and Adam moments to host memory.
 * Activations: bytes autograd saves for backward, counted with saved-tensor hooks while each kind of
@@ -29,6 +30,7 @@ import torch
 from unidad_dist.errors import UserError
 
 GIB = 1024 ** 3
+_COST_CACHE: dict = {}
 ROLE_ORDER = ("student", "fake_teacher", "source_teacher", "target_teacher")
 
 
@@ -317,10 +319,20 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None) -> Plan:
                                          ema=role == "student" and cfg.student.ema > 0)
         else:
             w = _weight_bytes(rc.precision)
-            ms, host = (n_all * w / n if stage == 3 else n_all * w), 0.0
+            small_frozen = sum(p.numel() for p in net.parameters() if p.numel() < rc.zero3_persistence_threshold)
+            ms = ((n_all - small_frozen) * w / n + small_frozen * w) if stage == 3 else n_all * w
+            host = 0.0
 
-        def cost(grad, disc=False, batch=b):
-            return pass_cost(net, rspec, batch, text, grad, disc, dtype)
+        lora = getattr(rc, "lora", None)
+        arch = (str(rspec.unet_dir), role == "fake_teacher", trainable, lora.rank if lora else 0,
+                tuple(lora.target_modules) if lora else (), getattr(rc, "activation_checkpointing", False), str(dtype),
+                repr(text))
+
+        def cost(grad, disc=False, batch=b, net=net, rspec=rspec, arch=arch, dtype=dtype):
+            key = arch + (grad, disc, batch)  # roles and plans with the same network share the meta passes
+            if key not in _COST_CACHE:
+                _COST_CACHE[key] = pass_cost(net, rspec, batch, text, grad, disc, dtype)
+            return _COST_CACHE[key]
 
         flops = 0.0
         act = 0.0
@@ -366,8 +378,9 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None) -> Plan:
             notes.append("activation checkpointing on (activations as measured with it on the meta device)")
         roles[role] = RolePlan(role, ranks, n_all, n_train, rc.precision, stage, ms, host, act, flops, notes)
     if "fake_teacher" in roles and "student" in roles:
-        # the GAN generator term's graph lives in the student's step (where the fake teacher lives)
-        roles["student"].activation_bytes += roles_extra
+        # the GAN generator term's graph is built during the student's step, on the fake teacher's ranks
+        holder = "fake_teacher" if cfg.placement.mode == "split" else "student"
+        roles[holder].activation_bytes += roles_extra
     helpers = _helpers_bytes(spec)
     per_rank = {}
     for r in range(world_size):

@@ -111,9 +111,14 @@ def check_runtime(cfg: Config, rt: Runtime) -> None:
     check_engine_configs(cfg, groups)  # reads every user DeepSpeed JSON; contradictions fail here
 
 
-def build(cfg: Config, rt: Runtime, roles: Optional[set] = None) -> Models:
-    """Data, schedule and the roles this rank holds (``roles``; default all: colocated placement)."""
-    check_runtime(cfg, rt)
+def build(cfg: Config, rt: Runtime, roles: Optional[set] = None, checks: bool = True) -> Models:
+    """Data, schedule and the roles this rank holds (``roles``; default all: colocated placement).
+
+    Networks that will get an engine (trainable roles, ZeRO-3 frozen teachers) stay in host memory until
+    ``parallel.engines.attach`` moves them, one at a time, to the device (so the build peak is one network,
+    not all of them). ``checks=False`` (sample/export) skips the engine and machine checks."""
+    if checks:
+        check_runtime(cfg, rt)
     roles = {"student", "fake_teacher", "source_teacher", "target_teacher"} if roles is None else set(roles)
     spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
     if spec.scheduler_config is None:
@@ -145,13 +150,14 @@ def build(cfg: Config, rt: Runtime, roles: Optional[set] = None) -> Models:
     source = None
     if cfg.source_teacher.enabled and "source_teacher" in roles:
         source = Role("source_teacher", RoleNet(copy.deepcopy(src_unet)), cfg.source_teacher.precision, rt.device,
-                      trainable=False)
+                      trainable=False, staged=cfg.source_teacher.zero_stage == 3)
 
     student = fake = target = None
     if "student" in roles:
         student_unet, _ = _role_unet(cfg.student, "student", spec, src_unet)
         student = Role("student", RoleNet(_prepare_trainable(student_unet, cfg.student, "student", cfg.run.seed)),
-                       cfg.student.precision, rt.device, trainable=True, grad_accum=cfg.student.grad_accum)
+                       cfg.student.precision, rt.device, trainable=True, grad_accum=cfg.student.grad_accum,
+                       staged=True)
 
     if "fake_teacher" in roles:
         fake_unet, fspec = _role_unet(cfg.fake_teacher, "fake_teacher", spec, src_unet)
@@ -159,7 +165,8 @@ def build(cfg: Config, rt: Runtime, roles: Optional[set] = None) -> Models:
             torch.manual_seed(key_seed(cfg.run.seed, "gan_heads_init"))
             heads = GanHeads.for_backbone(fspec.unet_config)
         fake = Role("fake_teacher", RoleNet(_prepare_trainable(fake_unet, cfg.fake_teacher, "fake_teacher", cfg.run.seed), heads),
-                    cfg.fake_teacher.precision, rt.device, trainable=True, grad_accum=cfg.fake_teacher.grad_accum)
+                    cfg.fake_teacher.precision, rt.device, trainable=True, grad_accum=cfg.fake_teacher.grad_accum,
+                    staged=True)
 
     tc = cfg.target_teacher
     if tc.mode != "off" and "target_teacher" in roles:
@@ -168,7 +175,7 @@ def build(cfg: Config, rt: Runtime, roles: Optional[set] = None) -> Models:
         if online:
             t_unet = _prepare_trainable(t_unet, tc, "target_teacher", cfg.run.seed)
         target = Role("target_teacher", RoleNet(t_unet), tc.precision, rt.device, trainable=online,
-                      grad_accum=tc.grad_accum)
+                      grad_accum=tc.grad_accum, staged=online or tc.zero_stage == 3)
     del src_unet
     sample_shape = (spec.in_channels, spec.sample_size, spec.sample_size)
     return Models(spec=spec, schedule=schedule, sample_shape=sample_shape, student=student, fake_teacher=fake,

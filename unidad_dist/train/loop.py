@@ -75,6 +75,13 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             changed = check_resume_compatible(yaml.safe_load(saved_cfg.read_text()), cfg)
             if changed and rt.is_main:
                 print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
+    if resume_from is not None:
+        saved_world = json.loads((resume_from / "state.json").read_text()).get("world_size", rt.world_size)
+        if saved_world != rt.world_size:
+            raise UserError(
+                f"{resume_from} was written by {saved_world} ranks but this run has {rt.world_size}; resume with "
+                f"--nproc {saved_world} (resuming at another world size is not available in this version)"
+            )
     phases: dict = {}
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
@@ -93,8 +100,11 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     _barrier(rt)
     before_file = rdir / "eval_before.json"
     ws: dict = {}
-    if resume_from is None and samples_here:
+    if resume_from is None and samples_here and cfg.student.warm_start > 0:
         t0 = time.time()
+        for role in (models.student, models.source_teacher):  # staged on the host until their engines
+            if role is not None:
+                role.module.to(rt.device)
         ws = method.warm_start(progress=cfg.logging.progress)  # on the plain student, before its engine
         phases["warm_start_s"] = time.time() - t0
     t0 = time.time()
@@ -191,7 +201,8 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True):
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     cfg = replace(cfg, placement=PlacementConfig())  # one process holds the student
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
-    models = build(cfg, rt, roles={"student", "source_teacher"})
+    models = build(cfg, rt, roles={"student"}, checks=False)
+    models.student.module.to(rt.device)
     models.student.module.load_state_dict(checkpoint.load_student_weights(ckpt, prefer_ema=use_ema, role_net=True))
     models.student.module.eval()
     return cfg, models, UniDAD(cfg, models, rt), ckpt

@@ -40,7 +40,7 @@ class Role:
     engine = None
 
     def __init__(self, name: str, net: RoleNet, precision: str, device: torch.device, trainable: bool,
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, staged: bool = False):
         self.name = name
         self.precision = precision
         self.device = device
@@ -48,7 +48,8 @@ class Role:
         self.grad_accum = grad_accum
         if precision in ("bf16", "fp16") and not trainable:  # a trainable role's engine casts it (fp32 master)
             net = net.to(torch.bfloat16 if precision == "bf16" else torch.float16)
-        net = net.to(device)
+        # ``staged``: kept in host memory until its engine moves it to ``device`` (the compute device)
+        net = net.to(dev.CPU if staged else device)
         if not trainable:
             net = net.eval().requires_grad_(False)
         self.module = net
