@@ -236,3 +236,32 @@ def test_default_split_on_two_ranks(make_cfg):
 
     g = resolve_groups(make_cfg(**{"placement.mode": "split"}), 2)
     assert g == {"student": [0], "fake_teacher": [1], "source_teacher": [0], "target_teacher": [1]}
+
+
+def test_lora_offload_and_activation_checkpointing_train(make_cfg, rt):
+    """A LoRA student on a ZeRO-2 engine with optimizer offload, and a fake teacher with activation
+    checkpointing on ZeRO-1: only adapter weights (and the fake teacher's weights) change."""
+    from unidad_dist.methods.unidad import UniDAD
+    from unidad_dist.parallel import engines
+    from unidad_dist.train.build import build
+
+    cfg = make_cfg(**{"student.lora.rank": 4, "student.lora.target_modules": ["conv1", "conv2"],
+                      "student.zero_stage": 2, "student.offload_optimizer": True,
+                      "fake_teacher.activation_checkpointing": True, "fake_teacher.zero_stage": 1,
+                      "gan_heads.lambda_g": 0.5})
+    models = build(cfg, rt)
+    engines.attach(models, cfg, rt)
+    method = UniDAD(cfg, models, rt)
+    assert models.student.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert models.fake_teacher.unet.is_gradient_checkpointing
+    names = {n for n, p in models.student.module.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n for n in names)
+    before = {n: p.detach().clone() for n, p in models.student.module.named_parameters()}
+    fake_before = {n: p.detach().clone() for n, p in models.fake_teacher.module.named_parameters()}
+    for it in range(2):
+        method.step(it)
+    after = dict(models.student.module.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in names), "the adapter did not train"
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in names), "a frozen base weight changed"
+    fake_after = dict(models.fake_teacher.module.named_parameters())
+    assert any(not torch.equal(fake_before[n], fake_after[n]) for n in fake_before)
