@@ -9,6 +9,7 @@ target steps see detached student samples. No ``requires_grad`` is toggled.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,6 +34,31 @@ def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Opt
             m = mask.to(a[k].device).view((-1,) + (1,) * (a[k].ndim - 1))
             out[k] = torch.where(m, a[k], b[k])
     return out
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """Which roles step in an iteration and over how many micro-batches: a function of (config, seed,
+    iteration) only, so every rank agrees (and `plan` counts the same passes the step makes)."""
+    train_g: bool
+    train_t: bool
+    ga_g: int  # student micro-batches with gradient (0: the student does not step)
+    ga_f: int
+    ga_t: int
+    n_micro: int
+    k_grad: Optional[int]  # backward simulation: the student step that carries the gradient
+
+
+def iteration_plan(cfg, iteration: int) -> IterationPlan:
+    train_g = iteration % cfg.train.fake_updates_per_student == 0
+    train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
+    ga_g = cfg.student.grad_accum if train_g else 0
+    ga_f = cfg.fake_teacher.grad_accum
+    ga_t = cfg.target_teacher.grad_accum if train_t else 0
+    k_grad = None
+    if cfg.student.unroll == "backward_simulation":
+        k_grad = shared_randint(cfg.run.seed, iteration, "backward_simulation_k", 0, cfg.student.steps)
+    return IterationPlan(train_g, train_t, ga_g, ga_f, ga_t, max(ga_g, ga_f, ga_t), k_grad)
 
 
 class UniDAD:
@@ -230,15 +256,9 @@ class UniDAD:
         the student samples one way and the critic's feedback the other (placement.py)."""
         cfg, m, pl = self.cfg, self.m, self.placement
         gen, crit = pl.holds("student"), pl.holds("fake_teacher")
-        train_g = iteration % cfg.train.fake_updates_per_student == 0
-        train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
-        ga_g = cfg.student.grad_accum if train_g else 0
-        ga_f = cfg.fake_teacher.grad_accum
-        ga_t = cfg.target_teacher.grad_accum if train_t else 0
-        n_micro = max(ga_g, ga_f, ga_t)
-        k_grad = None
-        if cfg.student.unroll == "backward_simulation":
-            k_grad = shared_randint(self.seed, iteration, "backward_simulation_k", 0, len(self.timesteps))
+        ip = iteration_plan(cfg, iteration)
+        train_g, train_t, ga_g, ga_f, ga_t = ip.train_g, ip.train_t, ip.ga_g, ip.ga_f, ip.ga_t
+        n_micro, k_grad = ip.n_micro, ip.k_grad
         shape = self.sample_shape(cfg.train.batch_size)
         logs: dict = defaultdict(float)
         for micro in range(n_micro):

@@ -233,17 +233,13 @@ def _helpers_bytes(spec) -> float:
 
 def pass_schedule(cfg, iteration: int) -> dict:
     """How many passes of each kind one rank makes in one iteration (per micro-batch counts x micros)."""
-    from unidad_dist.methods.draws import shared_randint
+    from unidad_dist.methods.unidad import iteration_plan
 
     K = cfg.student.steps
-    train_g = iteration % cfg.train.fake_updates_per_student == 0
-    train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
-    ga_g = cfg.student.grad_accum if train_g else 0
-    ga_f = cfg.fake_teacher.grad_accum
-    ga_t = cfg.target_teacher.grad_accum if train_t else 0
-    n_micro = max(ga_g, ga_f, ga_t)
-    bs = cfg.student.unroll == "backward_simulation"
-    k = shared_randint(cfg.run.seed, iteration, "backward_simulation_k", 0, K) if bs else K - 1
+    ip = iteration_plan(cfg, iteration)  # the same schedule the step follows
+    ga_g, ga_f, ga_t, n_micro = ip.ga_g, ip.ga_f, ip.ga_t, ip.n_micro
+    bs = ip.k_grad is not None
+    k = ip.k_grad if bs else K - 1
     a = float(cfg.algorithm.a)
     gan_g = cfg.gan_heads.enabled and cfg.gan_heads.lambda_g > 0
     gan_d = cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0
