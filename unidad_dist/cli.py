@@ -1,4 +1,4 @@
-"""``unidad-dist`` command line: train, demo, config, sample, export."""
+"""``unidad-dist`` command line: train, demo, config, sample, launch, plan, make-shards, export."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB: say whether it fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_overrides(p)
+    p = sub.add_parser("make-shards", help="write WebDataset shards (+ manifest) from images or a prompt list")
+    p.add_argument("--out", required=True, help="new folder for the shards and manifest.json")
+    p.add_argument("--images", default=None, help="folder of target images (the target stream)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (the source stream)")
+    p.add_argument("--config", default=None, help="recipe: resolution, prompt template and frozen encoders")
+    p.add_argument("--precompute", action="store_true",
+                   help="store VAE latents (image + flip) and text embeddings (prompt + rare-token-stripped)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the recipe's)")
+    p.add_argument("--per-shard", type=int, default=500, help="samples per tar shard")
+    p.add_argument("--prompt", default=None, help="prompt template for images without a caption file")
+    p.add_argument("--rare", default=None, help="rare token for {rare}")
+    p.add_argument("--cls", default=None, help="class noun for {cls}")
     _add_overrides(p)
     p = sub.add_parser("export", help="export the student as a diffusers model folder (safetensors)")
     p.add_argument("--run", required=True)
@@ -184,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "make-shards":
+            from unidad_dist.data.make_shards import make_shards
+
+            m = make_shards(args.out, images=args.images, prompts=args.prompts, config=args.config,
+                            overrides=tuple(args.overrides), precompute=args.precompute, resolution=args.resolution,
+                            per_shard=args.per_shard, prompt=args.prompt, rare=args.rare, cls=args.cls)
+            print(f"wrote {m['num_samples']} {m['kind']} samples in {len(m['shards'])} shards to {args.out}"
+                  + (" (precomputed latents/embeddings)" if m["precomputed"] else ""))
+            return 0
         if args.cmd == "plan":
             return cmd_plan(args)
         if args.cmd == "launch":

@@ -150,7 +150,8 @@ class AlgorithmConfig:
 
 @dataclass
 class TargetDataConfig:
-    path: Optional[str] = None  # folder of target images, or builtin:<name>
+    path: Optional[str] = None  # folder of target images, a make-shards folder (manifest.json), or builtin:<name>
+    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
     resolution: Optional[int] = None  # default: the backbone's sample size (x VAE factor)
     prompt: str = "a {rare} {cls}"
     rare_token: str = "sks"
@@ -162,12 +163,18 @@ class TargetDataConfig:
 class SourceDataConfig:
     prompts: list[str] = field(default_factory=lambda: ["a {rare} {cls}"])
     prompt_file: Optional[str] = None
+    path: Optional[str] = None  # a make-shards prompt folder (manifest.json); replaces prompts / prompt_file
+    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
 
 
 @dataclass
 class DataConfig:
     target: TargetDataConfig = field(default_factory=TargetDataConfig)
     source: SourceDataConfig = field(default_factory=SourceDataConfig)
+    workers: int = 0  # DataLoader worker processes per rank for a split (large) shard stream
+    # A shard stream with fewer samples than this, or fewer shards than readers (ranks x workers), is held
+    # whole in memory and sampled by per-sample draws (independent of the world size); a larger one is split.
+    split_min_samples: int = 10000
 
 
 @dataclass
@@ -557,6 +564,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.target.resolution is not None:
         _positive("data.target.resolution", cfg.data.target.resolution)
+    _positive("data.workers", cfg.data.workers, allow_zero=True)
+    _positive("data.split_min_samples", cfg.data.split_min_samples, allow_zero=True)
+    if cfg.data.source.path is not None and cfg.data.source.prompt_file is not None:
+        raise UserError("data.source.path (prompt shards) and data.source.prompt_file are both set; keep one")
 
 
 def run_dir(cfg: Config) -> Path:

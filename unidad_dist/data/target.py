@@ -1,9 +1,16 @@
-"""The few-shot target set and the source prompts, with deterministic per-sample draws.
+"""The target stream (few-shot images) and the source stream (prompts), with deterministic draws.
 
-Target images are center-cropped and resized (bicubic) to the training resolution once at start (the
-set is tiny); an optional ``<image>.txt`` beside an image is its caption, otherwise the prompt template
-``a {rare} {cls}`` is used. Which shot, and whether it is flipped, is a per-sample draw keyed by
-(seed, iteration, global sample index) — so the batch split over ranks does not change what is seen.
+The target is a folder of images or a ``make-shards`` folder; the source is the recipe's prompt list, a
+prompt file, or a ``make-shards`` prompt folder. Folder images are center-cropped and resized (bicubic) to
+the training resolution once at start; an optional ``<image>.txt`` beside an image is its caption,
+otherwise the prompt template ``a {rare} {cls}`` is used.
+
+A small stream (an image folder, the prompt list, shards fewer than the readers or holding fewer than
+``data.split_min_samples`` samples) is held whole in memory: which sample, and whether it is flipped, is a per-sample draw keyed by (seed, iteration, global
+sample index), so the batch split over ranks does not change what is seen. A large shard stream is split
+over ranks and DataLoader workers (``data/stream.py``) and read in its pure-function order; its position
+is part of every checkpoint. Precomputed latents and text embeddings (``make-shards --precompute``) are
+used as they are, so training calls neither the VAE nor the text encoders for them.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import torch
 
 from unidad_dist.errors import UserError
 from unidad_dist.methods.draws import SampleDraws
-from unidad_dist.models.conditioning import fill_prompt, strip_rare_token
+from unidad_dist.models.conditioning import cat_cond, fill_prompt, strip_rare_token
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -63,6 +70,20 @@ def load_target_folder(path: str, resolution: int) -> tuple[torch.Tensor, list[O
     return images, captions, files
 
 
+def fingerprint(spec) -> str:
+    """Identifies the frozen encoders (VAE, text encoders) of a backbone by their config files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        d = spec.component(name) if spec.root is not None else None
+        if d is not None and (d / "config.json").is_file():
+            h.update(name.encode() + (d / "config.json").read_bytes())
+            for w in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+                h.update(f"{w.name}:{w.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Batch:
     """One rank's micro-batch of conditions and target shots (model space: pixels or latents)."""
@@ -76,29 +97,133 @@ class Batch:
     prompts_src: list[str]
 
 
-class DataSource:
-    """Source prompts + target shots; produces ``Batch``es from per-sample draws."""
+def _check_precomputed(shards, spec, key: str) -> None:
+    m = shards.manifest
+    if not m.get("precomputed"):
+        return
+    if m.get("encoders") != fingerprint(spec):
+        raise UserError(
+            f"{key}: these shards were precomputed with other frozen encoders ({m.get('backbone')}) than the "
+            f"recipe's source_teacher.backbone ({spec.given}); rerun make-shards --precompute with this recipe"
+        )
 
-    def __init__(self, cfg, images: torch.Tensor, captions: list[Optional[str]], model_space: torch.Tensor,
-                 model_space_flipped: torch.Tensor, conditioner=None):
+
+def _split(shards, readers: int, cfg) -> bool:
+    return shards.num_shards >= readers and shards.manifest["num_samples"] >= cfg.data.split_min_samples
+
+
+class DataSource:
+    """Source prompts + target shots; produces ``Batch``es from per-sample draws or from split streams.
+
+    ``images`` are the target shots in pixels (metrics, grids); for a split target stream they are the
+    readable samples of its first shard (up to 64), the evaluation reference."""
+
+    def __init__(self, cfg, spec, resolution: int, codec=None, conditioner=None, dp: tuple[int, int] = (0, 1)):
+        from unidad_dist.data.shards import is_shard_folder, open_shards
+        from unidad_dist.data.stream import SplitStream, load_whole
+        from unidad_dist.builtin import resolve_path
+
         t = cfg.data.target
+        self.cfg = cfg
         self.rare = t.rare_token
         self.hflip = t.hflip
-        self.images = images
-        self.model_space = model_space
-        self.model_space_flipped = model_space_flipped
-        self.real_prompts = [c or fill_prompt(t.prompt, t.rare_token, t.class_name) for c in captions]
-        prompts = list(cfg.data.source.prompts)
-        if cfg.data.source.prompt_file:
-            pf = Path(cfg.data.source.prompt_file).expanduser()
-            if not pf.is_file():
-                raise UserError(f"data.source.prompt_file '{pf}' not found; give a text file with one prompt per line")
-            prompts = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
-            if not prompts:
-                raise UserError(f"data.source.prompt_file '{pf}' holds no prompt; write one prompt per line")
-        self.prompts = [fill_prompt(p, t.rare_token, t.class_name) for p in prompts]
+        self.codec = codec
         self.conditioner = conditioner
         self._cache: dict[str, dict] = {}
+        self.streams: dict[str, SplitStream] = {}
+        readers = dp[1] * max(cfg.data.workers, 1)
+        seed, B = cfg.run.seed, cfg.train.batch_size
+        default_prompt = fill_prompt(t.prompt, t.rare_token, t.class_name)
+
+        # -- target ----------------------------------------------------------------------------
+        tpath = resolve_path(t.path)
+        if tpath.exists() and is_shard_folder(tpath):
+            shards = open_shards(t.path, t.shards, "images", "data.target.path")
+            _check_precomputed(shards, spec, "data.target.path")
+            if shards.manifest.get("resolution") != resolution:
+                raise UserError(
+                    f"data.target.path '{t.path}' holds {shards.manifest.get('resolution')}px images but the backbone "
+                    f"trains at {resolution}px; rerun make-shards with --resolution {resolution} (or --config)"
+                )
+            if _split(shards, readers, cfg):
+                self.streams["target"] = SplitStream(shards, seed, "target", dp[0], dp[1], cfg.data.workers, B)
+                samples = []
+                for i in range(shards.num_shards):  # the evaluation reference: the first readable shard
+                    from unidad_dist.data.shards import decode_sample
+
+                    samples = [decode_sample(s) for s in shards.read_shard(i)][:64]
+                    if samples:
+                        break
+                if not samples:
+                    raise UserError(f"data.target.path '{t.path}': no readable shard; rerun make-shards")
+            else:
+                samples = load_whole(shards, "target")
+            images = torch.stack([s["image"] for s in samples])
+            captions = [s.get("prompt") for s in samples]
+            if all("latents" in s for s in samples):
+                model_space = torch.stack([s["latents"]["latent"] for s in samples])
+                model_flipped = torch.stack([s["latents"]["latent_flip"] for s in samples])
+            else:
+                model_space = model_flipped = None
+            for s in samples:
+                if "emb" in s and s.get("prompt") is not None:
+                    self._cache[s["prompt"]] = s["emb"]["cond"]
+        else:
+            images, captions, _ = load_target_folder(t.path, resolution)
+            model_space = model_flipped = None
+        if model_space is None:
+            model_space, model_flipped = self._to_model_space(images), self._to_model_space(images.flip(-1))
+        self.images = images
+        self.model_space = model_space
+        self.model_space_flipped = model_flipped
+        self.real_prompts = [c or default_prompt for c in captions]
+
+        # -- source ----------------------------------------------------------------------------
+        src = cfg.data.source
+        if src.path is not None:
+            if conditioner is None:
+                raise UserError(f"data.source.path is set but '{spec.given}' is unconditional (no text encoder); "
+                                "remove data.source.path")
+            shards = open_shards(src.path, src.shards, "prompts", "data.source.path")
+            _check_precomputed(shards, spec, "data.source.path")
+            if _split(shards, readers, cfg):
+                self.streams["source"] = SplitStream(shards, seed, "source", dp[0], dp[1], cfg.data.workers, B)
+                samples = []
+                for i in range(shards.num_shards):  # prompts for sampling and warm start: the first shard
+                    from unidad_dist.data.shards import decode_sample
+
+                    samples = [decode_sample(s) for s in shards.read_shard(i)][:64]
+                    if samples:
+                        break
+                if not samples:
+                    raise UserError(f"data.source.path '{src.path}': no readable shard; rerun make-shards")
+            else:
+                samples = load_whole(shards, "source")
+            prompts = [s["prompt"] for s in samples]
+            for s in samples:
+                if "emb" in s:
+                    self._cache[s["prompt"]] = s["emb"]["cond"]
+                    self._cache[strip_rare_token(s["prompt"], self.rare)] = s["emb"]["cond_src"]
+            uncond = shards.extra("uncond")
+            if uncond is not None:
+                self._cache[""] = uncond["cond"]
+        else:
+            prompts = list(src.prompts)
+            if src.prompt_file:
+                pf = Path(src.prompt_file).expanduser()
+                if not pf.is_file():
+                    raise UserError(f"data.source.prompt_file '{pf}' not found; give a text file with one prompt per line")
+                prompts = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+                if not prompts:
+                    raise UserError(f"data.source.prompt_file '{pf}' holds no prompt; write one prompt per line")
+            prompts = [fill_prompt(p, t.rare_token, t.class_name) for p in prompts]
+        self.prompts = prompts
+
+    def _to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        if self.codec is None:
+            return images
+        dev = self.codec.vae.device
+        return torch.cat([self.codec.encode(images[i:i + 8].to(dev)).cpu() for i in range(0, len(images), 8)])
 
     @property
     def num_shots(self) -> int:
@@ -113,20 +238,76 @@ class DataSource:
             for i, p in enumerate(missing):
                 self._cache[p] = {k: ({kk: vv[i:i + 1] for kk, vv in v.items()} if isinstance(v, dict) else v[i:i + 1])
                                   for k, v in enc.items()}
-        from unidad_dist.models.conditioning import cat_cond
+        return cat_cond([_to(self._cache[p], self.conditioner.device) for p in prompts])
 
-        return cat_cond([self._cache[p] for p in prompts])
+    # -- streams' state (saved per rank with each checkpoint) ---------------------------------------
+    def state(self) -> dict:
+        return {name: s.state() for name, s in self.streams.items()}
+
+    def restore(self, state: Optional[dict]) -> None:
+        from unidad_dist.data.stream import SplitStream
+
+        for name, s in list(self.streams.items()):
+            st = (state or {}).get(name)
+            if st is None:
+                continue
+            self.streams[name] = SplitStream(s.shards, s.seed, name, s.dp_rank, s.dp_size, s.workers, s.batch,
+                                             state=st)
+
+    def samples_seen(self) -> dict:
+        return {name: s.samples_seen() for name, s in self.streams.items()}
+
+    def logs(self) -> dict:
+        return {f"data/{name}/skipped_shards": float(len(s.errors)) for name, s in self.streams.items()}
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
 
     def batch(self, d: SampleDraws) -> Batch:
+        """One micro-batch. Split streams are read only by training iterations (``d.iteration >= 0``);
+        warm start, sampling and grids (iteration -1) draw from the in-memory prompts and shots."""
         B = len(d.indices)
-        pidx = d.randint(0, len(self.prompts), "source", "prompt").cpu().tolist()
-        prompts = [self.prompts[i] for i in pidx]
+        training = d.iteration >= 0
+        src = self.streams.get("source") if training else None
+        if src is not None:
+            got = src.next_batch()
+            prompts = [s["prompt"] for s in got]
+            for s in got:
+                if "emb" in s:  # precomputed: no text encoder call
+                    self._cache[s["prompt"]] = s["emb"]["cond"]
+                    self._cache[strip_rare_token(s["prompt"], self.rare)] = s["emb"]["cond_src"]
+        else:
+            pidx = d.randint(0, len(self.prompts), "source", "prompt").cpu().tolist()
+            prompts = [self.prompts[i] for i in pidx]
         prompts_src = [strip_rare_token(p, self.rare) for p in prompts]
-        shot = d.randint(0, self.num_shots, "target", "shot").cpu()
         flip = (d.rand("target", "flip") < 0.5).cpu() if self.hflip else torch.zeros(B, dtype=torch.bool)
-        real = torch.where(flip[:, None, None, None], self.model_space_flipped[shot], self.model_space[shot])
-        real_prompts = [self.real_prompts[i] for i in shot.tolist()]
-        return Batch(
+        tgt = self.streams.get("target") if training else None
+        if tgt is not None:
+            got = tgt.next_batch()
+            real_prompts = [s.get("prompt") or self.real_prompts[0] for s in got]
+            if all("latents" in s for s in got):
+                real = torch.stack([s["latents"]["latent_flip" if f else "latent"] for s, f in zip(got, flip.tolist())])
+            else:
+                pix = torch.stack([s["image"].flip(-1) if f else s["image"] for s, f in zip(got, flip.tolist())])
+                real = self._to_model_space(pix)
+            for s in got:
+                if "emb" in s and s.get("prompt") is not None:
+                    self._cache[s["prompt"]] = s["emb"]["cond"]
+        else:
+            shot = d.randint(0, self.num_shots, "target", "shot").cpu()
+            real = torch.where(flip[:, None, None, None], self.model_space_flipped[shot], self.model_space[shot])
+            real_prompts = [self.real_prompts[i] for i in shot.tolist()]
+        batch = Batch(
             cond=self.encode(prompts), cond_src=self.encode(prompts_src), uncond=self.encode([""] * B),
             real=real.to(d.device), real_cond=self.encode(real_prompts), prompts=prompts, prompts_src=prompts_src,
         )
+        if tgt is not None or src is not None:  # a stream's samples are used once: keep the cache small
+            keep = set(self.prompts) | {strip_rare_token(p, self.rare) for p in self.prompts} | set(self.real_prompts) | {""}
+            for k in [k for k in self._cache if k not in keep]:
+                del self._cache[k]
+        return batch
+
+
+def _to(cond: dict, device) -> dict:
+    return {k: (_to(v, device) if isinstance(v, dict) else v.to(device)) for k, v in cond.items()}

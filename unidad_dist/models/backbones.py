@@ -61,6 +61,18 @@ class BackboneSpec:
         s = self.unet_config.get("sample_size", 32)
         return int(s[0] if isinstance(s, (list, tuple)) else s)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along a side: 2^(VAE blocks - 1); 1 for a pixel backbone."""
+        vae = self.component("vae")
+        if self.kind == "pixel" or vae is None or not (vae / "config.json").is_file():
+            return 1
+        return 2 ** (len(_read_json(vae / "config.json", "VAE config").get("block_out_channels", [0])) - 1)
+
+    @property
+    def pixel_resolution(self) -> int:
+        return self.sample_size * self.vae_factor
+
     def component(self, name: str) -> Optional[Path]:
         if self.root is None:
             return None

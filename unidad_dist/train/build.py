@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from unidad_dist.config import Config
-from unidad_dist.data.target import DataSource, load_target_folder
+from unidad_dist.data.target import DataSource
 from unidad_dist.device import Runtime
 from unidad_dist.errors import UserError
 from unidad_dist.methods.draws import key_seed
@@ -111,12 +111,14 @@ def check_runtime(cfg: Config, rt: Runtime) -> None:
     check_engine_configs(cfg, groups)  # reads every user DeepSpeed JSON; contradictions fail here
 
 
-def build(cfg: Config, rt: Runtime, roles: Optional[set] = None, checks: bool = True) -> Models:
+def build(cfg: Config, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
+          dp: Optional[tuple[int, int]] = None) -> Models:
     """Data, schedule and the roles this rank holds (``roles``; default all: colocated placement).
 
     Networks that will get an engine (trainable roles, ZeRO-3 frozen teachers) stay in host memory until
     ``parallel.engines.attach`` moves them, one at a time, to the device (so the build peak is one network,
-    not all of them). ``checks=False`` (sample/export) skips the engine and machine checks."""
+    not all of them). ``checks=False`` (sample/export) skips the engine and machine checks. ``dp`` is this
+    rank's (data-parallel rank, size) for the split data streams (default: (rank, world size))."""
     if checks:
         check_runtime(cfg, rt)
     roles = {"student", "fake_teacher", "source_teacher", "target_teacher"} if roles is None else set(roles)
@@ -129,22 +131,14 @@ def build(cfg: Config, rt: Runtime, roles: Optional[set] = None, checks: bool = 
     schedule = NoiseSchedule.from_scheduler_config(spec.scheduler_config)
     # Data first: it is cheap and the most common source of bad input.
     codec = LatentCodec(spec, rt.device) if spec.kind != "pixel" else None
-    factor = 2 ** (len(codec.vae.config.block_out_channels) - 1) if codec is not None else 1
-    resolution = cfg.data.target.resolution or spec.sample_size * factor
-    if resolution != spec.sample_size * factor:
+    resolution = cfg.data.target.resolution or spec.pixel_resolution
+    if resolution != spec.pixel_resolution:
         raise UserError(
-            f"data.target.resolution={resolution} does not match the backbone ({spec.sample_size * factor}px); "
+            f"data.target.resolution={resolution} does not match the backbone ({spec.pixel_resolution}px); "
             "leave it unset or set the backbone's resolution"
         )
-    images, captions, _ = load_target_folder(cfg.data.target.path, resolution)
-    flipped = images.flip(-1)
-    if codec is not None:
-        model_space = torch.cat([codec.encode(images[i:i + 8].to(rt.device)).cpu() for i in range(0, len(images), 8)])
-        model_flipped = torch.cat([codec.encode(flipped[i:i + 8].to(rt.device)).cpu() for i in range(0, len(images), 8)])
-    else:
-        model_space, model_flipped = images, flipped
     conditioner = TextConditioner(spec, rt.device) if spec.text_conditioned else None
-    data = DataSource(cfg, images, captions, model_space, model_flipped, conditioner)
+    data = DataSource(cfg, spec, resolution, codec, conditioner, dp=dp or (rt.rank, rt.world_size))
 
     src_unet = load_unet(spec, cfg.source_teacher.init, cfg.source_teacher.strict, "source_teacher")
     source = None

@@ -7,7 +7,8 @@ Layout of ``<run>/checkpoints/``::
                              (written by every rank under an explicit tag; loaded with weights_only=True)
       <role>.safetensors     the role's whole (gathered) weights, + the EMA when enabled
       rng_rank<r>.pt         per-rank RNG states
-      state.json             iteration, method, world size
+      data_rank<r>.json      per-rank positions of the split data streams (data/stream.py)
+      state.json             iteration, method, world size, global sample counts of the streams
       manifest.json          sha256 of every file above (written last inside the folder)
     latest                   name of the newest complete checkpoint (written after the rename)
 
@@ -62,7 +63,8 @@ def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int, placement=None) -> Path:
+def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int, placement=None,
+         data_state: Optional[dict] = None, samples_seen: Optional[dict] = None) -> Path:
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -86,7 +88,8 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
             save_file(sd, str(tmp / f"{name}.safetensors"))
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
-            {"iteration": iteration, "method": method_name, "world_size": rt.world_size}, indent=2))
+            {"iteration": iteration, "method": method_name, "world_size": rt.world_size,
+             "samples_seen": samples_seen or {}}, indent=2))
     _barrier(rt)
     # Each rank's RNG (python random / numpy state hold no tensors that weights_only rejects).
     st = rng_state()
@@ -94,6 +97,7 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     st["numpy"] = [st["numpy"][0], torch.from_numpy(np.asarray(st["numpy"][1]).astype(np.int64)),
                    int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
     torch.save(st, tmp / f"rng_rank{rt.rank}.pt")
+    (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
     _barrier(rt)
     if rt.is_main:
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -144,6 +148,11 @@ def latest_complete(run_dir: Path) -> Optional[Path]:
             return c
         warnings.warn(f"checkpoint {c} is incomplete or corrupt (checksum mismatch); falling back to an older one")
     return None
+
+
+def load_data_state(ckpt: Path, rank: int) -> Optional[dict]:
+    f = ckpt / f"data_rank{rank}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def load(ckpt: Path, models, rt) -> int:

@@ -86,7 +86,8 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
     # every input problem surfaces here, before anything is written; each rank builds the roles it holds
-    models = build(cfg, rt, roles={r for r in ROLES if placement.holds(r)})
+    models = build(cfg, rt, roles={r for r in ROLES if placement.holds(r)},
+                   dp=(placement.dp_rank, placement.dp_size))
     phases["build_s"] = time.time() - t0
     for name, secs in builtin.BUILD_SECONDS.items():
         phases[f"builtin_{name}_s"] = secs
@@ -99,6 +100,11 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
         tmp.replace(rdir / "config.yaml")
     _barrier(rt)
     before_file = rdir / "eval_before.json"
+
+    def _save(iteration: int) -> None:
+        checkpoint.save(rdir, models, iteration, rt, method.name, cfg.checkpoint.keep, placement,
+                        data_state=models.data.state(), samples_seen=models.data.samples_seen())
+
     ws: dict = {}
     if resume_from is None and samples_here and cfg.student.warm_start > 0:
         t0 = time.time()
@@ -112,6 +118,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     phases["engines_s"] = time.time() - t0
     if resume_from is not None:
         start = checkpoint.load(resume_from, models, rt)
+        models.data.restore(checkpoint.load_data_state(resume_from, rt.rank))
         if rt.is_main:
             print(f"resumed from {resume_from} (iteration {start})")
     else:
@@ -127,7 +134,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             before.update(ws)
             before_file.write_text(json.dumps(before, indent=2))
         phases["eval_before_s"] = time.time() - t0
-        checkpoint.save(rdir, models, 0, rt, method.name, cfg.checkpoint.keep, placement)
+        _save(0)
     logger = RunLogger(rdir, cfg, rt.is_main, cfg.train.iterations, start)
     t0 = time.time()
     last_saved = start
@@ -137,6 +144,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
             logger.advance()
             done = it + 1
             if it % cfg.logging.every == 0 or done == cfg.train.iterations:
+                logs.update(models.data.logs())
                 logger.log(it, placement.merge_logs(logs))
             if cfg.logging.sample_every and done % cfg.logging.sample_every == 0 and samples_here:
                 x = method.sample(cfg.logging.grid_size)  # every rank: a ZeRO-3 forward is a collective
@@ -144,13 +152,14 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
                     logger.image("samples", save_grid(models.to_pixels(x).cpu(),
                                                       rdir / "samples" / f"iter_{done:07d}.png"))
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-                checkpoint.save(rdir, models, done, rt, method.name, cfg.checkpoint.keep, placement)
+                _save(done)
                 last_saved = done
     finally:
         logger.close()
+        models.data.close()
     phases["train_s"] = time.time() - t0
     if last_saved != cfg.train.iterations and cfg.train.iterations > start:
-        checkpoint.save(rdir, models, cfg.train.iterations, rt, method.name, cfg.checkpoint.keep, placement)
+        _save(cfg.train.iterations)
     t0 = time.time()
     if samples_here:
         pixels, after = _evaluate(method, models, cfg, rt)

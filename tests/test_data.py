@@ -1,0 +1,207 @@
+"""Shards (make-shards), the manifest, precomputed encodings, split streams and their exact resume (issue 5 §1–3, §8)."""
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from unidad_dist.cli import main
+from unidad_dist.data import shards as sh
+from unidad_dist.data.make_shards import make_shards
+from unidad_dist.data.stream import SplitStream, count_position, epoch_shards, reader_shards
+from unidad_dist.data.target import list_images, load_image
+from unidad_dist.errors import UserError
+from unidad_dist.methods.draws import SampleDraws, global_indices
+
+
+def _prompt_file(tmp_path: Path, n: int) -> Path:
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(f"a photo of a {{rare}} {{cls}} number {i}" for i in range(n)) + "\n")
+    return f
+
+
+def test_make_shards_images_round_trip_and_manifest(pipes, tmp_path):
+    out = tmp_path / "shards"
+    assert main(["make-shards", "--images", str(pipes["shots"]), "--out", str(out), "--resolution", "16",
+                 "--per-shard", "4", "--rare", "sks", "--cls", "disc"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == sh.FORMAT and m["kind"] == "images" and m["num_samples"] == 6
+    assert [s["samples"] for s in m["shards"]] == [4, 2]
+    for s in m["shards"]:
+        assert sh.sha256_file(out / s["name"]) == s["sha256"]
+    assert set(m["fields"]) == {"png", "txt"}
+    got = list(sh.iter_all(sh.open_shards(str(out), None, "images", "t")))
+    files = list_images(Path(pipes["shots"]))
+    for g, f in zip(got, files):
+        assert torch.equal(g["image"], load_image(f, 16))  # lossless: what training would load from the folder
+        assert g["prompt"] == "a sks disc"
+    # a brace pattern reads the same shards
+    pattern = str(out / "shard-{000000..000001}.tar")
+    again = list(sh.iter_all(sh.open_shards(str(out), pattern, "images", "t")))
+    assert [a["key"] for a in again] == [g["key"] for g in got]
+    # and a pipe: URL (object stores through their CLI)
+    piped = sh.open_shards(str(out), f"pipe:cat {out}/shard-{{000000..000001}}.tar", "images", "t")
+    assert len(list(sh.iter_all(piped))) == 6
+
+
+def test_make_shards_bad_input_writes_nothing(pipes, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        make_shards(str(out), images=str(pipes["shots"]), resolution=16)
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    with pytest.raises(UserError, match="exactly one"):
+        make_shards(str(tmp_path / "o1"), resolution=16)
+    with pytest.raises(UserError, match="--config"):
+        make_shards(str(tmp_path / "o2"), images=str(pipes["shots"]), resolution=16, precompute=True)
+    with pytest.raises(UserError, match="no prompt"):
+        (tmp_path / "empty.txt").write_text("\n")
+        make_shards(str(tmp_path / "o3"), prompts=str(tmp_path / "empty.txt"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+    assert main(["make-shards", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o4"),
+                 "--resolution", "16"]) == 2
+
+
+@pytest.mark.parametrize("form", ["sd15", "sdxl"])
+def test_precomputed_latents_and_embeddings_match_on_the_fly_encoding(form, make_cfg, rt, tmp_path):
+    """The shards' latents (image + pixel-space flip) and embeddings (prompt, stripped prompt, uncond) equal
+    what training computes on the fly from the image folder and prompt list."""
+    import yaml
+
+    from unidad_dist.train.build import build
+
+    cfg = make_cfg(form, **{"data.source.prompts": ["a {rare} {cls} on a beach", "a {rare} {cls}"]})
+    recipe = tmp_path / "recipe.yaml"
+    from unidad_dist.config import to_dict
+
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+    tdir, sdir = tmp_path / "target_shards", tmp_path / "prompt_shards"
+    make_shards(str(tdir), images=cfg.data.target.path, config=str(recipe), precompute=True, per_shard=4)
+    pf = tmp_path / "p.txt"
+    pf.write_text("\n".join(cfg.data.source.prompts))
+    make_shards(str(sdir), prompts=str(pf), config=str(recipe), precompute=True)
+    ref = build(cfg, rt, roles={"student"}, checks=False).data  # image folder + prompt list, encoded on the fly
+    cfg2 = make_cfg(form, **{"data.target.path": str(tdir), "data.source.path": str(sdir)})
+    models = build(cfg2, rt, roles={"student"}, checks=False)
+    data = models.data
+    calls = {"n": 0}
+    enc = data.conditioner.encode
+
+    def counting(prompts):
+        calls["n"] += 1
+        return enc(prompts)
+
+    data.conditioner.encode = counting
+    codec_calls = {"n": 0}
+    data.codec.encode = lambda *a, **k: codec_calls.__setitem__("n", codec_calls["n"] + 1)
+    torch.testing.assert_close(data.model_space, ref.model_space, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(data.model_space_flipped, ref.model_space_flipped, rtol=1e-5, atol=1e-5)
+    assert torch.equal(data.images, ref.images)
+    assert data.prompts == ref.prompts
+    for it in range(3):
+        d = SampleDraws(0, it, global_indices(it, 0, 1, 0, 1, 2), rt.device)
+        a, b = data.batch(d), ref.batch(d)
+        assert a.prompts == b.prompts and a.prompts_src == b.prompts_src
+        torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-5)
+        for x, y in ((a.cond, b.cond), (a.cond_src, b.cond_src), (a.uncond, b.uncond), (a.real_cond, b.real_cond)):
+            torch.testing.assert_close(sh.flatten(x), sh.flatten(y), rtol=1e-5, atol=1e-5)
+    assert calls["n"] == 0 and codec_calls["n"] == 0  # training called neither the text encoders nor the VAE
+
+
+def test_precomputed_shards_from_other_encoders_are_refused(pipes, make_cfg, tmp_path):
+    import yaml
+
+    from unidad_dist.config import to_dict
+
+    cfg = make_cfg("sd15")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+    tdir = tmp_path / "t"
+    make_shards(str(tdir), images=cfg.data.target.path, config=str(recipe), precompute=True)
+    from unidad_dist.device import runtime_from_env
+    from unidad_dist.train.build import build
+
+    other = make_cfg("sdxl", **{"data.target.path": str(tdir)})
+    with pytest.raises(UserError, match="other frozen encoders|resolution|px"):
+        build(other, runtime_from_env(), roles={"student"}, checks=False)
+
+
+# -- split streams --------------------------------------------------------------------------
+def _prompt_shards(tmp_path, n=40, per_shard=5):
+    out = tmp_path / f"ps_{n}_{per_shard}"
+    make_shards(str(out), prompts=str(_prompt_file(tmp_path, n)), per_shard=per_shard, rare="sks", cls="dog")
+    return sh.open_shards(str(out), None, "prompts", "data.source.path")
+
+
+def test_order_is_a_pure_function_and_every_epoch_reads_every_shard_once(tmp_path):
+    shards = _prompt_shards(tmp_path, 37, 5)  # 8 shards, the last one short
+    assert epoch_shards(3, "source", 8, 0) == epoch_shards(3, "source", 8, 0)
+    assert epoch_shards(3, "source", 8, 0) != epoch_shards(3, "source", 8, 1)
+    for epoch in range(3):
+        got = sorted(s for q in range(4) for s in reader_shards(3, "source", 8, epoch, q, 4))
+        assert got == list(range(8))
+    # count_position walks the same order the readers take
+    from unidad_dist.data.stream import Reader
+
+    r = Reader(shards, 3, "source", 1, 4)
+    it = r((0, 0, 0))
+    for k in range(1, 30):
+        _, pos = next(it)
+        assert pos == count_position(3, "source", shards.counts, 1, 4, k), k
+
+
+def _run_stream(shards, ranks, workers, batch, n, state=None):
+    """n micro-batches per rank; returns the keys each rank saw and each rank's final state."""
+    seen, states = {}, {}
+    for r in range(ranks):
+        s = SplitStream(shards, 11, "source", r, ranks, workers, batch, state=None if state is None else state[r])
+        seen[r] = [[x["key"] for x in s.next_batch()] for _ in range(n)]
+        states[r] = json.loads(json.dumps(s.state()))  # what a checkpoint stores
+        s.close()
+    return seen, states
+
+
+def test_split_stream_resumes_exactly_at_2_ranks_x_2_workers(tmp_path):
+    shards = _prompt_shards(tmp_path, 43, 4)  # 11 uneven shards >= 2 ranks x 2 workers
+    full, _ = _run_stream(shards, 2, 2, 3, 13)
+    first, st = _run_stream(shards, 2, 2, 3, 5)
+    rest, _ = _run_stream(shards, 2, 2, 3, 8, state=st)
+    for r in range(2):
+        assert first[r] + rest[r] == full[r]
+    # ranks read disjoint shards within an epoch; the stream never ends (13 x 3 x 2 = 78 > 43 samples)
+    assert set(k for b in full[0][:3] for k in b).isdisjoint(k for b in full[1][:3] for k in b)
+    # workers = 0 reads in the process: the same order as one reader per rank
+    w0, _ = _run_stream(shards, 2, 0, 3, 4)
+    assert all(len(b) == 3 for b in w0[0])
+
+
+def test_corrupt_and_missing_shards_are_skipped_and_counted(tmp_path):
+    shards = _prompt_shards(tmp_path, 20, 4)  # 5 shards
+    Path(shards.urls[1]).write_bytes(Path(shards.urls[1]).read_bytes()[:700])  # truncated
+    Path(shards.urls[3]).unlink()  # missing
+    s = SplitStream(shards, 0, "source", 0, 1, 0, 4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        keys = [k["key"] for _ in range(6) for k in s.next_batch()]
+    assert sorted(s.errors) == sorted([shards.urls[1], shards.urls[3]])
+    assert any("skipping shard" in str(x.message) for x in w)
+    assert len(keys) == 24 and len(set(keys[:12])) == 12  # 3 readable shards per epoch, none repeated within one
+    for u in shards.urls:
+        if Path(u).exists():
+            Path(u).write_bytes(b"garbage")
+    s2 = SplitStream(shards, 0, "source", 0, 1, 0, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UserError, match="no readable sample"):
+            s2.next_batch()
+
+
+def test_shard_url_count_must_match_the_manifest(tmp_path):
+    shards = _prompt_shards(tmp_path, 10, 5)
+    with pytest.raises(UserError, match="one URL per shard"):
+        sh.open_shards(str(shards.root), str(shards.root / "shard-{000000..000004}.tar"), "prompts",
+                       "data.source.path")
+    with pytest.raises(UserError, match="holds prompts shards"):
+        sh.open_shards(str(shards.root), None, "images", "data.target.path")
