@@ -108,6 +108,21 @@ def _check_precomputed(shards, spec, key: str) -> None:
         )
 
 
+def _first_samples(shards, key: str, path: str, n: int = 64) -> list[dict]:
+    """The first n readable samples in manifest order: a split stream's in-memory reference (evaluation
+    shots; prompts for sampling and warm start)."""
+    from unidad_dist.data.shards import decode_sample
+
+    out: list[dict] = []
+    for i in range(shards.num_shards):
+        out.extend(decode_sample(s) for s in shards.read_shard(i))
+        if len(out) >= n:
+            break
+    if not out:
+        raise UserError(f"{key} '{path}': no readable shard; check the paths and rerun make-shards")
+    return out[:n]
+
+
 def _split(shards, readers: int, cfg) -> bool:
     return shards.num_shards >= readers and shards.manifest["num_samples"] >= cfg.data.split_min_samples
 
@@ -115,8 +130,8 @@ def _split(shards, readers: int, cfg) -> bool:
 class DataSource:
     """Source prompts + target shots; produces ``Batch``es from per-sample draws or from split streams.
 
-    ``images`` are the target shots in pixels (metrics, grids); for a split target stream they are the
-    readable samples of its first shard (up to 64), the evaluation reference."""
+    ``images`` are the target shots in pixels (metrics, grids); for a split target stream they are its first
+    64 readable samples in manifest order, the evaluation reference."""
 
     def __init__(self, cfg, spec, resolution: int, codec=None, conditioner=None, dp: tuple[int, int] = (0, 1)):
         from unidad_dist.data.shards import is_shard_folder, open_shards
@@ -147,15 +162,7 @@ class DataSource:
                 )
             if _split(shards, readers, cfg):
                 self.streams["target"] = SplitStream(shards, seed, "target", dp[0], dp[1], cfg.data.workers, B)
-                samples = []
-                for i in range(shards.num_shards):  # the evaluation reference: the first readable shard
-                    from unidad_dist.data.shards import decode_sample
-
-                    samples = [decode_sample(s) for s in shards.read_shard(i)][:64]
-                    if samples:
-                        break
-                if not samples:
-                    raise UserError(f"data.target.path '{t.path}': no readable shard; rerun make-shards")
+                samples = _first_samples(shards, "data.target.path", t.path)  # the evaluation reference
             else:
                 samples = load_whole(shards, "target")
             images = torch.stack([s["image"] for s in samples])
@@ -188,15 +195,7 @@ class DataSource:
             _check_precomputed(shards, spec, "data.source.path")
             if _split(shards, readers, cfg):
                 self.streams["source"] = SplitStream(shards, seed, "source", dp[0], dp[1], cfg.data.workers, B)
-                samples = []
-                for i in range(shards.num_shards):  # prompts for sampling and warm start: the first shard
-                    from unidad_dist.data.shards import decode_sample
-
-                    samples = [decode_sample(s) for s in shards.read_shard(i)][:64]
-                    if samples:
-                        break
-                if not samples:
-                    raise UserError(f"data.source.path '{src.path}': no readable shard; rerun make-shards")
+                samples = _first_samples(shards, "data.source.path", src.path)  # prompts for sampling, warm start
             else:
                 samples = load_whole(shards, "source")
             prompts = [s["prompt"] for s in samples]

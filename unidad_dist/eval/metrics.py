@@ -41,8 +41,8 @@ def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
 def frechet_distance(a: torch.Tensor, b: torch.Tensor, ridge: float = 1e-6) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     eye = torch.eye(a.shape[1], dtype=a.dtype)
-    ca = torch.cov(a.T) + ridge * eye
-    cb = torch.cov(b.T) + ridge * eye
+    ca = (torch.cov(a.T) if len(a) > 1 else torch.zeros_like(eye)) + ridge * eye  # one sample: no spread
+    cb = (torch.cov(b.T) if len(b) > 1 else torch.zeros_like(eye)) + ridge * eye
     sa = _sqrtm_psd(ca)
     cross = _sqrtm_psd(sa @ cb @ sa)
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(ca) + torch.trace(cb) - 2 * torch.trace(cross))
