@@ -30,6 +30,7 @@ class RunConfig:
     dir: Optional[str] = None  # default: runs/<name>
     seed: int = 0
     dist_timeout: float = 600.0  # seconds any collective may wait
+    lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
 
 
 @dataclass
@@ -555,6 +556,8 @@ def validate(cfg: Config) -> None:
     _positive("eval.num_samples", cfg.eval.num_samples)
     if cfg.eval.steps is not None:
         _positive("eval.steps", cfg.eval.steps)
+    if cfg.run.lock_stale_s <= 0:
+        raise UserError(f"run.lock_stale_s must be > 0 seconds, got {cfg.run.lock_stale_s}")
     if cfg.run.dist_timeout <= 0:
         raise UserError(f"run.dist_timeout must be > 0 seconds, got {cfg.run.dist_timeout}")
     if cfg.data.target.path is None:

@@ -14,7 +14,8 @@ Layout of ``<run>/checkpoints/``::
 
 A checkpoint is written into ``.tmp-iter_…`` and renamed into place, so a killed writer never leaves a
 folder that looks complete; a checkpoint whose manifest does not match is skipped with a warning and the
-previous complete one is used. Frozen roles are not copied: they are reloaded from the recipe's paths.
+previous complete one is used. Frozen roles are not copied: ``state.json`` records their weight files by
+path + sha256, they are reloaded from the recipe's paths, and a resume whose frozen weights differ stops.
 """
 from __future__ import annotations
 
@@ -59,12 +60,53 @@ def set_rng_state(state: dict) -> None:
     dev.set_accelerator_rng_state(state.get("accelerator"))
 
 
+def frozen_files(cfg) -> dict[str, Path]:
+    """The weight files of the frozen roles (recorded by path + sha256, never copied into checkpoints)."""
+    from unidad_dist.models.backbones import resolve_backbone, weights_file
+
+    def file_of(given: Optional[str], backbone: Optional[str], role: str) -> Optional[Path]:
+        if given:
+            p = Path(given).expanduser()
+            return weights_file(p) if p.is_dir() else p
+        spec = resolve_backbone(backbone, role)
+        return weights_file(spec.unet_dir)
+
+    out = {}
+    st, tt = cfg.source_teacher, cfg.target_teacher
+    f = file_of(st.init, st.backbone, "source_teacher")
+    if f is not None:
+        out["source_teacher"] = f
+    if tt.mode == "frozen":
+        f = file_of(tt.init, tt.backbone or st.backbone, "target_teacher")
+        if f is not None:
+            out["target_teacher"] = f
+    return out
+
+
+def frozen_record(cfg) -> dict:
+    return {role: {"path": str(f.resolve()), "sha256": _sha256(f)} for role, f in frozen_files(cfg).items()}
+
+
+def check_frozen(saved: dict, current: dict) -> None:
+    """A resumed run must see the same frozen teachers it started with."""
+    from unidad_dist.errors import UserError
+
+    for role, rec in saved.items():
+        now = current.get(role)
+        if now is None or now["sha256"] != rec["sha256"]:
+            raise UserError(
+                f"{role} weights changed since this run started ({rec['path']} sha256 {rec['sha256'][:12]}…, now "
+                f"{(now or {}).get('path')} {((now or {}).get('sha256') or 'missing')[:12]}…); restore them, or "
+                "train in a new run.dir"
+            )
+
+
 def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
 def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int, placement=None,
-         data_state: Optional[dict] = None, samples_seen: Optional[dict] = None) -> Path:
+         data_state: Optional[dict] = None, samples_seen: Optional[dict] = None, frozen: Optional[dict] = None) -> Path:
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -89,7 +131,7 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
             {"iteration": iteration, "method": method_name, "world_size": rt.world_size,
-             "samples_seen": samples_seen or {}}, indent=2))
+             "samples_seen": samples_seen or {}, "frozen": frozen or {}}, indent=2))
     _barrier(rt)
     # Each rank's RNG (python random / numpy state hold no tensors that weights_only rejects).
     st = rng_state()

@@ -23,9 +23,10 @@ from unidad_dist.parallel.placement import ROLES, setup_placement
 from unidad_dist.train import checkpoint
 from unidad_dist.train.build import build
 from unidad_dist.train.logging import RunLogger, save_grid
+from unidad_dist.train.runlock import RunLock
 
 # Keys that may change between a run and its resumption (everything else must match).
-RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout")
+RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout", "run.lock_stale_s")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -65,9 +66,22 @@ def _evaluate(method: UniDAD, models, cfg: Config, rt: Runtime) -> tuple[torch.T
 
 
 def train(cfg: Config, rt: Runtime | None = None) -> Path:
-    t_start = time.time()
+    """Train (or resume) the run in ``run_dir(cfg)``, holding its lock file throughout."""
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     rdir = run_dir(cfg)
+    existed = rdir.exists()
+    lock = RunLock(rdir, cfg.run.lock_stale_s)
+    lock.acquire(rt)
+    try:
+        return _train(cfg, rt, rdir, lock)
+    finally:
+        lock.release()
+        if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
+            rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
+
+
+def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
+    t_start = time.time()
     resume_from = checkpoint.latest_complete(rdir) if rdir.exists() else None
     if resume_from is not None:
         saved_cfg = rdir / "config.yaml"
@@ -82,6 +96,24 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
                 f"{resume_from} was written by {saved_world} ranks but this run has {rt.world_size}; resume with "
                 f"--nproc {saved_world} (resuming at another world size is not available in this version)"
             )
+    # the frozen teachers, by path + sha256 (rank 0 hashes; every rank stops on a mismatch)
+    try:
+        frozen = checkpoint.frozen_record(cfg) if rt.is_main else {}
+    except (UserError, OSError):
+        frozen = {}  # a bad path: build reports it, on every rank
+    bad = ""
+    if resume_from is not None and rt.is_main:
+        try:
+            checkpoint.check_frozen(json.loads((resume_from / "state.json").read_text()).get("frozen", {}), frozen)
+        except UserError as e:
+            bad = str(e)
+    if rt.distributed:
+        flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=rt.device)
+        torch.distributed.all_reduce(flag)
+        if int(flag.item()) and not bad:
+            bad = "a frozen teacher's weights changed since this run started (see rank 0's message)"
+    if bad:
+        raise UserError(bad)
     phases: dict = {}
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
@@ -103,7 +135,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
 
     def _save(iteration: int) -> None:
         checkpoint.save(rdir, models, iteration, rt, method.name, cfg.checkpoint.keep, placement,
-                        data_state=models.data.state(), samples_seen=models.data.samples_seen())
+                        data_state=models.data.state(), samples_seen=models.data.samples_seen(), frozen=frozen)
 
     ws: dict = {}
     if resume_from is None and samples_here and cfg.student.warm_start > 0:
@@ -141,6 +173,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> Path:
     try:
         for it in range(start, cfg.train.iterations):
             logs = method.step(it)
+            lock.heartbeat()
             logger.advance()
             done = it + 1
             if it % cfg.logging.every == 0 or done == cfg.train.iterations:

@@ -1,0 +1,107 @@
+"""One live writer per run folder: ``<run>/run.lock`` (host, pid, job id, start time), heartbeat by mtime.
+
+Rank 0 takes the lock before anything is written and every rank learns the outcome (a collective), so a
+refused start fails on all ranks at once. A lock left by a dead writer is taken over with a log line:
+same host and its pid is gone, or the same scheduler job id (a requeued SLURM job), or no heartbeat for
+``run.lock_stale_s`` seconds (another host). The lock is removed when the run ends, also on an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from unidad_dist.errors import UserError
+
+LOCK = "run.lock"
+JOB_VARS = ("SLURM_JOB_ID", "RAY_JOB_ID", "JOB_ID", "PBS_JOBID", "LSB_JOBID")
+
+
+def job_id() -> Optional[str]:
+    for v in JOB_VARS:
+        if os.environ.get(v):
+            return f"{v}={os.environ[v]}"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_reason(info: dict, mtime: float, stale_s: float) -> Optional[str]:
+    host = socket.gethostname()
+    if info.get("host") == host and not _alive(int(info.get("pid", -1))):
+        return f"its process {info.get('pid')} on {host} is gone"
+    if info.get("job") and info.get("job") == job_id():
+        return f"it belongs to this job ({info['job']}), restarted"
+    age = time.time() - mtime
+    if age > stale_s:
+        return f"no heartbeat for {age:.0f} s (> run.lock_stale_s = {stale_s:.0f})"
+    return None
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, stale_s: float):
+        self.path = Path(run_dir) / LOCK
+        self.stale_s = stale_s
+        self.held = False
+
+    def _try(self) -> tuple[bool, str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text())
+                    mtime = self.path.stat().st_mtime
+                except (OSError, json.JSONDecodeError):
+                    info, mtime = {}, 0.0  # unreadable: a writer died while creating it
+                why = _stale_reason(info, mtime, self.stale_s)
+                if why is None:
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", mtime)))
+                    return False, (f"run folder {self.path.parent} is in use by host {info.get('host')} pid "
+                                   f"{info.get('pid')} job {info.get('job') or '-'} (since {since}); wait for it to "
+                                   f"finish, or if that process is dead remove {self.path}")
+                print(f"taking over {self.path}: {why}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return True, ""
+        return False, f"could not take {self.path}; remove it if no run is writing to {self.path.parent}"
+
+    def acquire(self, rt) -> None:
+        """Rank 0 takes the lock; every rank raises the same error when it is refused."""
+        ok, msg = self._try() if rt.is_main else (True, "")
+        if rt.distributed:
+            flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=rt.device)
+            torch.distributed.all_reduce(flag)
+            ok = ok and int(flag.item()) == 0
+        if not ok:
+            raise UserError(msg or "run folder is in use by another writer (see rank 0's message)")
+
+    def heartbeat(self) -> None:
+        if self.held:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
