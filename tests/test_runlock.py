@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from unidad_dist import testing
@@ -95,3 +96,20 @@ def test_frozen_teacher_recorded_by_path_and_sha256_and_checked_on_resume(tmp_pa
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert main(["train", "--config", str(recipe), "train.iterations=2"]) == 2
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_engine_checkpoints_carry_universal_checkpoint_info(tmp_path, pipes):
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+    from unidad_dist.parallel.engines import _safe_globals
+
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
+        "train.iterations": 1, "student.zero_stage": 2, "fake_teacher.zero_stage": 1})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(rec))
+    assert main(["train", "--config", str(recipe)]) == 0
+    for role in ("student", "fake_teacher", "target_teacher"):
+        f = tmp_path / "run" / "checkpoints" / "iter_0000001" / role / "state" / "mp_rank_00_model_states.pt"
+        with torch.serialization.safe_globals(_safe_globals()):  # as our checkpoint engine loads it
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+        assert UNIVERSAL_CHECKPOINT_VERSION_KEY in sd[UNIVERSAL_CHECKPOINT_INFO], role

@@ -330,8 +330,15 @@ class EngineRole(Role):
             self.ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
 
     def save_state(self, folder: Path) -> None:
-        """All ranks: engine, optimizer, fp32 partitions and counters into ``folder`` (explicit tag)."""
-        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        """All ranks: engine, optimizer, fp32 partitions and counters into ``folder`` (explicit tag), with the
+        ``universal_checkpoint_info`` that DeepSpeed's universal checkpoint conversion (ds_to_universal)
+        requires — no tensor or pipeline parallelism inside a role, so no merge patterns."""
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False,
+                                    client_state={UNIVERSAL_CHECKPOINT_INFO: info})
 
     def load_state(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
