@@ -32,4 +32,4 @@ def test_demo_adapts_to_a_generated_domain_and_beats_the_a0_control(tmp_path):
     assert main(["sample", "--run", str(tmp_path / "adapted"), "--steps", "2", "--num", "8",
                  "--out", str(tmp_path / "s.png")]) == 0
     assert main(["export", "--run", str(tmp_path / "adapted"), "--out", str(tmp_path / "export")]) == 0
-    assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

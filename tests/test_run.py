@@ -58,8 +58,8 @@ def test_iterations_zero_then_sample_and_export(tmp_path, pipes):
     assert _cli("sample", "--run", rdir, "--steps", 1, "--num", 3, "--out", tmp_path / "singles") == 0
     assert len(list((tmp_path / "singles").glob("*.png"))) == 3
     assert _cli("export", "--run", rdir, "--out", tmp_path / "export") == 0
-    unet = UNet2DModel.from_pretrained(str(tmp_path / "export"))
-    assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
+    unet = UNet2DModel.from_pretrained(str(tmp_path / "export" / "unet"))
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     from unidad_dist.train.loop import load_run
 
     cfg, models, method, _ = load_run(rdir)

@@ -39,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="student steps K (default: as trained)")
     p.add_argument("--num", type=int, default=16)
-    p.add_argument("--out", required=True, help="a .png grid, or a folder for single PNGs")
+    p.add_argument("--out", required=True, help="a .png grid, a folder for single PNGs, or .safetensors (floats)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt", default=None, help="prompt for text models (default: the recipe's source prompts)")
+    p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
+    p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
+    p.add_argument("--generator-seed", type=int, default=None,
+                   help="draw the noise from torch.Generator().manual_seed(N) in one batch, as a diffusers "
+                        "pipeline called with that generator does (an exported pipeline gives the same images)")
     p = sub.add_parser("launch", help="start several ranks of the same train loop")
     p.add_argument("where", choices=["local"], help="local: N processes on this host")
     p.add_argument("--nproc", type=int, required=True, help="number of ranks")
@@ -66,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rare", default=None, help="rare token for {rare}")
     p.add_argument("--cls", default=None, help="class noun for {cls}")
     _add_overrides(p)
-    p = sub.add_parser("export", help="export the student as a diffusers model folder (safetensors)")
-    p.add_argument("--run", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("export", help="export the student as a diffusers pipeline folder (safetensors)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--out", required=True, help="new folder")
+    p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
+    p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
     return ap
 
 
@@ -115,13 +122,19 @@ def cmd_sample(args) -> int:
         raise UserError(f"--num must be >= 1, got {args.num}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    cfg, models, method, ckpt = load_run(args.run)
+    cfg, models, method, ckpt = load_run(args.run, use_ema=not args.raw, iteration=args.checkpoint)
     prompts = [args.prompt] if args.prompt else None
+    gen = torch.Generator().manual_seed(args.generator_seed) if args.generator_seed is not None else None
     with torch.no_grad():
-        x = method.sample(args.num, steps=args.steps, seed=args.seed, prompts=prompts)
+        x = method.sample(args.num, steps=args.steps, seed=args.seed, prompts=prompts, generator=gen)
         pixels = models.to_pixels(x).cpu()
     out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if out.suffix.lower() == ".safetensors":  # the float images in [0, 1], (N, 3, H, W), as pipelines give them
+        from safetensors.torch import save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": ((pixels.float() + 1) / 2).clamp(0, 1).contiguous()}, str(out))
+    elif out.suffix.lower() == ".png":
         save_grid(pixels, out)
     else:
         save_images(pixels, out)
@@ -148,34 +161,13 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from unidad_dist.models.backbones import build_unet, resolve_backbone
-    from unidad_dist.train.checkpoint import load_student_weights
-    from unidad_dist.train.loop import load_run
+    from unidad_dist.export import export
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out '{out}' exists and is not empty; choose a new folder")
-    cfg, models, method, ckpt = load_run(args.run)
-    if cfg.student.lora.rank > 0:
-        raise UserError("this run trained a LoRA student; exporting LoRA adapters / merged weights is not available "
-                        "in this version (`unidad-dist sample --run` works); see README 'Not in this version yet'")
-    spec = resolve_backbone(cfg.student.backbone, "student") if cfg.student.backbone else models.spec
-    unet = build_unet(spec)
-    unet.load_state_dict(load_student_weights(ckpt, prefer_ema=True))
-    tmp = out.with_name(out.name + ".tmp")
-    unet.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "unidad_student.json").write_text(json.dumps({
-        "checkpoint": ckpt.name,
-        "steps": cfg.student.steps,
-        "timesteps": method.timesteps,
-        "output": "x0" if cfg.student.prediction == "x0" else models.schedule.prediction_type,
-        "source_backbone": cfg.source_teacher.backbone,
-        "ema": cfg.student.ema > 0,
-    }, indent=2))
-    if out.exists():
-        out.rmdir()
-    tmp.replace(out)
-    print(f"exported the student ({ckpt.name}) to {out}")
+    out = export(args.run, args.out, iteration=args.checkpoint, use_ema=not args.raw)
+    info = json.loads((out / "unidad_student.json").read_text())
+    what = f"a {info['pipeline']} folder" if info["pipeline"] else "the student UNet + scheduler"
+    print(f"exported {what} ({info['checkpoint']}, K={info['steps']}) to {out}; "
+          f"call it with {', '.join(f'{k}={v}' for k, v in info['pipeline_call'].items())}")
     return 0
 
 

@@ -314,23 +314,33 @@ class UniDAD:
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, steps: Optional[int] = None, seed: Optional[int] = None, batch: int = 64,
-               prompts: Optional[list[str]] = None, use_ema: bool = True) -> torch.Tensor:
-        """n student samples in model space, drawn from noise keyed by (seed, "sample", index)."""
+               prompts: Optional[list[str]] = None, use_ema: bool = True,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """n student samples in model space, drawn from noise keyed by (seed, "sample", index) — or, with a
+        (CPU) ``generator``, in one batch drawn as a diffusers pipeline draws it: the initial noise, then the
+        re-noising noise of each step, in that order (so an exported pipeline gives the same images)."""
         steps = steps or len(self.timesteps)
         ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
         module = self.m.student.inference_module() if use_ema else self.m.student.module
         seed = self.seed if seed is None else seed
         out = []
+        if generator is not None:
+            batch = n
         for start in range(0, n, batch):
             idx = list(range(start, min(n, start + batch)))
             d = SampleDraws(seed, -1, idx, self.rt.device)
-            z = d.randn(self.m.sample_shape, "sample", "z")
+            if generator is not None:
+                shape = (len(idx),) + tuple(self.m.sample_shape)
+                z = torch.randn(shape, generator=generator, device=generator.device).to(self.rt.device)
+                renoise = lambda k: torch.randn(shape, generator=generator, device=generator.device).to(self.rt.device)  # noqa: E731
+            else:
+                z = d.randn(self.m.sample_shape, "sample", "z")
+                renoise = lambda k: d.randn(self.m.sample_shape, "sample", f"renoise_{k}")  # noqa: E731
             ps = None
             if self.m.data.conditioner is not None:
                 ps = [(prompts or self.m.data.prompts)[i % len(prompts or self.m.data.prompts)] for i in idx]
             cond = self.m.data.encode(ps) if ps else None
-            x = generate(lambda x_t, t: self.student_x0(x_t, t, cond, module=module), z, ts, self.schedule,
-                         lambda k: d.randn(self.m.sample_shape, "sample", f"renoise_{k}"))
+            x = generate(lambda x_t, t: self.student_x0(x_t, t, cond, module=module), z, ts, self.schedule, renoise)
             out.append(x.float())
         return torch.cat(out)
 

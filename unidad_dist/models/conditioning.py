@@ -51,7 +51,7 @@ class TextConditioner(nn.Module):
 
         self.kind = spec.kind
         self.device = device
-        self.resolution = spec.sample_size
+        self.resolution = spec.pixel_resolution  # SDXL add_time_ids: original = target size, no crop
         names = ["text_encoder", "text_encoder_2"] if self.kind == "sdxl" else ["text_encoder"]
         self.tokenizers = []
         encoders = []
@@ -85,7 +85,7 @@ class TextConditioner(nn.Module):
                 hidden.append(out.last_hidden_state)
         cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float()}
         if self.kind == "sdxl":
-            res = self.resolution * 8
+            res = self.resolution
             time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=self.device)
             cond["added_cond_kwargs"] = {"text_embeds": pooled.float(),
                                          "time_ids": time_ids.repeat(len(prompts), 1)}

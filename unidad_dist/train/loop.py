@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -225,10 +226,28 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
     return rdir
 
 
-def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True):
+def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
+    """The latest complete checkpoint of a run, or the one of ``iteration`` (checked complete)."""
+    if iteration is None:
+        ckpt = checkpoint.latest_complete(rdir)
+        if ckpt is None:
+            raise UserError(f"run '{rdir}' has no complete checkpoint yet; train it first "
+                            "(train.iterations=0 writes one)")
+        return ckpt
+    ckpt = rdir / "checkpoints" / checkpoint.ckpt_name(iteration)
+    if not ckpt.is_dir():
+        have = sorted(int(p.name[5:]) for p in (rdir / "checkpoints").glob("iter_*") if p.is_dir()) \
+            if (rdir / "checkpoints").is_dir() else []
+        raise UserError(f"run '{rdir}' has no checkpoint of iteration {iteration}; it has {have or 'none'}")
+    if not checkpoint.is_complete(ckpt):
+        raise UserError(f"checkpoint {ckpt} is incomplete or corrupt (checksum mismatch); pick another --checkpoint")
+    return ckpt
+
+
+def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, iteration: Optional[int] = None):
     """Rebuild a run's student (plain, on this process) from its folder and the whole weights in its latest
-    complete checkpoint, for sample/export. Works whatever the placement, ZeRO stages and world size of
-    the run were: it needs no engine."""
+    complete checkpoint (or that of ``iteration``), for sample/export. Works whatever the placement, ZeRO
+    stages and world size of the run were: it needs no engine."""
     from dataclasses import replace
 
     from unidad_dist.config import PlacementConfig
@@ -237,9 +256,7 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True):
     cfg_file = rdir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the run.dir of a training run")
-    ckpt = checkpoint.latest_complete(rdir)
-    if ckpt is None:
-        raise UserError(f"run '{run}' has no complete checkpoint yet; train it first (train.iterations=0 writes one)")
+    ckpt = pick_checkpoint(rdir, iteration)
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     cfg = replace(cfg, placement=PlacementConfig())  # one process holds the student
     rt = rt or runtime_from_env(cfg.run.dist_timeout)

@@ -1,0 +1,144 @@
+"""``unidad-dist export``: the student as a diffusers folder that a plain pipeline call samples correctly.
+
+Layout of ``--out``::
+
+    unet/                  the student UNet (safetensors; the EMA weights when the run kept an EMA; a LoRA
+                           student's adapter merged into the base weights)
+    scheduler/             an LCMScheduler that reproduces our K-step sampler: the trained timesteps
+                           (t_k = T-1 - k*floor(T/K) come out of set_timesteps(K) with
+                           original_inference_steps = T), the student's output type (x0 -> "sample",
+                           else the backbone's epsilon / v_prediction), no clipping, and c_skip = 0 /
+                           c_out = 1 (timestep_scaling large), i.e. x̂0 is re-noised with fresh noise
+    model_index.json       a full pipeline when the source teacher is a diffusers pipeline folder: its other
+                           components (VAE, text encoders, tokenizers) are copied. SD1.5 form ->
+                           StableDiffusionPipeline, SDXL form -> StableDiffusionXLPipeline (call them with
+                           guidance_scale=1: the student samples without CFG; diffusers' LCM pipeline needs a
+                           guidance-embedding UNet), pixel -> DDPMPipeline; always num_inference_steps=K
+    unet_lora/             LoRA students: the adapter alone (peft format, adapter_config.json)
+    unidad_student.json    steps, timesteps, output type, checkpoint, EMA, how to call the pipeline
+
+Students trained with an explicit ``student.timesteps`` list need ``timesteps=[...]`` in the pipeline call
+(text pipelines accept it); the list is in unidad_student.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from unidad_dist.errors import UserError
+
+PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "pixel": "DDPMPipeline"}
+TIMESTEP_SCALING = 1.0e7  # c_skip = σ_d² / ((t·s)² + σ_d²) ≈ 0 and c_out ≈ 1 to fp32 precision for t >= 1
+
+
+def lcm_scheduler_config(schedule_config: dict, output: str, T: int) -> dict:
+    from diffusers import LCMScheduler
+
+    base = {k: v for k, v in schedule_config.items() if not k.startswith("_")}
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "steps_offset",
+            "rescale_betas_zero_snr", "timestep_spacing")
+    cfg = {k: base[k] for k in keep if k in base}
+    cfg.update(prediction_type=output, clip_sample=False, thresholding=False, set_alpha_to_one=True,
+               original_inference_steps=T, timestep_scaling=TIMESTEP_SCALING)
+    return dict(LCMScheduler.from_config(cfg).config)
+
+
+def merged_unet_state(role_net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA student's UNet weights with the adapter merged in, under the plain UNet's keys."""
+    from peft.tuners.lora import LoraLayer
+
+    unet = role_net.unet
+    for mod in unet.modules():
+        if isinstance(mod, LoraLayer):
+            mod.merge(safe_merge=True)
+    out = {}
+    for k, v in unet.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v.detach().cpu().clone()
+    return out
+
+
+def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = True) -> Path:
+    from diffusers import LCMScheduler
+
+    from unidad_dist.models.backbones import build_unet, resolve_backbone
+    from unidad_dist.train.loop import load_run
+
+    out_p = Path(out)
+    if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):
+        raise UserError(f"--out '{out}' exists and is not empty; choose a new folder")
+    cfg, models, method, ckpt = load_run(run, use_ema=use_ema, iteration=iteration)
+    spec = resolve_backbone(cfg.student.backbone, "student") if cfg.student.backbone else models.spec
+    tmp = out_p.with_name(out_p.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    role_net = models.student.module
+    lora = cfg.student.lora.rank > 0
+    if lora:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        (tmp / "unet_lora").mkdir()
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(role_net.unet).items()}
+        save_file(adapter, str(tmp / "unet_lora" / "adapter_model.safetensors"))
+        lc = cfg.student.lora
+        LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                   target_modules=list(lc.target_modules)).save_pretrained(str(tmp / "unet_lora"))
+        state = merged_unet_state(role_net)
+    else:
+        state = {k: v.detach().cpu() for k, v in role_net.unet.state_dict().items()}
+    unet = build_unet(spec)
+    unet.load_state_dict(state)
+    unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+
+    T = int(models.schedule.alphas_cumprod.shape[0])
+    output = "sample" if cfg.student.prediction == "x0" else models.schedule.prediction_type
+    sched_cfg = lcm_scheduler_config(models.spec.scheduler_config, output, T)
+    LCMScheduler.from_config(sched_cfg).save_pretrained(str(tmp / "scheduler"))
+    default_ts = cfg.student.timesteps is None
+    pipeline = None
+    src = models.spec
+    if src.root is not None and (src.root / "model_index.json").is_file():
+        index = json.loads((src.root / "model_index.json").read_text())
+        for name, ent in index.items():
+            if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(ent, list) or ent[0] is None:
+                continue
+            comp = src.root / name
+            if comp.is_dir():
+                shutil.copytree(comp, tmp / name)
+        pipeline = PIPELINE_CLASS[spec.kind]
+        index["_class_name"] = pipeline
+        index["unet"] = ["diffusers", type(unet).__name__]
+        index["scheduler"] = ["diffusers", "LCMScheduler"]
+        if pipeline == "StableDiffusionPipeline":
+            index.setdefault("safety_checker", [None, None])
+            index.setdefault("feature_extractor", [None, None])
+            index.setdefault("requires_safety_checker", False)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    K = cfg.student.steps
+    call = {"num_inference_steps": K}
+    if not default_ts:
+        call["timesteps"] = list(method.timesteps)
+    if spec.kind != "pixel":
+        call["guidance_scale"] = 1.0  # the student samples without CFG
+    (tmp / "unidad_student.json").write_text(json.dumps({
+        "checkpoint": ckpt.name,
+        "steps": K,
+        "timesteps": list(method.timesteps),
+        "output": output,
+        "ema": bool(cfg.student.ema > 0 and use_ema),
+        "lora": {"rank": cfg.student.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
+        "pipeline": pipeline,
+        "pipeline_call": call,
+        "source_backbone": cfg.source_teacher.backbone,
+    }, indent=2))
+    if out_p.exists():
+        out_p.rmdir()
+    tmp.replace(out_p)
+    return out_p
