@@ -38,6 +38,8 @@ class TrainConfig:
     iterations: int = 1000
     batch_size: int = 1  # per rank and micro-batch
     fake_updates_per_student: int = 5  # `ratio`: the student steps on iterations = 0 mod ratio
+    nonfinite: str = "skip"  # a NaN/inf loss on any rank: "skip" that role's step on all ranks, or "stop" all
+    max_nonfinite_skips: int = 10  # stop when one role's step is skipped this many iterations in a row
 
 
 @dataclass
@@ -550,6 +552,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= al.t_min <= al.t_max:
         raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
     _choice("placement.mode", cfg.placement.mode, ("colocated", "split"))
+    _choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
+    _positive("train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, allow_zero=True)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("logging.every", cfg.logging.every)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from unidad_dist.device import CPU
+from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
 from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
 from unidad_dist.methods.generate import generate, student_timesteps
@@ -61,6 +62,10 @@ def iteration_plan(cfg, iteration: int) -> IterationPlan:
     return IterationPlan(train_g, train_t, ga_g, ga_f, ga_t, max(ga_g, ga_f, ga_t), k_grad)
 
 
+class NonFiniteLoss(UserError):
+    """A role's loss was NaN/inf on some rank and the run is configured (or forced) to stop."""
+
+
 class UniDAD:
     name = "unidad"
 
@@ -81,6 +86,8 @@ class UniDAD:
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
         self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
         self.calls = defaultdict(int)  # network calls per role (tests count them)
+        self.nonfinite_run = defaultdict(int)  # consecutive iterations a role's step was skipped
+        self.nonfinite_total = defaultdict(int)
 
     # -- network calls ---------------------------------------------------------------------------
     def student_x0(self, x_t, t, cond, module=None):
@@ -261,6 +268,7 @@ class UniDAD:
         n_micro, k_grad = ip.n_micro, ip.k_grad
         shape = self.sample_shape(cfg.train.batch_size)
         logs: dict = defaultdict(float)
+        skipped: set = set()  # roles whose step this iteration is skipped (a non-finite loss on some rank)
         for micro in range(n_micro):
             idx = global_indices(iteration, micro, n_micro, pl.dp_rank, pl.dp_size, cfg.train.batch_size)
             d = SampleDraws(self.seed, iteration, idx, self.rt.device)
@@ -286,30 +294,61 @@ class UniDAD:
                                               shape)
                 if gen:
                     loss_g, lg = self.student_loss(x, batch, d, fb)
-                    m.student.backward(loss_g)
+                    self._backward("student", loss_g, iteration, micro, skipped)
                     for k, v in lg.items():
                         logs[f"student/{k}"] += v / ga_g
             x = x.detach()
             if crit and micro < ga_f:
                 loss_f, lf = self.fake_loss(x, batch, d)
-                m.fake_teacher.backward(loss_f)
+                self._backward("fake_teacher", loss_f, iteration, micro, skipped)
                 for k, v in lf.items():
                     logs[f"fake_teacher/{k}"] += v / ga_f
             if crit and micro < ga_t:
                 loss_t, lt = self.target_loss(x, batch, d, iteration)
-                m.target_teacher.backward(loss_t)
+                self._backward("target_teacher", loss_t, iteration, micro, skipped)
                 for k, v in lt.items():
                     logs[f"target_teacher/{k}"] += v / ga_t
-        if gen and train_g:
-            for k, v in m.student.step(iteration).items():
-                logs[f"student/{k}"] = v
-        if crit:
-            for k, v in m.fake_teacher.step(iteration).items():
-                logs[f"fake_teacher/{k}"] = v
-        if crit and train_t:
-            for k, v in m.target_teacher.step(iteration).items():
-                logs[f"target_teacher/{k}"] = v
+        for name, runs in (("student", gen and train_g), ("fake_teacher", crit), ("target_teacher", crit and train_t)):
+            if not runs:
+                continue
+            if name in skipped:
+                self.nonfinite_run[name] += 1
+                self.nonfinite_total[name] += 1
+                logs[f"{name}/skipped_nonfinite"] = 1.0
+                logs = {k: v for k, v in logs.items() if not (k.startswith(f"{name}/") and k != f"{name}/skipped_nonfinite")}
+                logs = defaultdict(float, logs)
+                limit = self.cfg.train.max_nonfinite_skips
+                if self.nonfinite_run[name] > limit:
+                    raise NonFiniteLoss(f"{name}: a non-finite loss made its step skip {self.nonfinite_run[name]} "
+                                        f"iterations in a row (> train.max_nonfinite_skips = {limit}), last at "
+                                        f"iteration {iteration}; stopping. Lower the learning rate, check the data, "
+                                        "or resume from an earlier checkpoint")
+                continue
+            self.nonfinite_run[name] = 0
+            for k, v in getattr(m, name).step(iteration).items():
+                logs[f"{name}/{k}"] = v
         return dict(logs)
+
+    def _backward(self, name: str, loss: torch.Tensor, iteration: int, micro: int, skipped: set) -> None:
+        """Back-propagate a role's loss unless it is non-finite on any rank that steps the role (a flag
+        all-reduced before any backward, so all those ranks skip together or all stop)."""
+        if name in skipped:
+            return
+        bad = self.placement.any_rank(not bool(torch.isfinite(loss.detach()).all()), self.rt.device)
+        if not bad:
+            getattr(self.m, name).backward(loss)
+            return
+        where = f"{name}: non-finite loss at iteration {iteration} (micro-batch {micro}, on at least one rank)"
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLoss(f"{where}; stopping as train.nonfinite=stop (the last checkpoint is intact; "
+                                "set train.nonfinite=skip to skip such steps)")
+        if micro > 0:
+            raise NonFiniteLoss(f"{where}; its earlier micro-batches' gradients are already accumulated in the "
+                                "engine and cannot be dropped, so the step cannot be skipped; stopping (the last "
+                                "checkpoint is intact)")
+        skipped.add(name)
+        if self.rt.is_main or self.placement.leader(name):
+            print(f"warning: {where}; skipping its step (train.nonfinite=skip)")
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -157,6 +157,16 @@ class Placement:
         torch.distributed.recv(buf, src=self.partner)
         return buf
 
+    def any_rank(self, flag: bool, device) -> bool:
+        """True on every rank of this rank's side (the whole world when colocated) if it is true on any:
+        the ranks that step the same roles decide together."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        group = self.group_handles.get(self.side) if self.split else None
+        torch.distributed.all_reduce(t, group=group)
+        return bool(t.item())
+
     def merge_logs(self, logs: dict) -> dict:
         """Each side logs its own roles; rank 0 gets both (a world collective, at logging iterations)."""
         if not self.split:
