@@ -33,6 +33,7 @@ import torch
 
 from unidad_dist import device as dev
 from unidad_dist.device import CPU
+from unidad_dist.train.faults import kill_point
 
 
 def _sha256(path: Path) -> str:
@@ -140,6 +141,7 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
                    int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
     torch.save(st, tmp / f"rng_rank{rt.rank}.pt")
     (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
+    kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
     _barrier(rt)
     if rt.is_main:
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

@@ -24,6 +24,7 @@ from unidad_dist.parallel.placement import ROLES, setup_placement
 from unidad_dist.train import checkpoint
 from unidad_dist.train.build import build
 from unidad_dist.train.logging import RunLogger, save_grid
+from unidad_dist.train.faults import kill_point
 from unidad_dist.train.runlock import RunLock
 
 # Keys that may change between a run and its resumption (everything else must match).
@@ -173,6 +174,7 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
     last_saved = start
     try:
         for it in range(start, cfg.train.iterations):
+            kill_point(rt.rank, f"iter:{it}")
             logs = method.step(it)
             lock.heartbeat()
             logger.advance()
