@@ -228,11 +228,17 @@ def make_safe_checkpoint_engine(config):
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
         """DeepSpeed's torch engine, loading with ``weights_only=True`` (only DeepSpeed's own enum and
-        dataclass types are allow-listed)."""
+        dataclass types are allow-listed) and saving through a hashing, fsyncing writer."""
 
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
+
+        def save(self, state_dict, path: str):
+            """Write with the sha256 computed on the way out (and fsync): the manifest reuses it."""
+            from unidad_dist.train.checkpoint import torch_save_hashed
+
+            torch_save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
 
     return SafeCheckpointEngine(config)
 
@@ -318,9 +324,9 @@ class EngineRole(Role):
         return self.ema if self.ema is not None else self.module
 
     # -- state ----------------------------------------------------------------------------------
-    def full_weights(self) -> dict[str, torch.Tensor]:
+    def full_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Whole (gathered) weights on every rank; a collective under ZeRO-3."""
-        return gathered_state_dict(self.module, self.stage)
+        return gathered_state_dict(self.module, self.stage, copy)
 
     def extra_weights(self) -> dict[str, torch.Tensor]:
         return {} if self.ema is None else {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
@@ -364,8 +370,12 @@ class PartitionedRole(Role):
         self.module = self.engine.module.eval()
 
 
-def gathered_state_dict(module: nn.Module, stage: int) -> dict[str, torch.Tensor]:
+def gathered_state_dict(module: nn.Module, stage: int, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The whole weights on the host. ``copy=False`` (below ZeRO-3) may return the parameters' own host
+    storage: for a caller that only reads them before the next step (a checkpoint write)."""
     if stage < 3:
+        if not copy:
+            return {k: v.detach().to(dev.CPU) for k, v in module.state_dict().items()}
         return {k: v.detach().to(dev.CPU).clone() for k, v in module.state_dict().items()}
     ds = import_deepspeed()
     with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):

@@ -36,12 +36,85 @@ from unidad_dist.device import CPU
 from unidad_dist.train.faults import kill_point
 
 
+_DIGESTS: dict[str, str] = {}  # absolute path -> sha256 of files this process wrote through HashingWriter
+
+
+class HashingWriter:
+    """A file opened for writing that computes its sha256 while the bytes go out (in a second thread, which
+    hashes one chunk while this one writes the next) and fsyncs on close, so a checkpoint's manifest needs
+    no second read of what was just written."""
+
+    def __init__(self, path):
+        import queue
+        import threading
+
+        self.path = os.path.abspath(str(path))
+        self._f = open(self.path, "wb")
+        self._h = hashlib.sha256()
+        self._q: "queue.Queue" = queue.Queue(maxsize=4)  # bounds the chunks held in flight
+        self._t = threading.Thread(target=self._hash, daemon=True)
+        self._t.start()
+
+    def _hash(self) -> None:
+        while True:
+            chunk = self._q.get()
+            if chunk is None:
+                return
+            self._h.update(chunk)  # releases the GIL for large chunks
+
+    def write(self, b) -> int:
+        chunk = bytes(b)  # the writer may reuse its buffer once write returns
+        self._q.put(chunk)
+        return self._f.write(chunk)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._q.put(None)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._t.join()
+            _DIGESTS[self.path] = self._h.hexdigest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def torch_save_hashed(obj, path, **kw) -> None:
+    with HashingWriter(path) as f:
+        torch.save(obj, f, **kw)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _barrier(rt) -> None:
@@ -124,11 +197,12 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
                 role.save_state(tmp / name)  # every rank of the role's group writes its partitions
         else:
             role.save_state(tmp / name)
-        sd = role.full_weights()  # a collective under ZeRO-3
+        sd = role.full_weights(copy=False)  # a collective under ZeRO-3; read-only here, so no copy
         if placement.leader(name) if placement is not None else rt.is_main:
             sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
-            sd.update({k: v.detach().to(CPU).clone().contiguous() for k, v in role.extra_weights().items()})
+            sd.update({k: v.detach().to(CPU).contiguous() for k, v in role.extra_weights().items()})
             save_file(sd, str(tmp / f"{name}.safetensors"))
+            _fsync(tmp / f"{name}.safetensors")
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
             {"iteration": iteration, "method": method_name, "world_size": rt.world_size,
@@ -139,20 +213,34 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     st["python"] = [st["python"][0], list(st["python"][1]), st["python"][2]]
     st["numpy"] = [st["numpy"][0], torch.from_numpy(np.asarray(st["numpy"][1]).astype(np.int64)),
                    int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
-    torch.save(st, tmp / f"rng_rank{rt.rank}.pt")
+    torch_save_hashed(st, tmp / f"rng_rank{rt.rank}.pt")
     (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
     kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
     _barrier(rt)
+    # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
+    mine = {str(Path(p).relative_to(Path(os.path.abspath(tmp)))): d for p, d in _DIGESTS.items()
+            if Path(p).is_relative_to(Path(os.path.abspath(tmp)))}
+    parts = [None] * rt.world_size
+    if rt.distributed:
+        torch.distributed.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
+    for p in [p for p in _DIGESTS if Path(p).is_relative_to(Path(os.path.abspath(tmp)))]:
+        del _DIGESTS[p]
     if rt.is_main:
+        known = {k: v for part in parts for k, v in (part or {}).items()}
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {name: _sha256(tmp / name) for name in files}
+        manifest = {name: known.get(name) or _sha256(tmp / name) for name in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
+        _fsync(tmp / "manifest.json")
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
+        _fsync(latest_tmp)
         os.replace(latest_tmp, root / "latest")
+        _fsync_dir(root)
         complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
