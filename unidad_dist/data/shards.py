@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from unidad_dist.errors import UserError
+from unidad_dist.train.checkpoint import sha256_file  # noqa: F401 (also this module's API)
 
 FORMAT = "unidad_dist.shards/1"
 MANIFEST = "manifest.json"
@@ -93,14 +94,6 @@ def png_to_image(data: bytes) -> torch.Tensor:
         w, h = im.size
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return t.permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _describe(tensors: dict) -> dict:

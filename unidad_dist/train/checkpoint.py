@@ -91,7 +91,7 @@ def torch_save_hashed(obj, path, **kw) -> None:
         torch.save(obj, f, **kw)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -158,7 +158,7 @@ def frozen_files(cfg) -> dict[str, Path]:
 
 
 def frozen_record(cfg) -> dict:
-    return {role: {"path": str(f.resolve()), "sha256": _sha256(f)} for role, f in frozen_files(cfg).items()}
+    return {role: {"path": str(f.resolve()), "sha256": sha256_file(f)} for role, f in frozen_files(cfg).items()}
 
 
 def check_frozen(saved: dict, current: dict) -> None:
@@ -230,7 +230,7 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     if rt.is_main:
         known = {k: v for part in parts for k, v in (part or {}).items()}
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {name: known.get(name) or _sha256(tmp / name) for name in files}
+        manifest = {name: known.get(name) or sha256_file(tmp / name) for name in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -258,7 +258,7 @@ def is_complete(ckpt: Path) -> bool:
         return False
     for name, digest in manifest.items():
         p = ckpt / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
 
