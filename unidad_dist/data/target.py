@@ -217,6 +217,8 @@ class DataSource:
                     raise UserError(f"data.source.prompt_file '{pf}' holds no prompt; write one prompt per line")
             prompts = [fill_prompt(p, t.rare_token, t.class_name) for p in prompts]
         self.prompts = prompts
+        # the in-memory prompts' encodings stay cached; a split stream's are dropped after their batch
+        self._keep = set(prompts) | {strip_rare_token(p, self.rare) for p in prompts} | set(self.real_prompts) | {""}
 
     def _to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         if self.codec is None:
@@ -302,8 +304,7 @@ class DataSource:
             real=real.to(d.device), real_cond=self.encode(real_prompts), prompts=prompts, prompts_src=prompts_src,
         )
         if tgt is not None or src is not None:  # a stream's samples are used once: keep the cache small
-            keep = set(self.prompts) | {strip_rare_token(p, self.rare) for p in self.prompts} | set(self.real_prompts) | {""}
-            for k in [k for k in self._cache if k not in keep]:
+            for k in [k for k in self._cache if k not in self._keep]:
                 del self._cache[k]
         return batch
 

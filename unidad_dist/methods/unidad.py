@@ -314,9 +314,9 @@ class UniDAD:
             if name in skipped:
                 self.nonfinite_run[name] += 1
                 self.nonfinite_total[name] += 1
+                for k in [k for k in logs if k.startswith(f"{name}/")]:  # its non-finite losses
+                    del logs[k]
                 logs[f"{name}/skipped_nonfinite"] = 1.0
-                logs = {k: v for k, v in logs.items() if not (k.startswith(f"{name}/") and k != f"{name}/skipped_nonfinite")}
-                logs = defaultdict(float, logs)
                 limit = self.cfg.train.max_nonfinite_skips
                 if self.nonfinite_run[name] > limit:
                     raise NonFiniteLoss(f"{name}: a non-finite loss made its step skip {self.nonfinite_run[name]} "
