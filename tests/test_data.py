@@ -177,6 +177,20 @@ def test_split_stream_resumes_exactly_at_2_ranks_x_2_workers(tmp_path):
     assert all(len(b) == 3 for b in w0[0])
 
 
+def test_a_stream_resumed_at_another_world_size_continues_from_the_global_sample_count(tmp_path):
+    """2 ranks x 2 workers read 5 micro-batches of 3; resumed on 1 rank x 2 workers from the saved global
+    count (60), the stream yields exactly what a 1-rank run yields after its first 60 samples."""
+    shards = _prompt_shards(tmp_path, 43, 4)
+    _, st = _run_stream(shards, 2, 2, 3, 5)
+    count = SplitStream(shards, 11, "source", 0, 2, 2, 3, state=st[0]).samples_seen()
+    assert count == 5 * 3 * 2
+    one, _ = _run_stream(shards, 1, 2, 3, count // 3 + 4)
+    s = SplitStream(shards, 11, "source", 0, 1, 2, 3, global_count=count)
+    assert s.samples_seen() == count
+    assert [[x["key"] for x in s.next_batch()] for _ in range(4)] == one[0][count // 3:]
+    s.close()
+
+
 def test_corrupt_and_missing_shards_are_skipped_and_counted(tmp_path):
     shards = _prompt_shards(tmp_path, 20, 4)  # 5 shards
     Path(shards.urls[1]).write_bytes(Path(shards.urls[1]).read_bytes()[:700])  # truncated

@@ -245,10 +245,16 @@ class DataSource:
     def state(self) -> dict:
         return {name: s.state() for name, s in self.streams.items()}
 
-    def restore(self, state: Optional[dict]) -> None:
+    def restore(self, state: Optional[dict], global_counts: Optional[dict] = None) -> None:
+        """Continue the split streams: from this rank's saved positions (``state``), or — after a resume at
+        another world size — from each stream's global sample count, every reader at its share of it."""
         from unidad_dist.data.stream import SplitStream
 
         for name, s in list(self.streams.items()):
+            if global_counts is not None:
+                self.streams[name] = SplitStream(s.shards, s.seed, name, s.dp_rank, s.dp_size, s.workers, s.batch,
+                                                 global_count=int(global_counts.get(name, 0)))
+                continue
             st = (state or {}).get(name)
             if st is None:
                 continue

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,6 +33,7 @@ from unidad_dist.train.roles import Role, warmup_lr
 
 TRAINABLE = ("student", "fake_teacher", "target_teacher")
 TAG = "state"  # one DeepSpeed tag per checkpoint folder: our own `latest` pointer names the folder
+UNIVERSAL_TAG = "universal"  # the same state converted by ds_to_universal, for a resume at another world size
 
 
 def import_deepspeed():
@@ -223,6 +225,61 @@ def _safe_globals() -> list:
     return out
 
 
+@contextlib.contextmanager
+def safe_torch_load():
+    """DeepSpeed's universal-checkpoint conversion and loader call ``torch.load(weights_only=False)``: route
+    every load inside this block through ``weights_only=True`` (only DeepSpeed's own types allow-listed)."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_safe_globals()):
+            return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def to_universal(folder: Path, world_size: int) -> Path:
+    """Convert a role's DeepSpeed state (``folder/state``) into ``folder/universal`` with DeepSpeed's
+    ds_to_universal (once: a finished conversion is reused; a killed one is redone), for a resume on
+    ``world_size`` ranks. Called by one rank while the others wait."""
+    import io
+    import os
+    import shutil
+    from contextlib import redirect_stdout
+    from types import SimpleNamespace
+
+    out = Path(folder) / UNIVERSAL_TAG
+    if not out.is_dir():
+        tmp = Path(folder) / f".tmp-{UNIVERSAL_TAG}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        import_deepspeed()
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = SimpleNamespace(input_folder=str(Path(folder) / TAG), output_folder=str(tmp), num_extract_workers=1,
+                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        with safe_torch_load(), redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds_to_universal.main(args)
+        (Path(folder) / "latest_universal").unlink(missing_ok=True)  # ours names the tag explicitly
+        os.replace(tmp, out)
+    # ZeRO-3: every loading rank reads "its" model-states file, and the conversion copies only those of the
+    # saving ranks (deepspeed PR #7599). The ranks' files are identical (counters, shapes, config; the
+    # weights come from the converted per-parameter files), so rank 0's serves the new ranks.
+    first = out / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if first.is_file():
+        for r in range(world_size):
+            f = out / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+            if not f.is_file():
+                shutil.copyfile(first, out / f".{f.name}.tmp")
+                os.replace(out / f".{f.name}.tmp", f)
+    return out
+
+
 def make_safe_checkpoint_engine(config):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -346,9 +403,19 @@ class EngineRole(Role):
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False,
                                     client_state={UNIVERSAL_CHECKPOINT_INFO: info})
 
-    def load_state(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+    def load_state(self, folder: Path, universal: bool = False) -> None:
+        """Load this role's state; ``universal``: from ``folder/universal`` (``to_universal``), written at
+        another world size — weights, fp32 master copies and Adam moments, re-partitioned over this run's
+        ranks (never ``load_module_only``, which under ZeRO-3 silently keeps the initial weights)."""
+        if universal and self.stage == 0:
+            universal = False  # not partitioned: the saved files are the same at any world size
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            with safe_torch_load():
+                path, _ = self.engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG if universal else TAG,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise UserError(f"checkpoint of role {self.name} in {folder} could not be loaded; it is incomplete")
         self._micro = 0

@@ -5,6 +5,8 @@ Layout of ``<run>/checkpoints/``::
     iter_0000100/            one complete checkpoint
       <role>/state/…         the role's DeepSpeed engine: weights, optimizer, fp32 partitions, counters
                              (written by every rank under an explicit tag; loaded with weights_only=True)
+      <role>/universal/…     added by a resume at another world size: the state converted by DeepSpeed's
+                             ds_to_universal (not in the manifest; reused by later resizes)
       <role>.safetensors     the role's whole (gathered) weights, + the EMA when enabled
       rng_rank<r>.pt         per-rank RNG states
       data_rank<r>.json      per-rank positions of the split data streams (data/stream.py)
@@ -287,15 +289,40 @@ def load_data_state(ckpt: Path, rank: int) -> Optional[dict]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def saved_world_size(ckpt: Path) -> int:
+    return int(json.loads((ckpt / "state.json").read_text())["world_size"])
+
+
+def needs_universal(state_folder: Path) -> bool:
+    """Whether a role's DeepSpeed state is partitioned over the saving ranks (ZeRO 1-3, or DeepSpeed's bf16
+    optimizer): then another world size loads it through the universal conversion."""
+    from unidad_dist.parallel.engines import TAG
+
+    return any((Path(state_folder) / TAG).glob("*optim_states.pt"))
+
+
 def load(ckpt: Path, models, rt) -> int:
+    """Restore every trainable role this rank holds, its EMA and this rank's RNG. A checkpoint written at
+    another world size goes through DeepSpeed's universal conversion (rank 0 converts each partitioned role
+    once, inside the checkpoint folder, while the others wait); RNG then comes from the saving rank
+    ``min(rank, saved ranks - 1)`` (per-sample draws are keyed by global indices, not by these states)."""
     from safetensors.torch import load_file
 
+    from unidad_dist.parallel.engines import to_universal
+
     state = json.loads((ckpt / "state.json").read_text())
+    saved_world = int(state.get("world_size", rt.world_size))
+    resized = saved_world != rt.world_size
+    if resized:
+        if rt.is_main:
+            for folder in sorted(p for p in ckpt.iterdir() if p.is_dir() and needs_universal(p)):
+                to_universal(folder, rt.world_size)
+        _barrier(rt)
     for name, role in models.trainable_roles().items():
-        role.load_state(ckpt / name)
+        role.load_state(ckpt / name, universal=resized and needs_universal(ckpt / name))
         if role.extra_weights():
             role.load_extra_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
-    rng_file = ckpt / f"rng_rank{rt.rank}.pt"
+    rng_file = ckpt / f"rng_rank{min(rt.rank, saved_world - 1)}.pt"
     if rng_file.is_file():
         st = torch.load(rng_file, map_location=CPU, weights_only=True)
         st["python"] = (st["python"][0], tuple(st["python"][1]), st["python"][2])

@@ -27,8 +27,10 @@ from unidad_dist.train.logging import RunLogger, save_grid
 from unidad_dist.train.faults import kill_point
 from unidad_dist.train.runlock import RunLock
 
-# Keys that may change between a run and its resumption (everything else must match).
-RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout", "run.lock_stale_s")
+# Keys that may change between a run and its resumption (everything else must match). run.dir: a run folder
+# that was moved (or copied) resumes where it now is.
+RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout", "run.lock_stale_s",
+                  "run.dir")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -48,9 +50,12 @@ def check_resume_compatible(saved: dict, new: Config) -> list[str]:
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     bad = [k for k in changed if not k.startswith(RESUME_ALLOWED)]
     if bad:
+        stages = [k for k in bad if k.endswith(".zero_stage")]
         raise UserError(
             f"run folder already holds a run with different settings ({', '.join(bad[:6])}); "
             "use another run.dir, or restore those values to resume"
+            + (f" (a ZeRO stage cannot change on resume: {', '.join(f'{k}={a.get(k)}' for k in stages)} "
+               "in the saved run; another world size at the same stage is fine)" if stages else "")
         )
     return changed
 
@@ -91,13 +96,6 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
             changed = check_resume_compatible(yaml.safe_load(saved_cfg.read_text()), cfg)
             if changed and rt.is_main:
                 print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
-    if resume_from is not None:
-        saved_world = json.loads((resume_from / "state.json").read_text()).get("world_size", rt.world_size)
-        if saved_world != rt.world_size:
-            raise UserError(
-                f"{resume_from} was written by {saved_world} ranks but this run has {rt.world_size}; resume with "
-                f"--nproc {saved_world} (resuming at another world size is not available in this version)"
-            )
     # the frozen teachers, by path + sha256 (rank 0 hashes; every rank stops on a mismatch)
     try:
         frozen = checkpoint.frozen_record(cfg) if rt.is_main else {}
@@ -151,10 +149,16 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
     engines.attach(models, cfg, rt, placement)
     phases["engines_s"] = time.time() - t0
     if resume_from is not None:
-        start = checkpoint.load(resume_from, models, rt)
-        models.data.restore(checkpoint.load_data_state(resume_from, rt.rank))
+        start = checkpoint.load(resume_from, models, rt)  # another world size: via the universal conversion
+        saved_world = checkpoint.saved_world_size(resume_from)
+        if saved_world != rt.world_size:
+            models.data.restore(None, global_counts=json.loads((resume_from / "state.json").read_text())
+                                .get("samples_seen", {}))
+        else:
+            models.data.restore(checkpoint.load_data_state(resume_from, rt.rank))
         if rt.is_main:
-            print(f"resumed from {resume_from} (iteration {start})")
+            print(f"resumed from {resume_from} (iteration {start}"
+                  + (f", written by {saved_world} ranks, now {rt.world_size})" if saved_world != rt.world_size else ")"))
     else:
         start = 0
         t0 = time.time()
