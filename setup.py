@@ -20,6 +20,7 @@ setup(
         "webdataset>=0.2.90",
         "pyyaml>=6.0",
         "safetensors>=0.4",
+        "xxhash>=3.0",
         "tqdm>=4.66",
         "pillow>=10.0",
         "numpy>=1.26",

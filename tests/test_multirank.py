@@ -30,7 +30,7 @@ def _launch(nproc, recipe, *over, timeout=300):
 
 
 def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, pipes):
-    from safetensors.torch import load_file
+    from unidad_dist.train.checkpoint import role_weights
 
     pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
     one, dir1 = _recipe(tmp_path, pipe, pipes["shots"], "one", 4)
@@ -41,9 +41,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, pipes):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert (dir2 / "checkpoints" / "iter_0000003" / "rng_rank1.pt").is_file()
     for role in ("student", "fake_teacher", "target_teacher"):
-        a = load_file(str(dir1 / "checkpoints" / "iter_0000003" / f"{role}.safetensors"))
-        b = load_file(str(dir2 / "checkpoints" / "iter_0000003" / f"{role}.safetensors"))
-        init = load_file(str(dir1 / "checkpoints" / "iter_0000000" / f"{role}.safetensors")) \
+        a = role_weights(dir1 / "checkpoints" / "iter_0000003", role)
+        b = role_weights(dir2 / "checkpoints" / "iter_0000003", role)
+        init = role_weights(dir1 / "checkpoints" / "iter_0000000", role) \
             if (dir1 / "checkpoints" / "iter_0000000").exists() else None
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
@@ -87,7 +87,7 @@ def test_a_dying_rank_fails_the_launch(tmp_path, pipes):
 def test_split_placement_resumes_bit_identically(tmp_path, pipes):
     """Split placement through the launcher (each side saves its own engines, ZeRO-1/2 inside the groups):
     2 + 2 iterations with a restart equal 4 uninterrupted iterations, bit for bit."""
-    from safetensors.torch import load_file
+    from unidad_dist.train.checkpoint import role_weights
 
     over = {"placement.mode": "split", "student.zero_stage": 1, "fake_teacher.zero_stage": 2,
             "target_teacher.zero_stage": 2, "student.ema": 0.9, "checkpoint.every": 2}
@@ -98,8 +98,8 @@ def test_split_placement_resumes_bit_identically(tmp_path, pipes):
         assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     for role in ("student", "fake_teacher", "target_teacher"):
-        a = load_file(str(dfull / "checkpoints" / "iter_0000004" / f"{role}.safetensors"))
-        b = load_file(str(dpart / "checkpoints" / "iter_0000004" / f"{role}.safetensors"))
+        a = role_weights(dfull / "checkpoints" / "iter_0000004", role)
+        b = role_weights(dpart / "checkpoints" / "iter_0000004", role)
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{role}.{k}"

@@ -7,11 +7,12 @@ Layout of ``<run>/checkpoints/``::
                              (written by every rank under an explicit tag; loaded with weights_only=True)
       <role>/universal/…     added by a resume at another world size: the state converted by DeepSpeed's
                              ds_to_universal (not in the manifest; reused by later resizes)
-      <role>.safetensors     the role's whole (gathered) weights, + the EMA when enabled
+      <role>.safetensors     ZeRO-3: the role's whole (gathered) weights; the EMA when enabled (below ZeRO-3
+                             the whole weights are those in the engine's model-states file: role_weights)
       rng_rank<r>.pt         per-rank RNG states
       data_rank<r>.json      per-rank positions of the split data streams (data/stream.py)
       state.json             iteration, method, world size, global sample counts of the streams
-      manifest.json          sha256 of every file above (written last inside the folder)
+      manifest.json          the XXH3-128 checksum of every file above (written last inside the folder)
     latest                   name of the newest complete checkpoint (written after the rename)
 
 A checkpoint is written into ``.tmp-iter_…`` and renamed into place, so a killed writer never leaves a
@@ -38,47 +39,51 @@ from unidad_dist.device import CPU
 from unidad_dist.train.faults import kill_point
 
 
-_DIGESTS: dict[str, str] = {}  # absolute path -> sha256 of files this process wrote through HashingWriter
+# Checkpoint manifests use xxHash's XXH3-128 (a checksum against truncated / partial / corrupt files, ~16
+# GB/s, so computing it while writing costs next to nothing); sha256 stays for the frozen-teacher record
+# and the shard manifests.
+CHECKSUM = "xxh3_128"
+_DIGESTS: dict[str, str] = {}  # absolute path -> checksum of files this process wrote through HashingWriter
+
+
+def _new_hash(algorithm: str = CHECKSUM):
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.new(algorithm)
+
+
+def checksum_file(path: Path, algorithm: str = CHECKSUM) -> str:
+    h = _new_hash(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class HashingWriter:
-    """A file opened for writing that computes its sha256 while the bytes go out (in a second thread, which
-    hashes one chunk while this one writes the next) and fsyncs on close, so a checkpoint's manifest needs
-    no second read of what was just written."""
+    """A file opened for writing that computes its checksum (``CHECKSUM``) from the bytes as they go out, so
+    a checkpoint's manifest needs no second read of what was just written. It is not fsync'd on close:
+    ``fsync_written`` does that for all of a checkpoint's files once they are written, so the disk writes
+    back one file while the next is still being written."""
 
     def __init__(self, path):
-        import queue
-        import threading
-
         self.path = os.path.abspath(str(path))
         self._f = open(self.path, "wb")
-        self._h = hashlib.sha256()
-        self._q: "queue.Queue" = queue.Queue(maxsize=4)  # bounds the chunks held in flight
-        self._t = threading.Thread(target=self._hash, daemon=True)
-        self._t.start()
-
-    def _hash(self) -> None:
-        while True:
-            chunk = self._q.get()
-            if chunk is None:
-                return
-            self._h.update(chunk)  # releases the GIL for large chunks
+        self._h = _new_hash()
 
     def write(self, b) -> int:
-        chunk = bytes(b)  # the writer may reuse its buffer once write returns
-        self._q.put(chunk)
-        return self._f.write(chunk)
+        mv = memoryview(b).cast("B")
+        self._h.update(mv)
+        return self._f.write(mv)
 
     def flush(self) -> None:
         self._f.flush()
 
     def close(self) -> None:
         if not self._f.closed:
-            self._q.put(None)
-            self._f.flush()
-            os.fsync(self._f.fileno())
             self._f.close()
-            self._t.join()
             _DIGESTS[self.path] = self._h.hexdigest()
 
     def __enter__(self):
@@ -93,12 +98,16 @@ def torch_save_hashed(obj, path, **kw) -> None:
         torch.save(obj, f, **kw)
 
 
+def fsync_written(folder: Path, extra: tuple = ()) -> None:
+    """fsync every file this process wrote through HashingWriter under ``folder`` (and ``extra``), after
+    all of them were written: the disk writes back one file while the next is still being written."""
+    root = Path(os.path.abspath(folder))
+    for p in [Path(p) for p in _DIGESTS if Path(p).is_relative_to(root)] + [Path(p) for p in extra]:
+        _fsync(p)
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return checksum_file(path, "sha256")
 
 
 def _fsync(path: Path) -> None:
@@ -193,18 +202,22 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(rt)
+    written: list[Path] = []  # files this rank writes other than through HashingWriter (fsync'd at the end)
     for name, role in models.trainable_roles().items():  # the roles this rank holds
         if placement is not None:
             with placement.side_barriers():
                 role.save_state(tmp / name)  # every rank of the role's group writes its partitions
         else:
             role.save_state(tmp / name)
-        sd = role.full_weights(copy=False)  # a collective under ZeRO-3; read-only here, so no copy
-        if placement.leader(name) if placement is not None else rt.is_main:
+        # Below ZeRO-3 the engine's model-states file already holds the whole weights (role_weights reads
+        # them there); ZeRO-3 partitions them, so they are gathered (a collective) and written here.
+        sd = role.full_weights(copy=False) if getattr(role, "stage", 0) == 3 else {}
+        extra = role.extra_weights()
+        if (sd or extra) and (placement.leader(name) if placement is not None else rt.is_main):
             sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
-            sd.update({k: v.detach().to(CPU).contiguous() for k, v in role.extra_weights().items()})
+            sd.update({k: v.detach().to(CPU).contiguous() for k, v in extra.items()})
             save_file(sd, str(tmp / f"{name}.safetensors"))
-            _fsync(tmp / f"{name}.safetensors")
+            written.append(tmp / f"{name}.safetensors")
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
             {"iteration": iteration, "method": method_name, "world_size": rt.world_size,
@@ -217,6 +230,10 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
                    int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
     torch_save_hashed(st, tmp / f"rng_rank{rt.rank}.pt")
     (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
+    written.append(tmp / f"data_rank{rt.rank}.json")
+    if rt.is_main:
+        written.append(tmp / "state.json")
+    fsync_written(tmp, extra=tuple(written))
     kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
     _barrier(rt)
     # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
@@ -232,11 +249,14 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     if rt.is_main:
         known = {k: v for part in parts for k, v in (part or {}).items()}
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {name: known.get(name) or sha256_file(tmp / name) for name in files}
+        manifest = {"checksum": CHECKSUM,
+                    "files": {name: known.get(name) or checksum_file(tmp / name) for name in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
         _fsync(tmp / "manifest.json")
+        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True) + [tmp]:
+            _fsync_dir(d)  # the folders' entries too, before the rename publishes them
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
@@ -258,9 +278,15 @@ def is_complete(ckpt: Path) -> bool:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError:
         return False
-    for name, digest in manifest.items():
+    if not isinstance(manifest, dict):
+        return False
+    if "files" in manifest:
+        algorithm, files = manifest.get("checksum", CHECKSUM), manifest["files"]
+    else:  # manifests of earlier versions: a flat name -> sha256 map
+        algorithm, files = "sha256", manifest
+    for name, digest in files.items():
         p = ckpt / name
-        if not p.is_file() or sha256_file(p) != digest:
+        if not p.is_file() or checksum_file(p, algorithm) != digest:
             return False
     return True
 
@@ -332,12 +358,34 @@ def load(ckpt: Path, models, rt) -> int:
     return int(state["iteration"])
 
 
+def role_weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    """A trainable role's whole weights in a checkpoint, ``module.*`` (and ``ema.*`` when it keeps an EMA),
+    whatever its ZeRO stage: from ``<role>.safetensors`` (ZeRO-3: gathered at save; the EMA), else from the
+    engine's model-states file (ZeRO 0-2 write the whole module there, so it is not written twice)."""
+    from safetensors.torch import load_file
+
+    from unidad_dist.parallel.engines import TAG, _safe_globals, import_deepspeed
+
+    f = Path(ckpt) / f"{name}.safetensors"
+    out = load_file(str(f), device=str(CPU)) if f.is_file() else {}
+    if not any(k.startswith("module.") for k in out):
+        ms = Path(ckpt) / name / TAG / "mp_rank_00_model_states.pt"
+        if not ms.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt} holds no weights of role {name} ({ms} is missing)")
+        import_deepspeed()
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:  # mmap: the optimizer state in the same file (ZeRO-0) is never read
+                sd = torch.load(str(ms), map_location=CPU, weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) serialization cannot be mapped
+                sd = torch.load(str(ms), map_location=CPU, weights_only=True)
+        out.update({f"module.{k}": v for k, v in sd["module"].items()})
+    return out
+
+
 def load_student_weights(ckpt: Path, prefer_ema: bool = True, role_net: bool = False) -> dict[str, torch.Tensor]:
     """The student's UNet weights (``role_net``: its RoleNet's, keys ``unet.*``) from a checkpoint's whole
     weights, the EMA when present and preferred."""
-    from safetensors.torch import load_file
-
-    sd = load_file(str(ckpt / "student.safetensors"), device=str(CPU))
+    sd = role_weights(ckpt, "student")
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module."
     if not role_net:
         prefix += "unet."
