@@ -105,6 +105,17 @@ def test_corrupt_checkpoint_falls_back(tmp_path, pipes):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="incomplete or corrupt"):
         assert checkpoint.latest_complete(rdir).name == "iter_0000001"
+    # the manifest: XXH3-128 of every file, computed while writing, equal to a fresh read of the file
+    ck = rdir / "checkpoints" / "iter_0000001"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert manifest["checksum"] == "xxh3_128"
+    for name, digest in manifest["files"].items():
+        assert checkpoint.checksum_file(ck / name) == digest, name
+    # an earlier version's manifest (a flat name -> sha256 map) is still checked
+    (ck / "manifest.json").write_text(json.dumps({n: checkpoint.sha256_file(ck / n) for n in manifest["files"]}))
+    assert checkpoint.is_complete(ck)
+    (ck / "rng_rank0.pt").write_bytes(b"x")
+    assert not checkpoint.is_complete(ck)
 
 
 def _run_cli_subprocess(args, env_extra=None, cwd=None):

@@ -407,8 +407,6 @@ class EngineRole(Role):
         """Load this role's state; ``universal``: from ``folder/universal`` (``to_universal``), written at
         another world size — weights, fp32 master copies and Adam moments, re-partitioned over this run's
         ranks (never ``load_module_only``, which under ZeRO-3 silently keeps the initial weights)."""
-        if universal and self.stage == 0:
-            universal = False  # not partitioned: the saved files are the same at any world size
         self.engine._config.load_universal_checkpoint = universal
         try:
             with safe_torch_load():

@@ -315,8 +315,9 @@ def load_data_state(ckpt: Path, rank: int) -> Optional[dict]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def saved_world_size(ckpt: Path) -> int:
-    return int(json.loads((ckpt / "state.json").read_text())["world_size"])
+def saved_state(ckpt: Path) -> dict:
+    """A checkpoint's ``state.json``: iteration, method, world size, global sample counts, frozen record."""
+    return json.loads((Path(ckpt) / "state.json").read_text())
 
 
 def needs_universal(state_folder: Path) -> bool:
@@ -336,8 +337,8 @@ def load(ckpt: Path, models, rt) -> int:
 
     from unidad_dist.parallel.engines import to_universal
 
-    state = json.loads((ckpt / "state.json").read_text())
-    saved_world = int(state.get("world_size", rt.world_size))
+    state = saved_state(ckpt)
+    saved_world = int(state["world_size"])
     resized = saved_world != rt.world_size
     if resized:
         if rt.is_main:

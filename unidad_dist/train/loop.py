@@ -104,7 +104,7 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
     bad = ""
     if resume_from is not None and rt.is_main:
         try:
-            checkpoint.check_frozen(json.loads((resume_from / "state.json").read_text()).get("frozen", {}), frozen)
+            checkpoint.check_frozen(checkpoint.saved_state(resume_from).get("frozen", {}), frozen)
         except UserError as e:
             bad = str(e)
     if rt.distributed:
@@ -150,10 +150,10 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
     phases["engines_s"] = time.time() - t0
     if resume_from is not None:
         start = checkpoint.load(resume_from, models, rt)  # another world size: via the universal conversion
-        saved_world = checkpoint.saved_world_size(resume_from)
+        saved = checkpoint.saved_state(resume_from)
+        saved_world = int(saved["world_size"])
         if saved_world != rt.world_size:
-            models.data.restore(None, global_counts=json.loads((resume_from / "state.json").read_text())
-                                .get("samples_seen", {}))
+            models.data.restore(None, global_counts=saved.get("samples_seen", {}))
         else:
             models.data.restore(checkpoint.load_data_state(resume_from, rt.rank))
         if rt.is_main:
