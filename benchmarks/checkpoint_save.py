@@ -50,7 +50,7 @@ def main() -> None:
     rt = runtime_from_env()
     models = build(cfg, rt)
     method = UniDAD(cfg, models, rt)
-    engines.attach(models, cfg, rt, method.placement)
+    engines.attach(models, cfg, rt)
     method.step(0)
     roles = models.trainable_roles()
     tensors = {}
@@ -89,7 +89,7 @@ def main() -> None:
         run = base / "run"
         os.sync()
         t = time.perf_counter()
-        checkpoint.save(run, models, 1, rt, method.name, keep=1)
+        checkpoint.save(run, models, 1, rt, method, keep=1)
         dt = time.perf_counter() - t
         shutil.rmtree(run)
         os.sync()

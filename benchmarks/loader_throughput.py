@@ -29,14 +29,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    import torch
     import yaml
 
     from unidad_dist import builtin, testing
     from unidad_dist.config import config_from_dict, to_dict
     from unidad_dist.data.make_shards import make_shards
     from unidad_dist.device import runtime_from_env
-    from unidad_dist.methods.draws import SampleDraws, global_indices
+    from unidad_dist.core.draws import SampleDraws, global_indices
     from unidad_dist.methods.unidad import UniDAD
     from unidad_dist.parallel import engines
     from unidad_dist.train.build import build
@@ -76,7 +75,7 @@ def main() -> None:
     data.close()
     models = build(cfg, rt)
     method = UniDAD(cfg, models, rt)
-    engines.attach(models, cfg, rt, method.placement)
+    engines.attach(models, cfg, rt)
     method.step(0)  # warm-up (workers start, first passes)
     t = time.perf_counter()
     for it in range(1, args.iterations + 1):

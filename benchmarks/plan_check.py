@@ -29,7 +29,7 @@ def main() -> None:
     from unidad_dist import builtin, testing
     from unidad_dist.config import config_from_dict
     from unidad_dist.device import runtime_from_env
-    from unidad_dist.parallel.measure import compare_with_plan
+    from unidad_dist.train.measure import compare_with_plan
 
     root = Path(tempfile.mkdtemp(prefix="unidad_plan_"))
     pipes = {"pixel": testing.write_pixel_pipeline(root / "pixel"),

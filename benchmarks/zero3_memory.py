@@ -27,7 +27,7 @@ def worker(out: str, channels: str) -> None:
     from unidad_dist.device import runtime_from_env
     from unidad_dist.methods.unidad import UniDAD
     from unidad_dist.parallel import engines
-    from unidad_dist.parallel.measure import model_states_before_step
+    from unidad_dist.train.measure import model_states_before_step
     from unidad_dist.train.build import build
 
     over = {f"{r}.zero_stage": 3 for r in ("student", "fake_teacher", "target_teacher")}

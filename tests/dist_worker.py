@@ -40,16 +40,16 @@ def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
     from unidad_dist.config import config_from_dict
     from unidad_dist.methods.unidad import UniDAD
     from unidad_dist.parallel import engines
-    from unidad_dist.parallel.placement import ROLES, setup_placement
+    from unidad_dist.parallel.placement import setup_placement
     from unidad_dist.train.build import build
 
     rec = testing.tiny_recipe(Path(spec["backbone"]), Path(spec["shots"]), out / name / "run",
                               **{**spec.get("common", {}), **spec["variants"][name]})
     cfg = config_from_dict(rec)
     pl = setup_placement(cfg, rt)
-    models = build(cfg, rt, roles={r for r in ROLES if pl.holds(r)})
-    method = UniDAD(cfg, models, rt, pl)
-    engines.attach(models, cfg, rt, pl)
+    models = build(cfg, rt, placement=pl)
+    method = UniDAD(cfg, models, rt)
+    engines.attach(models, cfg, rt)
     src = models.source_teacher
     src_before = _digest(_whole(src)) if src is not None else None
 

@@ -21,14 +21,13 @@ def probe(run_dir: Path, iteration: int, out: Path, rt) -> None:
 
     from unidad_dist.config import config_from_dict
     from unidad_dist.parallel import engines
-    from unidad_dist.parallel.placement import ROLES, setup_placement
+    from unidad_dist.parallel.placement import setup_placement
     from unidad_dist.train import checkpoint
     from unidad_dist.train.build import build
 
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    pl = setup_placement(cfg, rt)
-    models = build(cfg, rt, roles={r for r in ROLES if pl.holds(r)})
-    engines.attach(models, cfg, rt, pl)
+    models = build(cfg, rt, placement=setup_placement(cfg, rt))
+    engines.attach(models, cfg, rt)
     checkpoint.load(run_dir / "checkpoints" / checkpoint.ckpt_name(iteration), models, rt)
     found = {}
     for name, role in models.trainable_roles().items():

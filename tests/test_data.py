@@ -12,7 +12,7 @@ from unidad_dist.data.make_shards import make_shards
 from unidad_dist.data.stream import SplitStream, count_position, epoch_shards, reader_shards
 from unidad_dist.data.target import list_images, load_image
 from unidad_dist.errors import UserError
-from unidad_dist.methods.draws import SampleDraws, global_indices
+from unidad_dist.core.draws import SampleDraws, global_indices
 
 
 def _prompt_file(tmp_path: Path, n: int) -> Path:

@@ -10,7 +10,7 @@ import yaml
 from unidad_dist import testing
 from unidad_dist.data import shards as sh
 from unidad_dist.data.make_shards import make_shards
-from unidad_dist.methods.draws import SampleDraws, global_indices
+from unidad_dist.core.draws import SampleDraws, global_indices
 
 
 def _nan_target_shards(tmp_path, pipes):

@@ -22,7 +22,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_matches_measurement(pipes, tmp_path, rt, case):
-    from unidad_dist.parallel.measure import compare_with_plan
+    from unidad_dist.train.measure import compare_with_plan
 
     form, over = CASES[case]
     cfg = config_from_dict(testing.tiny_recipe(pipes[form], pipes["shots"], tmp_path / "run", **over))

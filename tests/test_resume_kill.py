@@ -28,13 +28,13 @@ def _launch(recipe, kill=None):
 def _kill_points(seed: int) -> list[str]:
     """One iteration point and one inside a checkpoint write, on a seeded rank, in the order a run meets them."""
     rng = random.Random(seed)
-    pts = [(rng.randrange(1, ITERS), f"iter:{{}}"), (rng.choice([2, 4]) - 0.5, "ckpt:{}")]
+    pts = [(rng.randrange(1, ITERS), "iter:{}"), (rng.choice([2, 4]) - 0.5, "ckpt:{}")]
     pts = sorted((k, tpl.format(int(k + 0.5) if "ckpt" in tpl else k)) for k, tpl in pts)
     return [f"{rng.randrange(2)}:{p}" for _, p in pts]
 
 
 def _load_ds(path):
-    from unidad_dist.parallel.engines import _safe_globals
+    from unidad_dist.parallel.ds_io import _safe_globals
 
     with torch.serialization.safe_globals(_safe_globals()):
         return torch.load(str(path), map_location="cpu", weights_only=True)

@@ -101,7 +101,7 @@ def test_frozen_teacher_recorded_by_path_and_sha256_and_checked_on_resume(tmp_pa
 def test_engine_checkpoints_carry_universal_checkpoint_info(tmp_path, pipes):
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
 
-    from unidad_dist.parallel.engines import _safe_globals
+    from unidad_dist.parallel.ds_io import _safe_globals
 
     rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
         "train.iterations": 1, "student.zero_stage": 2, "fake_teacher.zero_stage": 1})

@@ -1,10 +1,9 @@
 """The Uni-DAD iteration: who gets gradients, who is called, what changes."""
-import copy
 
 import pytest
 import torch
 
-from unidad_dist.methods.draws import SampleDraws
+from unidad_dist.core.draws import SampleDraws
 from unidad_dist.methods.generate import generate, student_timesteps
 from unidad_dist.methods.unidad import UniDAD
 from unidad_dist.parallel import engines

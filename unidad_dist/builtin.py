@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from unidad_dist.core.images import save_images
+from unidad_dist.core.progress import progress_bar
 from unidad_dist.errors import UserError
+from unidad_dist.models.schedule import NoiseSchedule
 
 BUILD_VERSION = 1
 # Seconds spent building built-ins in this process (reported in the demo's summary).
@@ -105,8 +108,6 @@ def make_shots(folder: Path, domain: str | dict, n: int, resolution: int, seed: 
     """Write an n-shot folder of PNGs for a named (or given) procedural domain."""
     d = DOMAINS[domain] if isinstance(domain, str) else domain
     g = torch.Generator().manual_seed(seed)
-    from unidad_dist.train.logging import save_images
-
     save_images(render_shapes(d, n, resolution, g), Path(folder), pattern="shot_{:03d}.png")
     return Path(folder)
 
@@ -124,8 +125,6 @@ def tiny_pixel_unet_config(resolution: int, block_out_channels, layers_per_block
 def pretrain_teacher(cfg: dict, out: Path, progress: bool = True) -> None:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from unidad_dist.models.schedule import NoiseSchedule
-
     torch.manual_seed(cfg["seed"])
     unet = UNet2DModel(**tiny_pixel_unet_config(cfg["resolution"], cfg["block_out_channels"],
                                                 cfg["layers_per_block"], cfg["norm_num_groups"]))
@@ -138,8 +137,6 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True) -> None:
     domain = DOMAINS[cfg["domain"]]
     bar = None
     if progress:
-        from unidad_dist.train.logging import progress_bar
-
         bar = progress_bar(cfg["steps"], "pretraining built-in teacher", leave=False)
     steps = cfg["steps"]
     for step in range(steps):

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="recipe YAML file (default: built-in defaults)")
     p.add_argument("--keys", action="store_true", help="list every valid key")
     _add_overrides(p)
-    p = sub.add_parser("sample", help="sample the student of a run")
+    p = sub.add_parser("sample", help="sample the student (the method's sampler role) of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="student steps K (default: as trained)")
     p.add_argument("--num", type=int, default=16)
@@ -93,21 +93,18 @@ def cmd_train(config: Path | str, overrides: list[str]) -> int:
 
 
 def cmd_config(args) -> int:
-    from unidad_dist.config import all_keys, dump_yaml, load_config, validate, Config
+    from unidad_dist.config import all_keys, dump_yaml, load_config, validate
 
+    cfg = load_config(args.config, args.overrides, check=False)  # the recipe's method decides its sections
     if args.keys:
-        print("\n".join(all_keys()))
+        print("\n".join(all_keys(cfg.method)))
         return 0
-    if args.config is None:
-        from unidad_dist.config import from_dict, parse_overrides
-
-        cfg = from_dict(Config, parse_overrides(args.overrides))
-        try:
-            validate(cfg)
-        except UserError as e:
-            print(f"# note: {e}", file=sys.stderr)
-    else:
-        cfg = load_config(args.config, args.overrides)
+    try:
+        validate(cfg)
+    except UserError as e:
+        if args.config is not None:
+            raise
+        print(f"# note: {e}", file=sys.stderr)  # the defaults alone name no model or data
     print(dump_yaml(cfg), end="")
     return 0
 
@@ -115,7 +112,7 @@ def cmd_config(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from unidad_dist.train.logging import save_grid, save_images
+    from unidad_dist.core.images import save_grid, save_images
     from unidad_dist.train.loop import load_run
 
     if args.num < 1:
@@ -138,7 +135,7 @@ def cmd_sample(args) -> int:
         save_grid(pixels, out)
     else:
         save_images(pixels, out)
-    print(f"wrote {args.num} samples ({args.steps or cfg.student.steps} steps, {ckpt.name}) to {out}")
+    print(f"wrote {args.num} samples ({args.steps or method.sampling_info()['steps']} steps, {ckpt.name}) to {out}")
     return 0
 
 
@@ -165,7 +162,7 @@ def cmd_export(args) -> int:
 
     out = export(args.run, args.out, iteration=args.checkpoint, use_ema=not args.raw)
     info = json.loads((out / "unidad_student.json").read_text())
-    what = f"a {info['pipeline']} folder" if info["pipeline"] else "the student UNet + scheduler"
+    what = f"a {info['pipeline']} folder" if info["pipeline"] else "the UNet + scheduler"
     print(f"exported {what} ({info['checkpoint']}, K={info['steps']}) to {out}; "
           f"call it with {', '.join(f'{k}={v}' for k, v in info['pipeline_call'].items())}")
     return 0

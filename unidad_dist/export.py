@@ -1,4 +1,4 @@
-"""``unidad-dist export``: the student as a diffusers folder that a plain pipeline call samples correctly.
+"""``unidad-dist export``: the sampler role (Uni-DAD: the student) as a diffusers folder that a plain pipeline call samples correctly.
 
 Layout of ``--out``::
 
@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 
 from unidad_dist.errors import UserError
+from unidad_dist.models.backbones import build_unet, resolve_backbone
+from unidad_dist.train.loop import load_run
 
 PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "pixel": "DDPMPipeline"}
 TIMESTEP_SCALING = 1.0e7  # c_skip = σ_d² / ((t·s)² + σ_d²) ≈ 0 and c_out ≈ 1 to fp32 precision for t >= 1
@@ -66,19 +68,19 @@ def merged_unet_state(role_net: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = True) -> Path:
     from diffusers import LCMScheduler
 
-    from unidad_dist.models.backbones import build_unet, resolve_backbone
-    from unidad_dist.train.loop import load_run
-
     out_p = Path(out)
     if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):
         raise UserError(f"--out '{out}' exists and is not empty; choose a new folder")
     cfg, models, method, ckpt = load_run(run, use_ema=use_ema, iteration=iteration)
-    spec = resolve_backbone(cfg.student.backbone, "student") if cfg.student.backbone else models.spec
+    role = method.sampler
+    rc = getattr(cfg, role)
+    spec = resolve_backbone(rc.backbone, role) if rc.backbone else models.spec
+    info = method.sampling_info()
     tmp = out_p.with_name(out_p.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    role_net = models.student.module
-    lora = cfg.student.lora.rank > 0
+    role_net = models.roles[role].module
+    lora = rc.lora.rank > 0
     if lora:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
@@ -87,7 +89,7 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
         (tmp / "unet_lora").mkdir()
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(role_net.unet).items()}
         save_file(adapter, str(tmp / "unet_lora" / "adapter_model.safetensors"))
-        lc = cfg.student.lora
+        lc = rc.lora
         LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
                    target_modules=list(lc.target_modules)).save_pretrained(str(tmp / "unet_lora"))
         state = merged_unet_state(role_net)
@@ -98,10 +100,10 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
     unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
 
     T = int(models.schedule.alphas_cumprod.shape[0])
-    output = "sample" if cfg.student.prediction == "x0" else models.schedule.prediction_type
+    output = info["output"]
     sched_cfg = lcm_scheduler_config(models.spec.scheduler_config, output, T)
     LCMScheduler.from_config(sched_cfg).save_pretrained(str(tmp / "scheduler"))
-    default_ts = cfg.student.timesteps is None
+    default_ts = not info["explicit_timesteps"]
     pipeline = None
     src = models.spec
     if src.root is not None and (src.root / "model_index.json").is_file():
@@ -121,22 +123,22 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
             index.setdefault("feature_extractor", [None, None])
             index.setdefault("requires_safety_checker", False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    K = cfg.student.steps
+    K = info["steps"]
     call = {"num_inference_steps": K}
     if not default_ts:
-        call["timesteps"] = list(method.timesteps)
+        call["timesteps"] = list(info["timesteps"])
     if spec.kind != "pixel":
         call["guidance_scale"] = 1.0  # the student samples without CFG
     (tmp / "unidad_student.json").write_text(json.dumps({
         "checkpoint": ckpt.name,
         "steps": K,
-        "timesteps": list(method.timesteps),
+        "timesteps": list(info["timesteps"]),
         "output": output,
-        "ema": bool(cfg.student.ema > 0 and use_ema),
-        "lora": {"rank": cfg.student.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
+        "ema": bool(models.specs[role].ema > 0 and use_ema),
+        "lora": {"rank": rc.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
         "pipeline": pipeline,
         "pipeline_call": call,
-        "source_backbone": cfg.source_teacher.backbone,
+        "source_backbone": getattr(cfg, cfg.method.primary).backbone,
     }, indent=2))
     if out_p.exists():
         out_p.rmdir()

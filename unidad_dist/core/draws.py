@@ -24,7 +24,8 @@ def key_seed(*parts) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def _gen(*parts) -> torch.Generator:
+def keyed_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from a hash of ``parts`` (the draw's key)."""
     g = torch.Generator(device=CPU)
     g.manual_seed(key_seed(*parts))
     return g
@@ -32,7 +33,7 @@ def _gen(*parts) -> torch.Generator:
 
 def shared_randint(seed: int, iteration: int, purpose: str, low: int, high: int) -> int:
     """Same value on every rank: depends on (seed, iteration, purpose) only."""
-    return int(torch.randint(low, high, (1,), generator=_gen(seed, iteration, "shared", purpose)).item())
+    return int(torch.randint(low, high, (1,), generator=keyed_generator(seed, iteration, "shared", purpose)).item())
 
 
 class SampleDraws:
@@ -45,7 +46,7 @@ class SampleDraws:
         self.device = device
 
     def _stack(self, fn, role: str, purpose: str) -> torch.Tensor:
-        out = [fn(_gen(self.seed, self.iteration, i, role, purpose)) for i in self.indices]
+        out = [fn(keyed_generator(self.seed, self.iteration, i, role, purpose)) for i in self.indices]
         return torch.stack(out).to(self.device)
 
     def randn(self, shape: Sequence[int], role: str, purpose: str) -> torch.Tensor:

@@ -17,18 +17,19 @@ from typing import Optional
 
 import torch
 
-from unidad_dist.device import CPU
+from unidad_dist.config import load_config
+from unidad_dist.data.shards import image_to_png, write_shards
+from unidad_dist.data.target import fingerprint, list_images, load_image
+from unidad_dist.device import CPU, pick_device
 from unidad_dist.errors import UserError
+from unidad_dist.models.backbones import resolve_backbone
+from unidad_dist.models.conditioning import LatentCodec, TextConditioner, fill_prompt, strip_rare_token
 
 
 def make_shards(out: str, images: Optional[str] = None, prompts: Optional[str] = None, config: Optional[str] = None,
                 overrides: tuple = (), precompute: bool = False, resolution: Optional[int] = None,
                 per_shard: int = 500, prompt: Optional[str] = None, rare: Optional[str] = None,
                 cls: Optional[str] = None) -> dict:
-    from unidad_dist.data.shards import image_to_png, write_shards
-    from unidad_dist.data.target import fingerprint, list_images, load_image
-    from unidad_dist.models.conditioning import fill_prompt, strip_rare_token
-
     if (images is None) == (prompts is None):
         raise UserError("give exactly one of --images DIR (the target stream) and --prompts FILE (the source stream)")
     if per_shard < 1:
@@ -38,22 +39,18 @@ def make_shards(out: str, images: Optional[str] = None, prompts: Optional[str] =
         raise UserError(f"--out '{out}' exists and is not empty; choose a new folder (nothing was written)")
     cfg = spec = codec = conditioner = None
     if config is not None:
-        from unidad_dist.config import load_config
-        from unidad_dist.models.backbones import resolve_backbone
-
         cfg = load_config(config, list(overrides))
-        spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
+        primary = cfg.method.primary  # the role whose backbone holds the run's VAE and text encoders
+        spec = resolve_backbone(getattr(cfg, primary).backbone, primary)
     elif precompute:
-        raise UserError("--precompute needs --config RECIPE (its source_teacher.backbone's VAE and text encoders)")
+        raise UserError("--precompute needs --config RECIPE (the VAE and text encoders of its primary backbone, "
+                        "e.g. source_teacher.backbone)")
     t = cfg.data.target if cfg is not None else None
     template = prompt or (t.prompt if t else "a {rare} {cls}")
     rare = rare if rare is not None else (t.rare_token if t else "sks")
     cls = cls if cls is not None else (t.class_name if t else "")
     device = CPU
     if precompute:
-        from unidad_dist.device import pick_device
-        from unidad_dist.models.conditioning import LatentCodec, TextConditioner
-
         device = pick_device()
         if spec.kind == "pixel":
             raise UserError(f"--precompute: '{spec.given}' is a pixel-space backbone with no VAE or text encoder; "

@@ -33,7 +33,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from unidad_dist.errors import UserError
-from unidad_dist.train.checkpoint import sha256_file  # noqa: F401 (also this module's API)
+from unidad_dist.builtin import resolve_path
+from unidad_dist.core.images import to_uint8
+from unidad_dist.core.io import sha256_file  # noqa: F401 (also this module's API)
 
 FORMAT = "unidad_dist.shards/1"
 MANIFEST = "manifest.json"
@@ -78,8 +80,6 @@ def bytes_to_tensors(data: bytes) -> dict:
 def image_to_png(image: torch.Tensor) -> bytes:
     """An image in [-1, 1] (3, H, W) whose values are k/127.5 - 1 (as ``load_image`` gives) -> lossless PNG."""
     from PIL import Image
-
-    from unidad_dist.train.logging import to_uint8
 
     buf = io.BytesIO()
     Image.fromarray(to_uint8(image[None])[0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
@@ -234,8 +234,6 @@ def is_shard_folder(path: Path) -> bool:
 def open_shards(path: str, urls: Optional[str], expect_kind: str, key: str) -> ShardSet:
     """The manifest at ``path`` (a shard folder or its manifest.json) and its shard URLs: the local files
     beside it, or ``urls`` (a brace pattern / ``pipe:`` command, one URL per manifest shard, in order)."""
-    from unidad_dist.builtin import resolve_path
-
     p = resolve_path(path)
     mf = p / MANIFEST if p.is_dir() else p
     try:

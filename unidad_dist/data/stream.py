@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from unidad_dist.data.shards import ShardSet, decode_sample
 from unidad_dist.errors import UserError
-from unidad_dist.methods.draws import _gen
+from unidad_dist.core.draws import keyed_generator
 
 Position = tuple[int, int, int]  # (epoch, slot among this reader's shards of the epoch, offset in the shard)
 
 
 def epoch_shards(seed: int, name: str, num_shards: int, epoch: int) -> list[int]:
-    return torch.randperm(num_shards, generator=_gen(seed, name, "shards", epoch)).tolist()
+    return torch.randperm(num_shards, generator=keyed_generator(seed, name, "shards", epoch)).tolist()
 
 
 def reader_shards(seed: int, name: str, num_shards: int, epoch: int, reader: int, num_readers: int) -> list[int]:
@@ -43,7 +43,7 @@ def reader_shards(seed: int, name: str, num_shards: int, epoch: int, reader: int
 
 
 def in_shard_order(seed: int, name: str, epoch: int, shard: int, n: int) -> list[int]:
-    return torch.randperm(n, generator=_gen(seed, name, "in_shard", epoch, shard)).tolist()
+    return torch.randperm(n, generator=keyed_generator(seed, name, "in_shard", epoch, shard)).tolist()
 
 
 def count_position(seed: int, name: str, counts: list[int], reader: int, num_readers: int, count: int) -> Position:

@@ -20,8 +20,11 @@ from typing import Optional
 
 import torch
 
+from unidad_dist.builtin import resolve_path
+from unidad_dist.core.draws import SampleDraws
+from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
+from unidad_dist.data.stream import SplitStream, load_whole
 from unidad_dist.errors import UserError
-from unidad_dist.methods.draws import SampleDraws
 from unidad_dist.models.conditioning import cat_cond, fill_prompt, strip_rare_token
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -50,8 +53,6 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_target_folder(path: str, resolution: int) -> tuple[torch.Tensor, list[Optional[str]], list[Path]]:
-    from unidad_dist.builtin import resolve_path
-
     folder = resolve_path(path)
     if not folder.exists():
         raise UserError(f"data.target.path '{path}' does not exist; point it at a folder of target images")
@@ -104,15 +105,13 @@ def _check_precomputed(shards, spec, key: str) -> None:
     if m.get("encoders") != fingerprint(spec):
         raise UserError(
             f"{key}: these shards were precomputed with other frozen encoders ({m.get('backbone')}) than the "
-            f"recipe's source_teacher.backbone ({spec.given}); rerun make-shards --precompute with this recipe"
+            f"recipe's backbone ({spec.given}); rerun make-shards --precompute with this recipe"
         )
 
 
 def _first_samples(shards, key: str, path: str, n: int = 64) -> list[dict]:
     """The first n readable samples in manifest order: a split stream's in-memory reference (evaluation
     shots; prompts for sampling and warm start)."""
-    from unidad_dist.data.shards import decode_sample
-
     out: list[dict] = []
     for i in range(shards.num_shards):
         out.extend(decode_sample(s) for s in shards.read_shard(i))
@@ -131,13 +130,10 @@ class DataSource:
     """Source prompts + target shots; produces ``Batch``es from per-sample draws or from split streams.
 
     ``images`` are the target shots in pixels (metrics, grids); for a split target stream they are its first
-    64 readable samples in manifest order, the evaluation reference."""
+    64 readable samples in manifest order, the evaluation reference. ``conditioner`` is the run's shared
+    text conditioner (a component of the run, not of the data): prompts are encoded with it and cached."""
 
     def __init__(self, cfg, spec, resolution: int, codec=None, conditioner=None, dp: tuple[int, int] = (0, 1)):
-        from unidad_dist.data.shards import is_shard_folder, open_shards
-        from unidad_dist.data.stream import SplitStream, load_whole
-        from unidad_dist.builtin import resolve_path
-
         t = cfg.data.target
         self.cfg = cfg
         self.rare = t.rare_token
@@ -248,8 +244,6 @@ class DataSource:
     def restore(self, state: Optional[dict], global_counts: Optional[dict] = None) -> None:
         """Continue the split streams: from this rank's saved positions (``state``), or — after a resume at
         another world size — from each stream's global sample count, every reader at its share of it."""
-        from unidad_dist.data.stream import SplitStream
-
         for name, s in list(self.streams.items()):
             if global_counts is not None:
                 self.streams[name] = SplitStream(s.shards, s.seed, name, s.dp_rank, s.dp_size, s.workers, s.batch,

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import time
 
+from unidad_dist.config import load_config
 from unidad_dist.device import free_port
 from unidad_dist.errors import UserError
 
 
 def launch_local(nproc: int, config: str, overrides: list[str], grace_s: float | None = None) -> int:
-    from unidad_dist.config import load_config
-
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     cfg = load_config(config, overrides)  # bad input fails here, before any rank starts

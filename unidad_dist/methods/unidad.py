@@ -1,10 +1,18 @@
-"""One Uni-DAD iteration (algorithm.md §5): student (G) on dual-domain DMD + GAN generator term, fake
-teacher + heads (F) on denoising + GAN discriminator, online target teacher (T) on the target shots.
+"""Uni-DAD (algorithm.md): one run that distils a many-step source teacher into a K-step student and adapts
+it to a target domain from a few shots.
+
+Roles: ``student`` (G, generator side), ``fake_teacher`` with its GAN heads (F, critic side),
+``source_teacher`` (frozen, generator side; its backbone is the run's primary), ``target_teacher``
+(``online`` / ``frozen`` / ``off``, critic side). One iteration (§5): the student on dual-domain DMD + the
+GAN generator term, the fake teacher + heads on denoising + the GAN discriminator, the online target
+teacher on the target shots.
 
 Gradients reach only the role being stepped by construction: teacher predictions run under no_grad, the
 GAN generator term is an input-gradient taken through the fake teacher's *activations*
 (``torch.autograd.grad`` w.r.t. the sample only) and injected into the student's graph, and the fake and
-target steps see detached student samples. No ``requires_grad`` is toggled.
+target steps see detached student samples. No ``requires_grad`` is toggled. The step names no rank: the
+exchange runs the generator's and the critic's pieces where those roles live and hands the student
+samples one way and the critic's feedback the other.
 """
 from __future__ import annotations
 
@@ -14,13 +22,78 @@ from typing import Optional
 
 import torch
 
+from unidad_dist.core.draws import SampleDraws, global_indices, shared_randint
+from unidad_dist.core.progress import progress_bar
+from unidad_dist.core.schema import choice, positive
+from unidad_dist.core.sections import AlgorithmConfig, RoleConfig, TrainableRoleConfig, TrainConfig
 from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
-from unidad_dist.methods.draws import SampleDraws, global_indices, shared_randint
+from unidad_dist.methods.base import IterationPlan, Method, NonFiniteLoss, Pass, RoleSpec, register_method
 from unidad_dist.methods.generate import generate, student_timesteps
 from unidad_dist.models.conditioning import cat_cond
+from unidad_dist.models.gan_heads import GanHeads
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
+
+__all__ = ["UniDAD", "NonFiniteLoss", "select_cond"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Its recipe sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class UniDADTrainConfig(TrainConfig):
+    fake_updates_per_student: int = 5  # `ratio`: the student steps on iterations = 0 mod ratio
+
+
+@dataclass
+class StudentConfig(TrainableRoleConfig):
+    steps: int = 1  # K
+    timesteps: Optional[list[int]] = None  # explicit list, else t_k = T-1 - k*floor(T/K)
+    unroll: str = "backward_simulation"  # or "full"
+    prediction: str = "teacher"  # "x0": the network's output is x̂0; "teacher": read as the backbone's type
+    warm_start: int = 0  # regression steps on (noise -> teacher's DDIM sample) pairs; 0 = off
+    warm_start_pairs: int = 256
+    warm_start_teacher_steps: int = 25
+    warm_start_lr: float = 1e-3
+    warm_start_batch: int = 32
+    ema: float = 0.0  # decay of the student EMA; 0 = off
+
+
+@dataclass
+class FakeTeacherConfig(TrainableRoleConfig):
+    pass
+
+
+@dataclass
+class GanHeadsConfig:
+    enabled: bool = True
+    lambda_d: float = 0.05  # weight of the discriminator loss in the fake-teacher step
+    lambda_g: float = 0.015  # weight of the generator loss in the student step
+
+
+@dataclass
+class SourceTeacherConfig(RoleConfig):
+    enabled: bool = True
+    cfg: float = 1.0  # classifier-free guidance scale (text models); 1 = no CFG
+
+
+@dataclass
+class TargetTeacherConfig(TrainableRoleConfig):
+    mode: str = "off"  # off | online | frozen (init: the target checkpoint; online: None = copy of the source)
+    update_every: int = 1  # tt_every: step the online target teacher on iterations = 0 mod this
+    cfg: float = 1.0
+    cond_dropout: float = 0.1
+    student_feedback: float = 0.0  # OPAD-style: fraction of its batch that is detached student samples
+    feedback_start: int = 0
+
+
+@dataclass
+class UniDADAlgorithmConfig(AlgorithmConfig):
+    a: float | str = 0.0  # weight of the target-teacher DMD term; "auto" is reserved
+    t_min: int = 20
+    t_max: int = 980
+    t_sampling: str = "uniform"  # uniform | karras_index
 
 
 def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
@@ -37,63 +110,159 @@ def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Opt
     return out
 
 
-@dataclass(frozen=True)
-class IterationPlan:
-    """Which roles step in an iteration and over how many micro-batches: a function of (config, seed,
-    iteration) only, so every rank agrees (and `plan` counts the same passes the step makes)."""
-    train_g: bool
-    train_t: bool
-    ga_g: int  # student micro-batches with gradient (0: the student does not step)
-    ga_f: int
-    ga_t: int
-    n_micro: int
-    k_grad: Optional[int]  # backward simulation: the student step that carries the gradient
-
-
-def iteration_plan(cfg, iteration: int) -> IterationPlan:
-    train_g = iteration % cfg.train.fake_updates_per_student == 0
-    train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
-    ga_g = cfg.student.grad_accum if train_g else 0
-    ga_f = cfg.fake_teacher.grad_accum
-    ga_t = cfg.target_teacher.grad_accum if train_t else 0
-    k_grad = None
-    if cfg.student.unroll == "backward_simulation":
-        k_grad = shared_randint(cfg.run.seed, iteration, "backward_simulation_k", 0, cfg.student.steps)
-    return IterationPlan(train_g, train_t, ga_g, ga_f, ga_t, max(ga_g, ga_f, ga_t), k_grad)
-
-
-class NonFiniteLoss(UserError):
-    """A role's loss was NaN/inf on some rank and the run is configured (or forced) to stop."""
-
-
-class UniDAD:
+@register_method
+class UniDAD(Method):
     name = "unidad"
+    primary = "source_teacher"
+    sampler = "student"
+    components = ("schedule", "codec", "text")
 
-    def __init__(self, cfg, models, rt, placement=None):
-        from unidad_dist.parallel.placement import Placement, ROLES
+    # -- declaration --------------------------------------------------------------------------------
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        return {"train": UniDADTrainConfig, "student": StudentConfig, "fake_teacher": FakeTeacherConfig,
+                "gan_heads": GanHeadsConfig, "source_teacher": SourceTeacherConfig,
+                "target_teacher": TargetTeacherConfig, "algorithm": UniDADAlgorithmConfig}
 
-        self.cfg = cfg
-        self.m = models
-        self.rt = rt
-        self.placement = placement or Placement("colocated", {r: list(range(rt.world_size)) for r in ROLES},
-                                                rt.rank, rt.world_size)
+    @classmethod
+    def roles(cls, cfg) -> list[RoleSpec]:
+        specs = [RoleSpec("student", True, "generator", copy_of="source_teacher", ema=cfg.student.ema),
+                 RoleSpec("fake_teacher", True, "critic", copy_of="source_teacher", heads=GanHeads.for_backbone,
+                          heads_key="gan_heads_init")]
+        if cfg.source_teacher.enabled:
+            specs.append(RoleSpec("source_teacher", False, "generator"))
+        mode = cfg.target_teacher.mode
+        if mode != "off":
+            specs.append(RoleSpec("target_teacher", mode == "online", "critic", copy_of="source_teacher"))
+        return specs
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        a = cfg.algorithm.a
+        if isinstance(a, str):
+            if a == "auto":
+                raise UserError("algorithm.a='auto' is reserved and not implemented yet; set a number in [0, 1]")
+            raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
+        if not 0.0 <= a <= 1.0:
+            raise UserError(f"algorithm.a must be in [0, 1], got {a}; 0 = source teacher only, 1 = target only")
+        tc = cfg.target_teacher
+        choice("target_teacher.mode", tc.mode, ("off", "online", "frozen"))
+        if a > 0 and tc.mode == "off":
+            raise UserError(
+                f"algorithm.a={a} needs a target teacher but target_teacher.mode=off; "
+                "set target_teacher.mode=online (or frozen with target_teacher.init) or algorithm.a=0"
+            )
+        if a < 1 and not cfg.source_teacher.enabled:
+            raise UserError(
+                f"algorithm.a={a} < 1 needs the source teacher but source_teacher.enabled=false; "
+                "enable it or set algorithm.a=1"
+            )
+        if tc.mode == "frozen" and not tc.init:
+            raise UserError("target_teacher.mode=frozen needs target_teacher.init (the target model's weights)")
+        st = cfg.student
+        if st.steps < 1:
+            raise UserError(f"student.steps must be >= 1, got {st.steps}")
+        if st.timesteps is not None:
+            if len(st.timesteps) != st.steps:
+                raise UserError(
+                    f"student.timesteps has {len(st.timesteps)} entries but student.steps={st.steps}; make them agree"
+                )
+            if any(b >= a_ for a_, b in zip(st.timesteps, st.timesteps[1:])):
+                raise UserError(f"student.timesteps must be strictly decreasing, got {st.timesteps}")
+        choice("student.unroll", st.unroll, ("backward_simulation", "full"))
+        choice("student.prediction", st.prediction, ("teacher", "x0"))
+        if not 0.0 <= st.ema < 1.0:
+            raise UserError(f"student.ema must be in [0, 1) (0 = off), got {st.ema}")
+        positive("student.warm_start", st.warm_start, allow_zero=True)
+        if st.warm_start > 0 and not cfg.source_teacher.enabled:
+            raise UserError("student.warm_start regresses the student onto the source teacher's samples, but "
+                            "source_teacher.enabled=false; enable it or set student.warm_start=0")
+        if st.ema > 0 and st.zero_stage == 3:
+            raise UserError(
+                "student.ema with student.zero_stage=3 is not available (the EMA would need the whole student on "
+                "every rank); use student.zero_stage 0-2 or student.ema=0"
+            )
+        positive("train.fake_updates_per_student", cfg.train.fake_updates_per_student)
+        positive("target_teacher.update_every", tc.update_every)
+        if not 0 <= tc.cond_dropout < 1:
+            raise UserError(f"target_teacher.cond_dropout must be in [0, 1), got {tc.cond_dropout}")
+        if not 0 <= tc.student_feedback < 1:
+            raise UserError(f"target_teacher.student_feedback must be in [0, 1), got {tc.student_feedback}")
+        al = cfg.algorithm
+        choice("algorithm.t_sampling", al.t_sampling, ("uniform", "karras_index"))
+        if not 0 <= al.t_min <= al.t_max:
+            raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
+
+    @classmethod
+    def iteration_plan(cls, cfg, iteration: int) -> IterationPlan:
+        train_g = iteration % cfg.train.fake_updates_per_student == 0
+        train_t = cfg.target_teacher.mode == "online" and iteration % cfg.target_teacher.update_every == 0
+        micro = {"student": cfg.student.grad_accum if train_g else 0,
+                 "fake_teacher": cfg.fake_teacher.grad_accum,
+                 "target_teacher": cfg.target_teacher.grad_accum if train_t else 0}
+        k_grad = None
+        if cfg.student.unroll == "backward_simulation":
+            k_grad = shared_randint(cfg.run.seed, iteration, "backward_simulation_k", 0, cfg.student.steps)
+        return IterationPlan(micro, {"k_grad": k_grad})
+
+    @classmethod
+    def plan_period(cls, cfg) -> int:
+        return cfg.train.fake_updates_per_student
+
+    @classmethod
+    def passes(cls, cfg, iteration: int, conditional: bool) -> list[list[Pass]]:
+        ip = cls.iteration_plan(cfg, iteration)
+        K, k_grad = cfg.student.steps, ip.extra["k_grad"]
+        a = float(cfg.algorithm.a)
+        gan = cfg.gan_heads
+        src_b = 2 if (cfg.source_teacher.cfg != 1.0 and conditional) else 1
+        trg_b = 2 if (cfg.target_teacher.cfg != 1.0 and conditional) else 1
+        out = []
+        for micro in range(ip.n_micro):
+            p: list[Pass] = []
+            if micro < ip.micro["student"]:
+                if k_grad is not None:  # backward simulation: steps 0 .. k-1 without grad, step k with
+                    p += [Pass("student", "none", count=k_grad), Pass("student", "params")]
+                else:
+                    p.append(Pass("student", "both", count=K))
+                p.append(Pass("fake_teacher", "none", phase="student"))
+                if a > 0:
+                    p.append(Pass("target_teacher", "none", batch=trg_b, phase="student"))
+                if a < 1:
+                    p.append(Pass("source_teacher", "none", batch=src_b, phase="student"))
+                if gan.enabled and gan.lambda_g > 0:
+                    p.append(Pass("fake_teacher", "input", discriminate=True, phase="student"))
+            else:
+                p.append(Pass("student", "none", count=(k_grad + 1) if k_grad is not None else K))
+            if micro < ip.micro["fake_teacher"]:
+                p.append(Pass("fake_teacher", "params"))
+                if gan.enabled and gan.lambda_d > 0:
+                    p.append(Pass("fake_teacher", "params", discriminate=True, count=2))
+            if micro < ip.micro["target_teacher"]:
+                p.append(Pass("target_teacher", "params"))
+            out.append(p)
+        return out
+
+    # -- a run --------------------------------------------------------------------------------------
+    def __init__(self, cfg, models, rt):
+        super().__init__(cfg, models, rt)
         self.schedule = models.schedule
         self.T = self.schedule.T
         self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
         self.a = float(cfg.algorithm.a)
-        self.seed = cfg.run.seed
         # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (algorithm.md §4, precision).
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
         self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
         self.calls = defaultdict(int)  # network calls per role (tests count them)
-        self.nonfinite_run = defaultdict(int)  # consecutive iterations a role's step was skipped
-        self.nonfinite_total = defaultdict(int)
+
+    def role(self, name: str):
+        return self.m.roles[name]
 
     # -- network calls ---------------------------------------------------------------------------
     def student_x0(self, x_t, t, cond, module=None):
         """x̂0 of the student: through its engine (its own loss), or of ``module`` (sampling, EMA)."""
         self.calls["student"] += 1
-        role = self.m.student
+        role = self.role("student")
         if module is None:
             pred = role.train_forward(x_t, t, cond)
         else:
@@ -106,7 +275,7 @@ class UniDAD:
     def teacher_x0(self, role_name: str, x_t, t, cond, uncond, scale: float, force_fp32: bool = False):
         """x̂0 of a teacher, with CFG when scale != 1 and the backbone is conditional; fp32 conversion."""
         self.calls[role_name] += 1
-        role = getattr(self.m, role_name)
+        role = self.role(role_name)
         if scale != 1.0 and cond:
             both = role.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([uncond, cond]), force_fp32)
             u, c = both.float().chunk(2)
@@ -138,9 +307,9 @@ class UniDAD:
         return self.schedule.add_noise(x.detach(), n, t), t
 
     def critic_feedback(self, x, batch, d: SampleDraws) -> dict:
-        """What the student step needs from the fake/target side: their x̂0 at the DMD point and the GAN
-        generator term's input-gradient. Runs where the fake teacher lives; nothing here can put a
-        gradient into any parameter."""
+        """What the student step needs from the critic side: the fake (and target) teacher's x̂0 at the DMD
+        point and the GAN generator term's input-gradient. Runs where the fake teacher lives; nothing here can
+        put a gradient into any parameter."""
         cfg = self.cfg
         x_t, t = self.dmd_point(x, d)
         fb = {}
@@ -157,28 +326,19 @@ class UniDAD:
     def uses_gan_g(self) -> bool:
         return self.cfg.gan_heads.enabled and self.cfg.gan_heads.lambda_g > 0
 
-    def feedback_keys(self) -> list[str]:
-        return ["x_fk"] + (["x_trg"] if self.a > 0.0 else []) + (["g_gan"] if self.uses_gan_g else [])
-
-    def pack_feedback(self, fb: dict) -> torch.Tensor:
-        parts = [fb[k].float().flatten() for k in self.feedback_keys()]
+    def feedback_shapes(self, shape) -> dict:
+        """The critic's feedback tensors and their shapes (the exchange packs them)."""
+        out = {"x_fk": shape}
+        if self.a > 0.0:
+            out["x_trg"] = shape
         if self.uses_gan_g:
-            parts.append(fb["gan_g"].float().reshape(1).to(parts[0].device))
-        return torch.cat(parts)
-
-    def unpack_feedback(self, flat: torch.Tensor, shape) -> dict:
-        n = int(torch.Size(shape).numel())
-        fb = {k: flat[i * n:(i + 1) * n].view(shape) for i, k in enumerate(self.feedback_keys())}
-        if self.uses_gan_g:
-            fb["gan_g"] = flat[-1]
-        return fb
-
-    def feedback_numel(self, shape) -> int:
-        return len(self.feedback_keys()) * int(torch.Size(shape).numel()) + (1 if self.uses_gan_g else 0)
+            out["g_gan"] = shape
+            out["gan_g"] = ()
+        return out
 
     def student_loss(self, x, batch, d: SampleDraws, fb: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
         """Dual-domain DMD + the GAN generator term, given the critic side's feedback (computed here when
-        the fake teacher is on this rank)."""
+        not given: the fake teacher must then be on this rank)."""
         cfg = self.cfg
         if fb is None:
             fb = self.critic_feedback(x, batch, d)
@@ -211,7 +371,7 @@ class UniDAD:
         t = d.randint(0, self.T, "student", "gan_t")
         n = d.randn(self.m.sample_shape, "student", "gan_noise")
         self.calls["fake_teacher_features"] += 1
-        logits = self.m.fake_teacher.discriminate(self.schedule.add_noise(x_in, n, t), t, batch.cond)
+        logits = self.role("fake_teacher").discriminate(self.schedule.add_noise(x_in, n, t), t, batch.cond)
         l_g = losses.gan_generator_loss(logits)
         (grad,) = torch.autograd.grad(l_g, x_in)
         return grad, l_g.detach()
@@ -219,7 +379,7 @@ class UniDAD:
     def fake_loss(self, x, batch, d: SampleDraws) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         x = x.detach()
-        fake = self.m.fake_teacher
+        fake = self.role("fake_teacher")
         t = d.randint(0, self.T, "fake_teacher", "denoise_t")
         n = d.randn(self.m.sample_shape, "fake_teacher", "denoise_noise")
         self.calls["fake_teacher"] += 1
@@ -252,103 +412,54 @@ class UniDAD:
         t = d.randint(0, self.T, "target_teacher", "denoise_t")
         n = d.randn(self.m.sample_shape, "target_teacher", "denoise_noise")
         self.calls["target_teacher"] += 1
-        pred = self.m.target_teacher.train_forward(self.schedule.add_noise(real, n, t), t, cond)
+        pred = self.role("target_teacher").train_forward(self.schedule.add_noise(real, n, t), t, cond)
         l_t = losses.denoising_loss(pred, self.schedule.target(real, n, t))
         return l_t, {"target_denoise": float(l_t.detach())}
 
     # -- one iteration ---------------------------------------------------------------------------
     def step(self, iteration: int) -> dict:
-        """One iteration. Colocated: this rank runs every role. Split: the generator side (student, source
-        teacher) and the critic side (fake teacher + heads, target teacher) run their halves and exchange
-        the student samples one way and the critic's feedback the other (placement.py)."""
-        cfg, m, pl = self.cfg, self.m, self.placement
-        gen, crit = pl.holds("student"), pl.holds("fake_teacher")
-        ip = iteration_plan(cfg, iteration)
-        train_g, train_t, ga_g, ga_f, ga_t = ip.train_g, ip.train_t, ip.ga_g, ip.ga_f, ip.ga_t
-        n_micro, k_grad = ip.n_micro, ip.k_grad
+        """One iteration (algorithm.md §5), micro-batch by micro-batch: the student's samples are made where
+        the student lives, the critic's feedback where the fake teacher lives; each role's loss is built and
+        back-propagated where the role lives; then the roles that step this iteration take their step."""
+        cfg, ex = self.cfg, self.ex
+        ip = self.iteration_plan(cfg, iteration)
+        ga_g, ga_f, ga_t = ip.micro["student"], ip.micro["fake_teacher"], ip.micro["target_teacher"]
+        n_micro, k_grad = ip.n_micro, ip.extra["k_grad"]
         shape = self.sample_shape(cfg.train.batch_size)
         logs: dict = defaultdict(float)
         skipped: set = set()  # roles whose step this iteration is skipped (a non-finite loss on some rank)
         for micro in range(n_micro):
-            idx = global_indices(iteration, micro, n_micro, pl.dp_rank, pl.dp_size, cfg.train.batch_size)
+            idx = global_indices(iteration, micro, n_micro, ex.dp_rank, ex.dp_size, cfg.train.batch_size)
             d = SampleDraws(self.seed, iteration, idx, self.rt.device)
-            batch = m.data.batch(d)
-            if gen:
-                if micro < ga_g:
-                    x = self.generate_train(d, batch, k_grad)
-                else:
-                    with torch.no_grad():
-                        x = self.generate_train(d, batch, k_grad)
-                if pl.split:
-                    pl.send(x.detach().float())
-            else:
-                x = pl.recv(shape, torch.float32, self.rt.device)
+            batch = self.m.data.batch(d)
+
+            def make_x(grad=micro < ga_g, d=d, batch=batch):
+                with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                    return {"x": self.generate_train(d, batch, k_grad)}
+
+            x = ex.run_at("student", make_x, {"x": shape})["x"]
             if micro < ga_g:
-                fb = None
-                if crit:
-                    fb = self.critic_feedback(x.detach(), batch, d)
-                    if pl.split:
-                        pl.send(self.pack_feedback(fb))
-                else:
-                    fb = self.unpack_feedback(pl.recv((self.feedback_numel(shape),), torch.float32, self.rt.device),
-                                              shape)
-                if gen:
+                fb = ex.run_at("fake_teacher", lambda d=d, batch=batch, x=x: self.critic_feedback(x.detach(), batch, d),
+                               self.feedback_shapes(shape))
+                if ex.holds("student"):
                     loss_g, lg = self.student_loss(x, batch, d, fb)
-                    self._backward("student", loss_g, iteration, micro, skipped)
+                    self.backward("student", loss_g, iteration, micro, skipped)
                     for k, v in lg.items():
                         logs[f"student/{k}"] += v / ga_g
             x = x.detach()
-            if crit and micro < ga_f:
+            if micro < ga_f and ex.holds("fake_teacher"):
                 loss_f, lf = self.fake_loss(x, batch, d)
-                self._backward("fake_teacher", loss_f, iteration, micro, skipped)
+                self.backward("fake_teacher", loss_f, iteration, micro, skipped)
                 for k, v in lf.items():
                     logs[f"fake_teacher/{k}"] += v / ga_f
-            if crit and micro < ga_t:
+            if micro < ga_t and ex.holds("target_teacher"):
                 loss_t, lt = self.target_loss(x, batch, d, iteration)
-                self._backward("target_teacher", loss_t, iteration, micro, skipped)
+                self.backward("target_teacher", loss_t, iteration, micro, skipped)
                 for k, v in lt.items():
                     logs[f"target_teacher/{k}"] += v / ga_t
-        for name, runs in (("student", gen and train_g), ("fake_teacher", crit), ("target_teacher", crit and train_t)):
-            if not runs:
-                continue
-            if name in skipped:
-                self.nonfinite_run[name] += 1
-                self.nonfinite_total[name] += 1
-                for k in [k for k in logs if k.startswith(f"{name}/")]:  # its non-finite losses
-                    del logs[k]
-                logs[f"{name}/skipped_nonfinite"] = 1.0
-                limit = self.cfg.train.max_nonfinite_skips
-                if self.nonfinite_run[name] > limit:
-                    raise NonFiniteLoss(f"{name}: a non-finite loss made its step skip {self.nonfinite_run[name]} "
-                                        f"iterations in a row (> train.max_nonfinite_skips = {limit}), last at "
-                                        f"iteration {iteration}; stopping. Lower the learning rate, check the data, "
-                                        "or resume from an earlier checkpoint")
-                continue
-            self.nonfinite_run[name] = 0
-            for k, v in getattr(m, name).step(iteration).items():
-                logs[f"{name}/{k}"] = v
+        self.step_roles(iteration, [r for r in ("student", "fake_teacher", "target_teacher") if ip.steps(r)],
+                        skipped, logs)
         return dict(logs)
-
-    def _backward(self, name: str, loss: torch.Tensor, iteration: int, micro: int, skipped: set) -> None:
-        """Back-propagate a role's loss unless it is non-finite on any rank that steps the role (a flag
-        all-reduced before any backward, so all those ranks skip together or all stop)."""
-        if name in skipped:
-            return
-        bad = self.placement.any_rank(not bool(torch.isfinite(loss.detach()).all()), self.rt.device)
-        if not bad:
-            getattr(self.m, name).backward(loss)
-            return
-        where = f"{name}: non-finite loss at iteration {iteration} (micro-batch {micro}, on at least one rank)"
-        if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteLoss(f"{where}; stopping as train.nonfinite=stop (the last checkpoint is intact; "
-                                "set train.nonfinite=skip to skip such steps)")
-        if micro > 0:
-            raise NonFiniteLoss(f"{where}; its earlier micro-batches' gradients are already accumulated in the "
-                                "engine and cannot be dropped, so the step cannot be skipped; stopping (the last "
-                                "checkpoint is intact)")
-        skipped.add(name)
-        if self.rt.is_main or self.placement.leader(name):
-            print(f"warning: {where}; skipping its step (train.nonfinite=skip)")
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,7 +471,8 @@ class UniDAD:
         re-noising noise of each step, in that order (so an exported pipeline gives the same images)."""
         steps = steps or len(self.timesteps)
         ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
-        module = self.m.student.inference_module() if use_ema else self.m.student.module
+        student = self.role("student")
+        module = student.inference_module() if use_ema else student.module
         seed = self.seed if seed is None else seed
         out = []
         if generator is not None:
@@ -376,7 +488,7 @@ class UniDAD:
                 z = d.randn(self.m.sample_shape, "sample", "z")
                 renoise = lambda k: d.randn(self.m.sample_shape, "sample", f"renoise_{k}")  # noqa: E731
             ps = None
-            if self.m.data.conditioner is not None:
+            if self.m.text is not None:
                 ps = [(prompts or self.m.data.prompts)[i % len(prompts or self.m.data.prompts)] for i in idx]
             cond = self.m.data.encode(ps) if ps else None
             x = generate(lambda x_t, t: self.student_x0(x_t, t, cond, module=module), z, ts, self.schedule, renoise)
@@ -396,7 +508,7 @@ class UniDAD:
             z = d.randn(self.m.sample_shape, purpose, "z")
             ps = None
             cond_src = uncond = None
-            if self.m.data.conditioner is not None:
+            if self.m.text is not None:
                 b = self.m.data.batch(d)
                 ps, cond_src, uncond = b.prompts, b.cond_src, b.uncond
             x = z
@@ -418,6 +530,19 @@ class UniDAD:
             all_prompts.extend(ps or [])
         return torch.cat(zs), torch.cat(xs), all_prompts
 
+    def grids(self, n: int) -> dict[str, torch.Tensor]:
+        """The source teacher's 25-step DDIM samples (its own domain, for comparison)."""
+        if self.m.roles.get("source_teacher") is None:
+            return {}
+        return {"source_teacher": self.teacher_sample(n, steps=25, purpose="grid")[1]}
+
+    def prepare(self) -> dict:
+        """The student's warm start (where the student lives), when the recipe asks for one."""
+        if not self.ex.holds("student") or self.cfg.student.warm_start <= 0:
+            return {}
+        self.m.to_device("student", "source_teacher")  # staged in host memory until their engines
+        return self.warm_start(progress=self.cfg.logging.progress)
+
     def warm_start(self, progress: bool = True) -> dict:
         """Regress the student onto (noise -> teacher's DDIM sample) pairs at each of its timesteps
         (algorithm.md §3, "Student output and warm start"). Uses its own Adam; the student's training
@@ -430,14 +555,12 @@ class UniDAD:
         z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start")
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
-        student = self.m.student
+        student = self.role("student")
         if student.engine is not None:
             raise RuntimeError("warm_start must run before parallel.engines.attach")
         opt = torch.optim.Adam(student.params, lr=sc.warm_start_lr)
         bar = None
         if progress and self.rt.is_main:
-            from unidad_dist.train.logging import progress_bar
-
             bar = progress_bar(sc.warm_start, "student warm start", leave=False)
         last = 0.0
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
@@ -464,3 +587,11 @@ class UniDAD:
         for p in student.params:
             p.grad = None
         return {"warm_start_loss": last}
+
+    def summary(self) -> dict:
+        return {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
+
+    def sampling_info(self) -> dict:
+        st = self.cfg.student
+        return {"steps": st.steps, "timesteps": list(self.timesteps), "explicit_timesteps": st.timesteps is not None,
+                "output": "sample" if st.prediction == "x0" else self.schedule.prediction_type}

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from unidad_dist import builtin
 from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 
@@ -91,8 +92,6 @@ def _read_json(path: Path, what: str) -> dict:
 
 def resolve_backbone(given: str, role: str) -> BackboneSpec:
     """Turn a recipe's backbone entry into a checked ``BackboneSpec`` (no weights are read)."""
-    from unidad_dist import builtin
-
     what = f"{role}.backbone"
     path = builtin.resolve(given) if given.startswith("builtin:") else Path(given).expanduser()
     if not path.exists():

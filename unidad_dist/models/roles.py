@@ -1,4 +1,5 @@
-"""Roles own their networks and precision behind one interface.
+"""A role's network and precision policy behind one interface (no distribution: engines wrap it from
+``parallel/``).
 
 The method only calls ``role.forward`` / ``role.discriminate`` (another role's network, no update),
 ``role.train_forward`` / ``role.train_discriminate`` (the role's own loss), ``role.backward(loss)``,
@@ -85,10 +86,3 @@ class Role:
 
     def inference_module(self) -> nn.Module:
         return self.module
-
-
-def warmup_lr(base_lr: float, warmup: int, iteration: int) -> float:
-    """Constant LR after a linear warmup counted in iterations (algorithm.md §5, §10.5)."""
-    if warmup <= 0:
-        return base_lr
-    return base_lr * min(1.0, (iteration + 1) / warmup)

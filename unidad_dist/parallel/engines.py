@@ -16,11 +16,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,22 +26,16 @@ from torch import nn
 
 from unidad_dist import device as dev
 from unidad_dist.errors import UserError
-from unidad_dist.train.roles import Role, warmup_lr
-
-TRAINABLE = ("student", "fake_teacher", "target_teacher")
-TAG = "state"  # one DeepSpeed tag per checkpoint folder: our own `latest` pointer names the folder
-UNIVERSAL_TAG = "universal"  # the same state converted by ds_to_universal, for a resume at another world size
+from unidad_dist.models.roles import Role
+from unidad_dist.parallel.ds_io import (TAG, UNIVERSAL_TAG, import_deepspeed, make_safe_checkpoint_engine,
+                                        safe_torch_load)
 
 
-def import_deepspeed():
-    dev.prepare_deepspeed_env()
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    # DeepSpeed 0.19 calls a torch collective under its deprecated name on every ZeRO step
-    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated")
-    return deepspeed
+def warmup_lr(base_lr: float, warmup: int, iteration: int) -> float:
+    """Constant LR after a linear warmup counted in iterations (algorithm.md §5, §10.5)."""
+    if warmup <= 0:
+        return base_lr
+    return base_lr * min(1.0, (iteration + 1) / warmup)
 
 
 def init_distributed(rt) -> None:
@@ -209,98 +200,6 @@ def engine_config(role: str, rc, cfg, dp_size: int, trainable: bool, n_params: O
 
 
 # ------------------------------------------------------------------------------------------------
-# Safe checkpoint loading: DeepSpeed's own loader uses torch.load(weights_only=False)
-# ------------------------------------------------------------------------------------------------
-def _safe_globals() -> list:
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    out = [ZeroStageEnum, fragment_address]
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-
-        out += [LossScaler, DynamicLossScaler]
-    except ImportError:  # pragma: no cover - layout of other DeepSpeed versions
-        pass
-    return out
-
-
-@contextlib.contextmanager
-def safe_torch_load():
-    """DeepSpeed's universal-checkpoint conversion and loader call ``torch.load(weights_only=False)``: route
-    every load inside this block through ``weights_only=True`` (only DeepSpeed's own types allow-listed)."""
-    original = torch.load
-
-    def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return original(f, *args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
-def to_universal(folder: Path, world_size: int) -> Path:
-    """Convert a role's DeepSpeed state (``folder/state``) into ``folder/universal`` with DeepSpeed's
-    ds_to_universal (once: a finished conversion is reused; a killed one is redone), for a resume on
-    ``world_size`` ranks. Called by one rank while the others wait."""
-    import io
-    import os
-    import shutil
-    from contextlib import redirect_stdout
-    from types import SimpleNamespace
-
-    out = Path(folder) / UNIVERSAL_TAG
-    if not out.is_dir():
-        tmp = Path(folder) / f".tmp-{UNIVERSAL_TAG}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        import_deepspeed()
-        from deepspeed.checkpoint import ds_to_universal
-
-        args = SimpleNamespace(input_folder=str(Path(folder) / TAG), output_folder=str(tmp), num_extract_workers=1,
-                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-        with safe_torch_load(), redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds_to_universal.main(args)
-        (Path(folder) / "latest_universal").unlink(missing_ok=True)  # ours names the tag explicitly
-        os.replace(tmp, out)
-    # ZeRO-3: every loading rank reads "its" model-states file, and the conversion copies only those of the
-    # saving ranks (deepspeed PR #7599). The ranks' files are identical (counters, shapes, config; the
-    # weights come from the converted per-parameter files), so rank 0's serves the new ranks.
-    first = out / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    if first.is_file():
-        for r in range(world_size):
-            f = out / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
-            if not f.is_file():
-                shutil.copyfile(first, out / f".{f.name}.tmp")
-                os.replace(out / f".{f.name}.tmp", f)
-    return out
-
-
-def make_safe_checkpoint_engine(config):
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch engine, loading with ``weights_only=True`` (only DeepSpeed's own enum and
-        dataclass types are allow-listed) and saving through a hashing, fsyncing writer."""
-
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-        def save(self, state_dict, path: str):
-            """Write with the sha256 computed on the way out (and fsync): the manifest reuses it."""
-            from unidad_dist.train.checkpoint import torch_save_hashed
-
-            torch_save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
-
-    return SafeCheckpointEngine(config)
-
-
-# ------------------------------------------------------------------------------------------------
 # Roles behind engines
 # ------------------------------------------------------------------------------------------------
 def _initialize(net: nn.Module, config: dict, params=None, mpu=None):
@@ -448,14 +347,11 @@ def gathered_state_dict(module: nn.Module, stage: int, copy: bool = True) -> dic
 
 
 def engine_roles(cfg) -> dict[str, bool]:
-    """Roles that get an engine -> trainable?"""
-    out = {"student": True, "fake_teacher": True}
-    if cfg.target_teacher.mode == "online":
-        out["target_teacher"] = True
-    elif cfg.target_teacher.mode == "frozen" and cfg.target_teacher.zero_stage == 3:
-        out["target_teacher"] = False
-    if cfg.source_teacher.enabled and cfg.source_teacher.zero_stage == 3:
-        out["source_teacher"] = False
+    """Roles that get an engine -> trainable? Every trainable role, then every frozen role partitioned
+    by ZeRO-3, in the method's declared order."""
+    specs = cfg.method.roles(cfg)
+    out = {s.name: True for s in specs if s.trainable}
+    out.update({s.name: False for s in specs if not s.trainable and getattr(cfg, s.name).zero_stage == 3})
     return out
 
 
@@ -466,21 +362,24 @@ def check_engine_configs(cfg, groups: dict[str, list[int]]) -> None:
 
 
 def attach(models, cfg, rt, placement=None) -> None:
-    """Put the trainable roles (and ZeRO-3 frozen teachers) this rank holds behind engines, in place.
-    In split placement every engine's data-parallel group is its side's rank group (one shared mpu)."""
+    """Put the trainable roles (and ZeRO-3 frozen roles) this rank holds behind engines, in place (in
+    ``models.roles``). In split placement every engine's data-parallel group is its side's rank group (one
+    shared mpu). ``placement``: default the one ``models`` was built for."""
+    placement = placement if placement is not None else getattr(models, "placement", None)
     init_distributed(rt)
     mpu = placement.mpu if placement is not None else None
     from deepspeed.utils import groups as ds_groups
 
     ds_groups.mpu = mpu  # DeepSpeed keeps one module-level mpu: set it for this run (None: the world)
+    specs = {s.name: s for s in cfg.method.roles(cfg)}
     for role, trainable in engine_roles(cfg).items():
-        current = getattr(models, role)
+        current = models.roles.get(role)
         if current is None:  # held by the other group
             continue
         dp = len(placement.groups[role]) if placement is not None else rt.world_size
         rc = getattr(cfg, role)
         if trainable:
-            wrapped = EngineRole(current, rc, cfg, rt, dp, ema=cfg.student.ema if role == "student" else 0.0, mpu=mpu)
+            wrapped = EngineRole(current, rc, cfg, rt, dp, ema=specs[role].ema, mpu=mpu)
         else:
             wrapped = PartitionedRole(current, rc, cfg, rt, dp, mpu=mpu)
-        setattr(models, role, wrapped)
+        models.roles[role] = wrapped

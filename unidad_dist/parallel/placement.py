@@ -1,17 +1,19 @@
-"""Role -> rank-group placement (design.md "Split placement").
+"""Role -> rank-group placement (design.md "Split placement"), for the roles a method declares.
 
 ``colocated``: every rank holds every role; each engine shards over all ranks.
-``split``: the student (with the frozen source teacher) lives on one rank group, the fake teacher (with
-its GAN heads and the target teacher) on another of the same size. Generator rank i is paired with
-critic rank i: both derive the same per-sample draws from (seed, iteration, global sample index, role,
-purpose), so only three things cross, explicitly: the student samples (generator -> critic), and the
-critic's predictions plus the GAN input-gradient (critic -> generator). Each engine's ZeRO group is its
+``split``: a method's roles sit on two sides (``RoleSpec.side``; Uni-DAD: the student with the frozen
+source teacher on one, the fake teacher with its GAN heads and the target teacher on the other), each on
+its own rank group of the same size. Rank i of one group is paired with rank i of the other: both derive
+the same per-sample draws from (seed, iteration, global sample index, role, purpose), so only what the
+method hands to the exchange crosses (``parallel/exchange.py``). Each engine's ZeRO group is its side's
 rank group (DeepSpeed's ``mpu`` argument); ZeRO-3 does not work on rank subgroups (design.md), so split
 placement allows ZeRO 0-2 only.
+
+The first role declared on a side is its anchor: it takes the first (second) half of the ranks unless
+``placement.<role>`` lists them; every other role of the side lives with its anchor.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,30 +21,49 @@ import torch
 
 from unidad_dist.errors import UserError
 
-ROLES = ("student", "fake_teacher", "source_teacher", "target_teacher")
-GENERATOR = ("student", "source_teacher")
-CRITIC = ("fake_teacher", "target_teacher")
+
+def _human(role: str) -> str:
+    return role.replace("_", " ")
+
+
+def _sides(cfg) -> tuple[list, dict]:
+    """(sides in declared order, side -> its roles in declared order)."""
+    members: dict = {}
+    for spec in cfg.method.roles(cfg):
+        members.setdefault(spec.side, []).append(spec.name)
+    return list(members), members
 
 
 def resolve_groups(cfg, world: int) -> dict[str, list[int]]:
-    """role -> ranks, validated against the world size (errors name the key and the fix)."""
+    """role -> ranks for every role the recipe runs, validated against the world size (errors name the key
+    and the fix)."""
+    method = cfg.method
     pc = cfg.placement
-    given = {r: getattr(pc, r) for r in ROLES}
+    names = [s.name for s in method.roles(cfg)]
+    given = {r: getattr(pc, r) for r in method.role_sections()}
     if pc.mode == "colocated":
         named = [f"placement.{r}" for r, v in given.items() if v is not None]
         if named:
             raise UserError(f"{', '.join(named)} only apply with placement.mode=split; remove them or set the mode")
-        return {r: list(range(world)) for r in ROLES}
+        return {r: list(range(world)) for r in names}
     if world < 2:
         raise UserError("placement.mode=split needs at least 2 ranks (one per group); launch more ranks "
                         "(unidad-dist launch local --nproc 2) or use placement.mode=colocated")
+    sides, members = _sides(cfg)
+    if len(sides) != 2:
+        raise UserError(f"placement.mode=split puts a method's roles on two rank groups, but method "
+                        f"'{method.name}' declares {len(sides)} side(s) ({', '.join(sides)}); use "
+                        "placement.mode=colocated")
     half = world // 2
-    groups = {
-        "student": given["student"] if given["student"] is not None else list(range(half)),
-        "fake_teacher": given["fake_teacher"] if given["fake_teacher"] is not None else list(range(half, 2 * half)),
-    }
-    groups["source_teacher"] = given["source_teacher"] if given["source_teacher"] is not None else groups["student"]
-    groups["target_teacher"] = given["target_teacher"] if given["target_teacher"] is not None else groups["fake_teacher"]
+    anchors = [members[s][0] for s in sides]
+    defaults = {anchors[0]: list(range(half)), anchors[1]: list(range(half, 2 * half))}
+    groups: dict[str, list[int]] = {}
+    for a in anchors:
+        groups[a] = given[a] if given[a] is not None else defaults[a]
+    for side, anchor in zip(sides, anchors):
+        for r in members[side][1:]:
+            groups[r] = given[r] if given[r] is not None else groups[anchor]
+    groups = {r: groups[r] for r in names}  # declared order
     for role, ranks in groups.items():
         if not ranks:
             raise UserError(f"placement.{role} is empty: the role is placed on no rank; give it ranks or leave it unset")
@@ -52,24 +73,24 @@ def resolve_groups(cfg, world: int) -> dict[str, list[int]]:
                             f"(0-{world - 1}); launch more ranks or shrink the group")
         if len(set(ranks)) != len(ranks):
             raise UserError(f"placement.{role}={ranks} repeats a rank")
-    g, c = groups["student"], groups["fake_teacher"]
+    g, c = groups[anchors[0]], groups[anchors[1]]
     if set(g) & set(c):
-        raise UserError(f"placement.student={g} and placement.fake_teacher={c} overlap; split groups must be disjoint")
-    if sorted(groups["source_teacher"]) != sorted(g):
-        raise UserError("in split placement the source teacher lives with the student; "
-                        "set placement.source_teacher equal to placement.student or leave it unset")
-    if sorted(groups["target_teacher"]) != sorted(c):
-        raise UserError("in split placement the target teacher lives with the fake teacher; "
-                        "set placement.target_teacher equal to placement.fake_teacher or leave it unset")
+        raise UserError(f"placement.{anchors[0]}={g} and placement.{anchors[1]}={c} overlap; split groups must be "
+                        "disjoint")
+    for side, anchor in zip(sides, anchors):
+        for r in members[side][1:]:
+            if sorted(groups[r]) != sorted(groups[anchor]):
+                raise UserError(f"in split placement the {_human(r)} lives with the {_human(anchor)}; "
+                                f"set placement.{r} equal to placement.{anchor} or leave it unset")
     if len(g) != len(c):
-        raise UserError(f"placement.student has {len(g)} ranks and placement.fake_teacher {len(c)}; split groups "
-                        "must have the same size (generator rank i is paired with critic rank i)")
+        raise UserError(f"placement.{anchors[0]} has {len(g)} ranks and placement.{anchors[1]} {len(c)}; split "
+                        "groups must have the same size (rank i of one is paired with rank i of the other)")
     idle = sorted(set(range(world)) - set(g) - set(c))
     if idle:
         raise UserError(f"ranks {idle} hold no role in split placement; place them or launch {len(g) + len(c)} ranks")
-    if 0 not in g:
-        raise UserError("placement.student must include rank 0 (it samples and writes the summary)")
-    for role in ("student", "fake_teacher", "target_teacher", "source_teacher"):
+    if 0 not in groups[method.sampler]:
+        raise UserError(f"placement.{method.sampler} must include rank 0 (it samples and writes the summary)")
+    for role in names:
         if getattr(cfg, role).zero_stage == 3:
             raise UserError(
                 f"{role}.zero_stage=3 with placement.mode=split: DeepSpeed's ZeRO-3 does not work on rank subgroups "
@@ -109,26 +130,33 @@ class GroupMPU:
 @dataclass
 class Placement:
     mode: str
-    groups: dict[str, list[int]]
+    groups: dict[str, list[int]]  # role -> ranks, for the roles the recipe runs
     rank: int
     world: int
+    sides: dict[str, list[int]] = field(default_factory=dict)  # split: side -> ranks, in declared order
+    side_of: dict[str, str] = field(default_factory=dict)  # role -> side
     mpu: Optional[GroupMPU] = None
-    group_handles: dict = field(default_factory=dict)
+    group_handles: dict = field(default_factory=dict)  # split: side -> process group
 
     @property
     def split(self) -> bool:
         return self.mode == "split"
 
     def holds(self, role: str) -> bool:
-        return self.rank in self.groups[role]
+        return self.rank in self.groups.get(role, ())
 
     @property
-    def side(self) -> str:
-        return "generator" if self.holds("student") else "critic"
+    def side(self) -> Optional[str]:
+        """This rank's side (split placement); None when colocated."""
+        for side, ranks in self.sides.items():
+            if self.rank in ranks:
+                return side
+        return None
 
     @property
     def side_ranks(self) -> list[int]:
-        return self.groups["student"] if self.side == "generator" else self.groups["fake_teacher"]
+        """The ranks that hold the same roles as this one (all of them when colocated)."""
+        return self.sides[self.side] if self.split else list(range(self.world))
 
     @property
     def dp_rank(self) -> int:
@@ -141,63 +169,18 @@ class Placement:
 
     @property
     def partner(self) -> int:
-        other = self.groups["fake_teacher"] if self.side == "generator" else self.groups["student"]
+        """Split placement: the rank of the other side paired with this one."""
+        other = next(r for s, r in self.sides.items() if s != self.side)
         return other[self.dp_rank]
 
     def leader(self, role: str) -> bool:
         """The one rank that writes a role's whole weights."""
         return self.rank == min(self.groups[role])
 
-    # -- the explicit exchange between paired ranks ----------------------------------------------
-    def send(self, t: torch.Tensor) -> None:
-        torch.distributed.send(t.detach().contiguous(), dst=self.partner)
 
-    def recv(self, shape, dtype, device) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        torch.distributed.recv(buf, src=self.partner)
-        return buf
-
-    def any_rank(self, flag: bool, device) -> bool:
-        """True on every rank of this rank's side (the whole world when colocated) if it is true on any:
-        the ranks that step the same roles decide together."""
-        if self.world == 1 or not torch.distributed.is_initialized():
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        group = self.group_handles.get(self.side) if self.split else None
-        torch.distributed.all_reduce(t, group=group)
-        return bool(t.item())
-
-    def merge_logs(self, logs: dict) -> dict:
-        """Each side logs its own roles; rank 0 gets both (a world collective, at logging iterations)."""
-        if not self.split:
-            return logs
-        parts = [None] * self.world
-        torch.distributed.all_gather_object(parts, logs)
-        merged: dict = {}
-        for r in (self.groups["student"][0], self.groups["fake_teacher"][0]):
-            merged.update(parts[r])
-        return merged
-
-    @contextlib.contextmanager
-    def side_barriers(self):
-        """DeepSpeed's save_checkpoint calls world-wide barriers; in split placement the two sides save
-        different engines, so its barriers are confined to this rank's side while it saves."""
-        if not self.split:
-            yield
-            return
-        import deepspeed.comm as dscomm
-
-        orig = dscomm.barrier
-        side_group = self.group_handles[self.side]
-
-        def side_barrier(group=None, **kw):
-            return orig(group=group if group is not None else side_group, **kw)
-
-        dscomm.barrier = side_barrier
-        try:
-            yield
-        finally:
-            dscomm.barrier = orig
+def colocated(cfg, rank: int, world: int) -> Placement:
+    """Every declared role on every rank (sample/export, tests)."""
+    return Placement("colocated", {s.name: list(range(world)) for s in cfg.method.roles(cfg)}, rank, world)
 
 
 def setup_placement(cfg, rt) -> Placement:
@@ -205,10 +188,11 @@ def setup_placement(cfg, rt) -> Placement:
     pl = Placement(cfg.placement.mode, groups, rt.rank, rt.world_size)
     if not pl.split:
         return pl
+    sides, members = _sides(cfg)
+    pl.sides = {side: groups[members[side][0]] for side in sides}
+    pl.side_of = {r: side for side in sides for r in members[side]}
     # every rank creates every group, in the same order (torch.distributed requires it)
-    handles = {"generator": torch.distributed.new_group(groups["student"]),
-               "critic": torch.distributed.new_group(groups["fake_teacher"])}
+    pl.group_handles = {side: torch.distributed.new_group(pl.sides[side]) for side in sides}
     singles = [torch.distributed.new_group([r]) for r in range(rt.world_size)]
-    pl.group_handles = handles
-    pl.mpu = GroupMPU(handles[pl.side], pl.side_ranks, singles[rt.rank], rt.rank)
+    pl.mpu = GroupMPU(pl.group_handles[pl.side], pl.side_ranks, singles[rt.rank], rt.rank)
     return pl

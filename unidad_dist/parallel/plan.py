@@ -16,22 +16,26 @@
 * Activations: bytes autograd saves for backward, counted with saved-tensor hooks while each kind of
   network pass runs on meta tensors at the recipe's micro-batch and resolution.
 * FLOPs: ``torch.utils.flop_counter`` over the same meta passes, times the number of passes the method
-  makes (student generation and its backward-simulation draws, DMD teachers with CFG, GAN passes,
-  fake/target updates, the update ratio and gradient accumulation).
+  declares (``Method.passes``: Uni-DAD's student generation and its backward-simulation draws, DMD teachers
+  with CFG, GAN passes, fake/target updates, the update ratio and gradient accumulation) — the passes the
+  step makes, read from the same iteration plan.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from unidad_dist.errors import UserError
+from unidad_dist.models.adapters import apply_train_filter, prepare_trainable
+from unidad_dist.models.backbones import build_unet, resolve_backbone
+from unidad_dist.models.roles import RoleNet
+from unidad_dist.parallel.engines import bucket_elements
+from unidad_dist.parallel.placement import resolve_groups
 
 GIB = 1024 ** 3
 _COST_CACHE: dict = {}
-ROLE_ORDER = ("student", "fake_teacher", "source_teacher", "target_teacher")
 
 
 def parse_bytes(text: str) -> int:
@@ -174,21 +178,19 @@ def model_state_bytes(trainable: int, frozen: int, small: int, precision: str, s
     return float(dev), float(host)
 
 
-def _build_meta(cfg, role: str, spec):
-    from unidad_dist.models.backbones import build_unet, resolve_backbone
-    from unidad_dist.models.gan_heads import GanHeads
-    from unidad_dist.train.build import _prepare_trainable
-    from unidad_dist.train.roles import RoleNet
-
-    rc = getattr(cfg, role)
-    rspec = resolve_backbone(rc.backbone, role) if getattr(rc, "backbone", None) else spec
+def _build_meta(cfg, role_spec, spec):
+    """A role's network on the meta device, with its heads and its trainable-side options (LoRA, ...)."""
+    rc = getattr(cfg, role_spec.name)
+    rspec = resolve_backbone(rc.backbone, role_spec.name) if getattr(rc, "backbone", None) else spec
     with torch.device("meta"):
         unet = build_unet(rspec)
-        heads = GanHeads.for_backbone(rspec.unet_config) if role == "fake_teacher" else None
-    trainable = role in ("student", "fake_teacher") or (role == "target_teacher" and cfg.target_teacher.mode == "online")
-    if trainable:
-        unet = _prepare_trainable(unet, rc, role, cfg.run.seed)
-    return RoleNet(unet, heads), rspec, trainable
+        heads = role_spec.heads(rspec.unet_config) if role_spec.heads is not None else None
+    if role_spec.trainable:
+        unet = prepare_trainable(unet, rc, role_spec.name, cfg.run.seed)
+    net = RoleNet(unet, heads)
+    if role_spec.trainable and role_spec.train_filter is not None:
+        apply_train_filter(net, role_spec.train_filter, role_spec.name)
+    return net, rspec
 
 
 def _text_dims(spec) -> Optional[dict]:
@@ -231,76 +233,30 @@ def _helpers_bytes(spec) -> float:
     return 4.0 * total
 
 
-def pass_schedule(cfg, iteration: int) -> dict:
-    """How many passes of each kind one rank makes in one iteration (per micro-batch counts x micros)."""
-    from unidad_dist.methods.unidad import iteration_plan
-
-    K = cfg.student.steps
-    ip = iteration_plan(cfg, iteration)  # the same schedule the step follows
-    ga_g, ga_f, ga_t, n_micro = ip.ga_g, ip.ga_f, ip.ga_t, ip.n_micro
-    bs = ip.k_grad is not None
-    k = ip.k_grad if bs else K - 1
-    a = float(cfg.algorithm.a)
-    gan_g = cfg.gan_heads.enabled and cfg.gan_heads.lambda_g > 0
-    gan_d = cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0
-    c = {"student_grad_both": 0, "student_grad_params": 0, "student_nograd": 0, "fake_nograd": 0,
-         "fake_features_input": 0, "fake_train": 0, "fake_features_train": 0, "source_nograd": 0,
-         "target_nograd": 0, "target_train": 0}
-    for micro in range(n_micro):
-        if micro < ga_g:
-            if bs:
-                c["student_nograd"] += k
-                c["student_grad_params"] += 1
-            else:
-                c["student_grad_both"] += K
-            c["fake_nograd"] += 1
-            if a > 0:
-                c["target_nograd"] += 1
-            if a < 1:
-                c["source_nograd"] += 1
-            if gan_g:
-                c["fake_features_input"] += 1
-        else:
-            c["student_nograd"] += (k + 1) if bs else K
-        if micro < ga_f:
-            c["fake_train"] += 1
-            if gan_d:
-                c["fake_features_train"] += 2
-        if micro < ga_t:
-            c["target_train"] += 1
-    return c
-
-
 def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None) -> Plan:
-    from unidad_dist.models.backbones import resolve_backbone
-    from unidad_dist.parallel.engines import bucket_elements
-    from unidad_dist.parallel.placement import resolve_groups
-
+    """Every role the recipe's method declares, sized from configs: parameters and model states (its ZeRO
+    stage, precision, placement), and — from the method's ``passes`` over ``plan_period`` iterations — FLOPs
+    per iteration and the activations each role's step holds."""
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
+    method = cfg.method
     groups = resolve_groups(cfg, world_size)
     try:
-        spec = resolve_backbone(cfg.source_teacher.backbone, "source_teacher")
+        spec = resolve_backbone(getattr(cfg, method.primary).backbone, method.primary)
     except UserError as e:
         raise UserError(f"{e} (to plan without the weights, point it at the shipped configs: "
-                        "source_teacher.backbone=configs/sd15 or configs/sdxl)") from None
+                        f"{method.primary}.backbone=configs/sd15 or configs/sdxl)") from None
     text = _text_dims(spec)
     b = cfg.train.batch_size
-    conditional = text is not None
-    ratio = cfg.train.fake_updates_per_student
-    scheds = [pass_schedule(cfg, it) for it in range(ratio)]
-    count = {k: sum(s[k] for s in scheds) / ratio for k in scheds[0]}
+    period = method.plan_period(cfg)
+    schedules = [method.passes(cfg, it, text is not None) for it in range(period)]
 
-    present = ["student", "fake_teacher"]
-    if cfg.source_teacher.enabled:
-        present.append("source_teacher")
-    if cfg.target_teacher.mode != "off":
-        present.append("target_teacher")
     roles: dict[str, RolePlan] = {}
-    roles_extra = 0
-    for role in present:
-        rc = getattr(cfg, role)
-        net, rspec, trainable = _build_meta(cfg, role, spec)
+    costs: dict = {}  # role -> cost(grad, discriminate, batch)
+    for rs in method.roles(cfg):
+        role, rc = rs.name, getattr(cfg, rs.name)
+        net, rspec = _build_meta(cfg, rs, spec)
+        trainable = rs.trainable
         dtype = torch.bfloat16 if rc.precision in ("bf16", "fp16", "bf16_autocast") else torch.float32
         net = net.to(dtype)  # bf16 autocast is modelled as bf16 activations
         n_all = sum(p.numel() for p in net.parameters())
@@ -312,17 +268,16 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None) -> Plan:
         if trainable:
             ms, host = model_state_bytes(n_train, n_all - n_train, small, rc.precision, rc.zero_stage, n,
                                          bucket_elements(n_all), getattr(rc, "offload_optimizer", False),
-                                         ema=role == "student" and cfg.student.ema > 0)
+                                         ema=rs.ema > 0)
         else:
             w = _weight_bytes(rc.precision)
             small_frozen = sum(p.numel() for p in net.parameters() if p.numel() < rc.zero3_persistence_threshold)
             ms = ((n_all - small_frozen) * w / n + small_frozen * w) if stage == 3 else n_all * w
             host = 0.0
-
         lora = getattr(rc, "lora", None)
-        arch = (str(rspec.unet_dir), role == "fake_teacher", trainable, lora.rank if lora else 0,
+        arch = (str(rspec.unet_dir), rs.heads is not None, trainable, lora.rank if lora else 0,
                 tuple(lora.target_modules) if lora else (), getattr(rc, "activation_checkpointing", False), str(dtype),
-                repr(text))
+                repr(text), rs.train_filter is not None and role)
 
         def cost(grad, disc=False, batch=b, net=net, rspec=rspec, arch=arch, dtype=dtype):
             key = arch + (grad, disc, batch)  # roles and plans with the same network share the meta passes
@@ -330,58 +285,45 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None) -> Plan:
                 _COST_CACHE[key] = pass_cost(net, rspec, batch, text, grad, disc, dtype)
             return _COST_CACHE[key]
 
-        flops = 0.0
-        act = 0.0
+        costs[role] = (cost, trainable)
         notes = []
-        if role == "student":
-            cb = cost("both") if count["student_grad_both"] else None
-            cp = cost("params") if count["student_grad_params"] else None
-            c0 = cost("none")
-            flops = count["student_nograd"] * c0.fwd
-            if cb:
-                flops += count["student_grad_both"] * (cb.fwd + cb.bwd)
-                act = cfg.student.steps * cb.saved
-            if cp:
-                flops += count["student_grad_params"] * (cp.fwd + cp.bwd)
-                act = max(act, cp.saved)
-        elif role == "fake_teacher":
-            c0 = cost("none")
-            ct = cost("params")
-            flops = count["fake_nograd"] * c0.fwd + count["fake_train"] * (ct.fwd + ct.bwd)
-            act = ct.saved
-            if count["fake_features_input"]:
-                ci = cost("input", True)  # FLOPs: autograd.grad w.r.t. the sample only
-                # saved tensors: the fake teacher's parameters require grad, so its forward saves as for training
-                ci_saved = cost("both", True).saved
-                flops += count["fake_features_input"] * (ci.fwd + ci.bwd)
-                notes.append(f"GAN input-gradient graph {ci_saved / 2 ** 20:.1f} MiB, held during the student step")
-                roles_extra = ci_saved
-            if count["fake_features_train"]:
-                cf = cost("params", True)
-                flops += count["fake_features_train"] * (cf.fwd + cf.bwd)
-                act += 2 * cf.saved
-        elif role == "source_teacher":
-            mult = 2 if (cfg.source_teacher.cfg != 1.0 and conditional) else 1
-            flops = count["source_nograd"] * cost("none", batch=b * mult).fwd
-        elif role == "target_teacher":
-            mult = 2 if (cfg.target_teacher.cfg != 1.0 and conditional) else 1
-            flops = count["target_nograd"] * cost("none", batch=b * mult).fwd
-            if trainable:
-                ct = cost("params")
-                flops += count["target_train"] * (ct.fwd + ct.bwd)
-                act = ct.saved
         if getattr(rc, "activation_checkpointing", False):
             notes.append("activation checkpointing on (activations as measured with it on the meta device)")
-        roles[role] = RolePlan(role, ranks, n_all, n_train, rc.precision, stage, ms, host, act, flops, notes)
-    if "fake_teacher" in roles and "student" in roles:
-        # the GAN generator term's graph is built during the student's step, on the fake teacher's ranks
-        holder = "fake_teacher" if cfg.placement.mode == "split" else "student"
-        roles[holder].activation_bytes += roles_extra
+        roles[role] = RolePlan(role, ranks, n_all, n_train, rc.precision, stage, ms, host, 0.0, 0.0, notes)
+
+    # FLOPs: every pass, averaged over the period; activations: per phase (the role whose step holds them),
+    # the bytes saved by that phase's passes on each rank, the largest micro-batch of any iteration
+    phase_bytes: dict = {}  # (phase, role running the pass) -> bytes, max over micro-batches
+    for passes in schedules:
+        for micro in passes:
+            here: dict = {}
+            for p in micro:
+                cost, trainable = costs[p.role]
+                c = cost(p.grad, p.discriminate, b * p.batch)
+                roles[p.role].flops_per_iteration += p.count * (c.fwd + c.bwd) / period
+                if p.grad == "none":
+                    continue
+                # a trainable network's forward saves tensors as for training, whatever the gradient is for
+                saved = cost("both", p.discriminate, b * p.batch).saved if (p.grad == "input" and trainable) else c.saved
+                key = (p.phase or p.role, p.role)
+                here[key] = here.get(key, 0) + p.count * saved
+            for key, v in here.items():
+                phase_bytes[key] = max(phase_bytes.get(key, 0), v)
+    for (phase, runner), v in phase_bytes.items():
+        if phase in roles and set(roles[runner].ranks) & set(roles[phase].ranks):
+            roles[phase].activation_bytes += v
+        if runner != phase:
+            roles[runner].notes.append(f"its passes in the {phase} step hold {v / 2 ** 20:.1f} MiB for backward "
+                                       "(an input-gradient graph), on its ranks")
     helpers = _helpers_bytes(spec)
     per_rank = {}
     for r in range(world_size):
         held = [p for p in roles.values() if r in p.ranks]
-        per_rank[r] = sum(p.model_state_bytes for p in held) + max([p.activation_bytes for p in held] or [0]) + helpers
+        act = {}
+        for (phase, runner), v in phase_bytes.items():
+            if r in roles[runner].ranks:
+                act[phase] = act.get(phase, 0) + v
+        per_rank[r] = sum(p.model_state_bytes for p in held) + max(act.values(), default=0) + helpers
     plan = Plan(world_size, cfg.placement.mode, roles, helpers, per_rank, gpu_memory)
     if plan.fits is False:
         plan.recommendation = recommend(cfg, world_size, gpu_memory)
@@ -392,22 +334,24 @@ def recommend(cfg, world_size: int, gpu_memory: int) -> str:
     """The first of a ladder of cheaper layouts that fits."""
     from dataclasses import replace
 
+    specs = cfg.method.roles(cfg)
+
     def with_stage(c, stage, frozen3=False, offload=False, ckpt=False, split=False):
-        new = replace(c)
-        roles = {}
-        for r in ("student", "fake_teacher", "target_teacher"):
-            roles[r] = replace(getattr(c, r), zero_stage=stage, offload_optimizer=offload and stage > 0,
-                               activation_checkpointing=ckpt or getattr(c, r).activation_checkpointing)
-        src = replace(c.source_teacher, zero_stage=3 if frozen3 else 0)
-        new = replace(new, student=roles["student"], fake_teacher=roles["fake_teacher"],
-                      target_teacher=roles["target_teacher"], source_teacher=src,
-                      placement=replace(c.placement, mode="split" if split else "colocated",
-                                        student=None, fake_teacher=None, source_teacher=None, target_teacher=None))
-        return new
+        changes = {}
+        for rs in specs:
+            rc = getattr(c, rs.name)
+            if rs.trainable:
+                changes[rs.name] = replace(rc, zero_stage=stage, offload_optimizer=offload and stage > 0,
+                                           activation_checkpointing=ckpt or rc.activation_checkpointing)
+            else:
+                changes[rs.name] = replace(rc, zero_stage=3 if frozen3 else 0)
+        groups = {r: None for r in cfg.method.role_sections()}
+        changes["placement"] = replace(c.placement, mode="split" if split else "colocated", **groups)
+        return replace(c, **changes)
 
     ladder = [
         ("ZeRO-2 for the trainable roles", dict(stage=2)),
-        ("ZeRO-3 everywhere, the source teacher partitioned", dict(stage=3, frozen3=True)),
+        ("ZeRO-3 everywhere, the frozen roles partitioned", dict(stage=3, frozen3=True)),
         ("ZeRO-3 + activation checkpointing", dict(stage=3, frozen3=True, ckpt=True)),
         ("ZeRO-3 + activation checkpointing + optimizer offload", dict(stage=3, frozen3=True, ckpt=True, offload=True)),
         ("split placement, ZeRO-2 + activation checkpointing + optimizer offload",
@@ -416,7 +360,7 @@ def recommend(cfg, world_size: int, gpu_memory: int) -> str:
     for text, kw in ladder:
         if kw.get("split") and world_size < 2:
             continue
-        if kw.get("stage") == 3 and cfg.student.ema > 0:
+        if kw.get("stage") == 3 and any(rs.ema > 0 for rs in specs):
             continue
         try:
             p = make_plan(with_stage(cfg, **kw), world_size, None)
@@ -424,7 +368,8 @@ def recommend(cfg, world_size: int, gpu_memory: int) -> str:
             continue
         if max(p.per_rank_bytes.values()) <= 0.9 * gpu_memory:
             return text
-    return f"nothing fits {gpu_memory / GIB:.0f} GiB per rank at {world_size} ranks; add ranks or use LoRA (student.lora.rank)"
+    lora = " or use LoRA (" + ", ".join(f"{rs.name}.lora.rank" for rs in specs if rs.trainable) + ")"
+    return f"nothing fits {gpu_memory / GIB:.0f} GiB per rank at {world_size} ranks; add ranks{lora}"
 
 
 def format_plan(plan: Plan) -> str:

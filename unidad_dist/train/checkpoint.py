@@ -11,18 +11,18 @@ Layout of ``<run>/checkpoints/``::
                              the whole weights are those in the engine's model-states file: role_weights)
       rng_rank<r>.pt         per-rank RNG states
       data_rank<r>.json      per-rank positions of the split data streams (data/stream.py)
+      method_rank<r>.json    per-rank state of the method (Method.state_dict: e.g. non-finite skip counters)
       state.json             iteration, method, world size, global sample counts of the streams
       manifest.json          the XXH3-128 checksum of every file above (written last inside the folder)
     latest                   name of the newest complete checkpoint (written after the rename)
 
 A checkpoint is written into ``.tmp-iter_…`` and renamed into place, so a killed writer never leaves a
 folder that looks complete; a checkpoint whose manifest does not match is skipped with a warning and the
-previous complete one is used. Frozen roles are not copied: ``state.json`` records their weight files by
+previous complete one is used. DeepSpeed's own file I/O is in ``parallel/ds_io.py``. Frozen roles are not copied: ``state.json`` records their weight files by
 path + sha256, they are reloaded from the recipe's paths, and a resume whose frozen weights differ stops.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,97 +35,16 @@ import numpy as np
 import torch
 
 from unidad_dist import device as dev
+from unidad_dist.core.io import (CHECKSUM, checksum_file, fsync as _fsync, fsync_dir as _fsync_dir, fsync_written,
+                                 sha256_file, take_digests, torch_save_hashed)
 from unidad_dist.device import CPU
+from unidad_dist.errors import UserError
+from unidad_dist.models.backbones import resolve_backbone, weights_file
+from unidad_dist.parallel.ds_io import engine_module_weights, needs_universal, to_universal
 from unidad_dist.train.faults import kill_point
 
-
-# Checkpoint manifests use xxHash's XXH3-128 (a checksum against truncated / partial / corrupt files, ~16
-# GB/s, so computing it while writing costs next to nothing); sha256 stays for the frozen-teacher record
-# and the shard manifests.
-CHECKSUM = "xxh3_128"
-_DIGESTS: dict[str, str] = {}  # absolute path -> checksum of files this process wrote through HashingWriter
-
-
-def _new_hash(algorithm: str = CHECKSUM):
-    if algorithm == "xxh3_128":
-        import xxhash
-
-        return xxhash.xxh3_128()
-    return hashlib.new(algorithm)
-
-
-def checksum_file(path: Path, algorithm: str = CHECKSUM) -> str:
-    h = _new_hash(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class HashingWriter:
-    """A file opened for writing that computes its checksum (``CHECKSUM``) from the bytes as they go out, so
-    a checkpoint's manifest needs no second read of what was just written. It is not fsync'd on close:
-    ``fsync_written`` does that for all of a checkpoint's files once they are written, so the disk writes
-    back one file while the next is still being written."""
-
-    def __init__(self, path):
-        self.path = os.path.abspath(str(path))
-        self._f = open(self.path, "wb")
-        self._h = _new_hash()
-
-    def write(self, b) -> int:
-        mv = memoryview(b).cast("B")
-        self._h.update(mv)
-        return self._f.write(mv)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-            _DIGESTS[self.path] = self._h.hexdigest()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def torch_save_hashed(obj, path, **kw) -> None:
-    with HashingWriter(path) as f:
-        torch.save(obj, f, **kw)
-
-
-def fsync_written(folder: Path, extra: tuple = ()) -> None:
-    """fsync every file this process wrote through HashingWriter under ``folder`` (and ``extra``), after
-    all of them were written: the disk writes back one file while the next is still being written."""
-    root = Path(os.path.abspath(folder))
-    for p in [Path(p) for p in _DIGESTS if Path(p).is_relative_to(root)] + [Path(p) for p in extra]:
-        _fsync(p)
-
-
-def sha256_file(path: Path) -> str:
-    return checksum_file(path, "sha256")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+__all__ = ["CHECKSUM", "checksum_file", "sha256_file", "save", "load", "latest_complete", "is_complete",
+           "role_weights", "load_role_weights", "frozen_record", "check_frozen", "saved_state"]
 
 
 def _barrier(rt) -> None:
@@ -146,8 +65,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def frozen_files(cfg) -> dict[str, Path]:
-    """The weight files of the frozen roles (recorded by path + sha256, never copied into checkpoints)."""
-    from unidad_dist.models.backbones import resolve_backbone, weights_file
+    """The weight files recorded by path + sha256 (never copied into checkpoints): the primary network's (every
+    role's default copy) and those of the frozen roles that ask for it."""
+    method = cfg.method
+    primary = getattr(cfg, method.primary)
 
     def file_of(given: Optional[str], backbone: Optional[str], role: str) -> Optional[Path]:
         if given:
@@ -157,14 +78,16 @@ def frozen_files(cfg) -> dict[str, Path]:
         return weights_file(spec.unet_dir)
 
     out = {}
-    st, tt = cfg.source_teacher, cfg.target_teacher
-    f = file_of(st.init, st.backbone, "source_teacher")
+    f = file_of(primary.init, primary.backbone, method.primary)
     if f is not None:
-        out["source_teacher"] = f
-    if tt.mode == "frozen":
-        f = file_of(tt.init, tt.backbone or st.backbone, "target_teacher")
+        out[method.primary] = f
+    for spec in method.roles(cfg):
+        if spec.trainable or not spec.record_frozen or spec.name == method.primary:
+            continue
+        rc = getattr(cfg, spec.name)
+        f = file_of(rc.init, rc.backbone or primary.backbone, spec.name)
         if f is not None:
-            out["target_teacher"] = f
+            out[spec.name] = f
     return out
 
 
@@ -173,9 +96,7 @@ def frozen_record(cfg) -> dict:
 
 
 def check_frozen(saved: dict, current: dict) -> None:
-    """A resumed run must see the same frozen teachers it started with."""
-    from unidad_dist.errors import UserError
-
+    """A resumed run must see the same frozen weights it started with."""
     for role, rec in saved.items():
         now = current.get(role)
         if now is None or now["sha256"] != rec["sha256"]:
@@ -190,10 +111,14 @@ def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int, placement=None,
-         data_state: Optional[dict] = None, samples_seen: Optional[dict] = None, frozen: Optional[dict] = None) -> Path:
+def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: Optional[dict] = None) -> Path:
+    """All ranks: every trainable role this rank holds, the method's state, this rank's RNG and data-stream
+    positions; rank 0 publishes the checkpoint (manifest, rename, ``latest``) and prunes to ``keep``."""
     from safetensors.torch import save_file
 
+    exchange = models.exchange
+    placement = models.placement
+    data_state, samples_seen = models.data.state(), models.data.samples_seen()
     root = Path(run_dir) / "checkpoints"
     final = root / ckpt_name(iteration)
     tmp = root / f".tmp-{ckpt_name(iteration)}"
@@ -204,23 +129,20 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     _barrier(rt)
     written: list[Path] = []  # files this rank writes other than through HashingWriter (fsync'd at the end)
     for name, role in models.trainable_roles().items():  # the roles this rank holds
-        if placement is not None:
-            with placement.side_barriers():
-                role.save_state(tmp / name)  # every rank of the role's group writes its partitions
-        else:
-            role.save_state(tmp / name)
+        with exchange.side_barriers():
+            role.save_state(tmp / name)  # every rank of the role's group writes its partitions
         # Below ZeRO-3 the engine's model-states file already holds the whole weights (role_weights reads
         # them there); ZeRO-3 partitions them, so they are gathered (a collective) and written here.
         sd = role.full_weights(copy=False) if getattr(role, "stage", 0) == 3 else {}
         extra = role.extra_weights()
-        if (sd or extra) and (placement.leader(name) if placement is not None else rt.is_main):
+        if (sd or extra) and placement.leader(name):
             sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
             sd.update({k: v.detach().to(CPU).contiguous() for k, v in extra.items()})
             save_file(sd, str(tmp / f"{name}.safetensors"))
             written.append(tmp / f"{name}.safetensors")
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps(
-            {"iteration": iteration, "method": method_name, "world_size": rt.world_size,
+            {"iteration": iteration, "method": method.name, "world_size": rt.world_size,
              "samples_seen": samples_seen or {}, "frozen": frozen or {}}, indent=2))
     _barrier(rt)
     # Each rank's RNG (python random / numpy state hold no tensors that weights_only rejects).
@@ -231,21 +153,20 @@ def save(run_dir: Path, models, iteration: int, rt, method_name: str, keep: int,
     torch_save_hashed(st, tmp / f"rng_rank{rt.rank}.pt")
     (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
     written.append(tmp / f"data_rank{rt.rank}.json")
+    (tmp / f"method_rank{rt.rank}.json").write_text(json.dumps(method.state_dict(), sort_keys=True))
+    written.append(tmp / f"method_rank{rt.rank}.json")
     if rt.is_main:
         written.append(tmp / "state.json")
     fsync_written(tmp, extra=tuple(written))
     kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
     _barrier(rt)
     # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
-    mine = {str(Path(p).relative_to(Path(os.path.abspath(tmp)))): d for p, d in _DIGESTS.items()
-            if Path(p).is_relative_to(Path(os.path.abspath(tmp)))}
+    mine = take_digests(tmp)
     parts = [None] * rt.world_size
     if rt.distributed:
         torch.distributed.all_gather_object(parts, mine)
     else:
         parts = [mine]
-    for p in [p for p in _DIGESTS if Path(p).is_relative_to(Path(os.path.abspath(tmp)))]:
-        del _DIGESTS[p]
     if rt.is_main:
         known = {k: v for part in parts for k, v in (part or {}).items()}
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -320,22 +241,26 @@ def saved_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def needs_universal(state_folder: Path) -> bool:
-    """Whether a role's DeepSpeed state is partitioned over the saving ranks (ZeRO 1-3, or DeepSpeed's bf16
-    optimizer): then another world size loads it through the universal conversion."""
-    from unidad_dist.parallel.engines import TAG
+def load_method_state(ckpt: Path, method, rt) -> None:
+    """The method's own state: this rank's file, or — written at another world size — the merge of every
+    saving rank's (``Method.merge_state_dicts``). Checkpoints without one (earlier versions) leave it fresh."""
+    state = saved_state(ckpt)
+    files = sorted(Path(ckpt).glob("method_rank*.json"))
+    if not files:
+        return
+    if int(state["world_size"]) == rt.world_size and (Path(ckpt) / f"method_rank{rt.rank}.json").is_file():
+        method.load_state_dict(json.loads((Path(ckpt) / f"method_rank{rt.rank}.json").read_text()))
+    else:
+        method.load_state_dict(method.merge_state_dicts([json.loads(f.read_text()) for f in files]))
 
-    return any((Path(state_folder) / TAG).glob("*optim_states.pt"))
 
-
-def load(ckpt: Path, models, rt) -> int:
-    """Restore every trainable role this rank holds, its EMA and this rank's RNG. A checkpoint written at
-    another world size goes through DeepSpeed's universal conversion (rank 0 converts each partitioned role
-    once, inside the checkpoint folder, while the others wait); RNG then comes from the saving rank
-    ``min(rank, saved ranks - 1)`` (per-sample draws are keyed by global indices, not by these states)."""
+def load(ckpt: Path, models, rt, method=None) -> int:
+    """Restore every trainable role this rank holds, its EMA, the method's state and this rank's RNG. A
+    checkpoint written at another world size goes through DeepSpeed's universal conversion (rank 0 converts
+    each partitioned role once, inside the checkpoint folder, while the others wait); RNG then comes from the
+    saving rank ``min(rank, saved ranks - 1)`` (per-sample draws are keyed by global indices, not by these
+    states)."""
     from safetensors.torch import load_file
-
-    from unidad_dist.parallel.engines import to_universal
 
     state = saved_state(ckpt)
     saved_world = int(state["world_size"])
@@ -349,6 +274,8 @@ def load(ckpt: Path, models, rt) -> int:
         role.load_state(ckpt / name, universal=resized and needs_universal(ckpt / name))
         if role.extra_weights():
             role.load_extra_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
+    if method is not None:
+        load_method_state(ckpt, method, rt)
     rng_file = ckpt / f"rng_rank{min(rt.rank, saved_world - 1)}.pt"
     if rng_file.is_file():
         st = torch.load(rng_file, map_location=CPU, weights_only=True)
@@ -365,28 +292,21 @@ def role_weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     engine's model-states file (ZeRO 0-2 write the whole module there, so it is not written twice)."""
     from safetensors.torch import load_file
 
-    from unidad_dist.parallel.engines import TAG, _safe_globals, import_deepspeed
-
     f = Path(ckpt) / f"{name}.safetensors"
     out = load_file(str(f), device=str(CPU)) if f.is_file() else {}
     if not any(k.startswith("module.") for k in out):
-        ms = Path(ckpt) / name / TAG / "mp_rank_00_model_states.pt"
-        if not ms.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} holds no weights of role {name} ({ms} is missing)")
-        import_deepspeed()
-        with torch.serialization.safe_globals(_safe_globals()):
-            try:  # mmap: the optimizer state in the same file (ZeRO-0) is never read
-                sd = torch.load(str(ms), map_location=CPU, weights_only=True, mmap=True)
-            except RuntimeError:  # a legacy (non-zip) serialization cannot be mapped
-                sd = torch.load(str(ms), map_location=CPU, weights_only=True)
-        out.update({f"module.{k}": v for k, v in sd["module"].items()})
+        try:
+            module = engine_module_weights(Path(ckpt) / name)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"checkpoint {ckpt} holds no weights of role {name} ({e})") from None
+        out.update({f"module.{k}": v for k, v in module.items()})
     return out
 
 
-def load_student_weights(ckpt: Path, prefer_ema: bool = True, role_net: bool = False) -> dict[str, torch.Tensor]:
-    """The student's UNet weights (``role_net``: its RoleNet's, keys ``unet.*``) from a checkpoint's whole
+def load_role_weights(ckpt: Path, name: str, prefer_ema: bool = True, role_net: bool = False) -> dict[str, torch.Tensor]:
+    """A role's UNet weights (``role_net``: its RoleNet's, keys ``unet.*``) from a checkpoint's whole
     weights, the EMA when present and preferred."""
-    sd = role_weights(ckpt, "student")
+    sd = role_weights(ckpt, name)
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in sd) else "module."
     if not role_net:
         prefix += "unet."

@@ -1,12 +1,15 @@
-"""The train loop: one function for every launcher (local, torchrun, SLURM, Ray all end here).
+"""The train loop: one function for every launcher (local, torchrun, SLURM, Ray all end here) and every method.
 
-resume? -> build (all inputs checked) -> [warm start, "before" samples, checkpoint 0] -> iterate ->
-checkpoint -> final samples, metrics, summary.json.
+prepare (resume check, frozen checks, placement, roles, method) -> restore or initialise (the method's
+``prepare``, engines, the "before" evaluation, checkpoint 0 | a checkpoint) -> loop {step; hooks;
+checkpoint when due or when a hook asks to stop} -> the last checkpoint, ``on_train_end`` (summary).
+Logging, grids, the lock heartbeat, evaluation and summary.json are hooks (train/hooks.py); launchers and
+methods add theirs through ``train(cfg, hooks=[...])`` without editing this file.
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,17 +17,16 @@ import torch
 import yaml
 
 from unidad_dist import builtin
-from unidad_dist.config import Config, config_from_dict, dump_yaml, run_dir, to_dict
+from unidad_dist.config import config_from_dict, dump_yaml, flatten, run_dir, to_dict
+from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import UserError
-from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
-from unidad_dist.methods.unidad import UniDAD
 from unidad_dist.parallel import engines
-from unidad_dist.parallel.placement import ROLES, setup_placement
+from unidad_dist.parallel.placement import setup_placement
 from unidad_dist.train import checkpoint
-from unidad_dist.train.build import build
-from unidad_dist.train.logging import RunLogger, save_grid
+from unidad_dist.train.build import Models, build
 from unidad_dist.train.faults import kill_point
+from unidad_dist.train.hooks import Hook, Hooks, default_hooks
 from unidad_dist.train.runlock import RunLock
 
 # Keys that may change between a run and its resumption (everything else must match). run.dir: a run folder
@@ -33,21 +35,134 @@ RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.d
                   "run.dir")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+@dataclass
+class Run:
+    """What the loop and its hooks share."""
+    cfg: object
+    rt: Runtime
+    dir: Path
+    models: Models
+    method: object
+    resume_from: Optional[Path]
+    frozen: dict
+    t_start: float
+    phases: dict = field(default_factory=dict)  # wall time by phase (summary.json)
+    prepared: dict = field(default_factory=dict)  # what the method's prepare measured
+
+    @property
+    def samples_here(self) -> bool:
+        """This rank holds the sampler (all ranks when colocated; its side in split placement)."""
+        return self.models.holds(self.method.sampler)
+
+    def save(self, iteration: int, hooks: Hook) -> Path:
+        path = checkpoint.save(self.dir, self.models, iteration, self.rt, self.method, self.cfg.checkpoint.keep,
+                               frozen=self.frozen)
+        hooks.on_checkpoint(self, path, iteration)
+        return path
 
 
-def check_resume_compatible(saved: dict, new: Config) -> list[str]:
+def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
+    """Train (or resume) the run in ``run_dir(cfg)``, holding its lock file throughout. ``hooks`` are added
+    after the default ones (metrics, grids, heartbeat, evaluation)."""
+    rt = rt or runtime_from_env(cfg.run.dist_timeout)
+    rdir = run_dir(cfg)
+    existed = rdir.exists()
+    lock = RunLock(rdir, cfg.run.lock_stale_s)
+    lock.acquire(rt)
+    try:
+        return _train(cfg, rt, rdir, Hooks(default_hooks(lock) + list(hooks or [])))
+    finally:
+        lock.release()
+        if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
+            rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
+
+
+def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks) -> Path:
+    run = prepare(cfg, rt, rdir)
+    try:
+        start = restore_or_initialise(run, hooks)
+        hooks.on_train_start(run, start)
+        t0, last_saved, stop = time.time(), start, False
+        for it in range(start, cfg.train.iterations):
+            kill_point(rt.rank, f"iter:{it}")
+            logs = run.method.step(it)
+            hooks.on_step_end(run, it, logs)
+            done = it + 1
+            if hooks.can_stop:  # every rank acts on the same decision
+                stop = run.models.exchange.agree_world(hooks.should_stop(run, done))
+            if stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                run.save(done, hooks)
+                last_saved = done
+            if stop:
+                break
+        run.phases["train_s"] = time.time() - t0
+        if not stop and last_saved != cfg.train.iterations and cfg.train.iterations > start:
+            run.save(cfg.train.iterations, hooks)
+        hooks.on_train_end(run, finished=not stop)
+    finally:
+        hooks.close(run)
+        run.models.data.close()
+    _barrier(rt)
+    return rdir
+
+
+def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
+    """Resume check, frozen-weight check, placement, the roles this rank holds and the method — every input
+    problem surfaces here, before anything is written (then config.yaml is)."""
+    t_start = time.time()
+    resume_from = checkpoint.latest_complete(rdir) if rdir.exists() else None
+    if resume_from is not None and (rdir / "config.yaml").is_file():
+        changed = check_resume_compatible(yaml.safe_load((rdir / "config.yaml").read_text()), cfg)
+        if changed and rt.is_main:
+            print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
+    frozen = _check_frozen(cfg, rt, resume_from)
+    t0 = time.time()
+    placement = setup_placement(cfg, rt)  # bad groups fail here
+    models = build(cfg, rt, placement=placement)  # each rank builds the roles it holds
+    phases = {"build_s": time.time() - t0, **{f"builtin_{n}_s": s for n, s in builtin.BUILD_SECONDS.items()}}
+    method = cfg.method(cfg, models, rt)
+    if rt.is_main:
+        (rdir / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(rdir / "config.yaml", dump_yaml(cfg))
+    _barrier(rt)
+    return Run(cfg, rt, rdir, models, method, resume_from, frozen, t_start, phases)
+
+
+def restore_or_initialise(run: Run, hooks: Hook) -> int:
+    """A fresh run: the method's ``prepare`` (before the engines: a warm start trains the plain network),
+    engines, ``on_fresh_start`` (the "before" evaluation), checkpoint 0. A resumed one: engines, then every
+    role, the method's state, RNG and data positions from the checkpoint. Returns the first iteration."""
+    rt, models = run.rt, run.models
+    if run.resume_from is None:
+        t0 = time.time()
+        run.prepared = run.method.prepare()
+        run.phases["prepare_s"] = time.time() - t0
+    t0 = time.time()
+    engines.attach(models, run.cfg, rt)
+    run.phases["engines_s"] = time.time() - t0
+    if run.resume_from is None:
+        hooks.on_fresh_start(run)
+        run.save(0, hooks)
+        return 0
+    start = checkpoint.load(run.resume_from, models, rt, run.method)  # another world size: universal conversion
+    saved_world = int(checkpoint.saved_state(run.resume_from)["world_size"])
+    if saved_world != rt.world_size:
+        models.data.restore(None, global_counts=checkpoint.saved_state(run.resume_from).get("samples_seen", {}))
+    else:
+        models.data.restore(checkpoint.load_data_state(run.resume_from, rt.rank))
+    if rt.is_main:
+        print(f"resumed from {run.resume_from} (iteration {start}"
+              + (f", written by {saved_world} ranks, now {rt.world_size})" if saved_world != rt.world_size else ")"))
+    return start
+
+
+def check_resume_compatible(saved: dict, new) -> list[str]:
     """Keys that changed and may change (returned, for a log line); an error for any other change."""
-    a, b = _flatten(saved), _flatten(to_dict(new))
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b = flatten(saved), flatten(to_dict(new))
+    defaults = flatten(to_dict(type(new)()))
+    # a key the saved run did not have yet (an earlier version) is no change while it keeps its default
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                     and not (k not in a and k in defaults and b.get(k) == defaults[k]))
     bad = [k for k in changed if not k.startswith(RESUME_ALLOWED)]
     if bad:
         stages = [k for k in bad if k.endswith(".zero_stage")]
@@ -60,43 +175,8 @@ def check_resume_compatible(saved: dict, new: Config) -> list[str]:
     return changed
 
 
-def _barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        torch.distributed.barrier()
-
-
-def _evaluate(method: UniDAD, models, cfg: Config, rt: Runtime) -> tuple[torch.Tensor, dict]:
-    """Every rank samples (a ZeRO-3 role's forward is a collective); rank 0 measures."""
-    x = method.sample(cfg.eval.num_samples, steps=cfg.eval.steps)
-    pixels = models.to_pixels(x).cpu()
-    return pixels, (all_metrics(pixels, models.data.images) if rt.is_main else {})
-
-
-def train(cfg: Config, rt: Runtime | None = None) -> Path:
-    """Train (or resume) the run in ``run_dir(cfg)``, holding its lock file throughout."""
-    rt = rt or runtime_from_env(cfg.run.dist_timeout)
-    rdir = run_dir(cfg)
-    existed = rdir.exists()
-    lock = RunLock(rdir, cfg.run.lock_stale_s)
-    lock.acquire(rt)
-    try:
-        return _train(cfg, rt, rdir, lock)
-    finally:
-        lock.release()
-        if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
-            rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
-
-
-def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
-    t_start = time.time()
-    resume_from = checkpoint.latest_complete(rdir) if rdir.exists() else None
-    if resume_from is not None:
-        saved_cfg = rdir / "config.yaml"
-        if saved_cfg.is_file():
-            changed = check_resume_compatible(yaml.safe_load(saved_cfg.read_text()), cfg)
-            if changed and rt.is_main:
-                print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
-    # the frozen teachers, by path + sha256 (rank 0 hashes; every rank stops on a mismatch)
+def _check_frozen(cfg, rt: Runtime, resume_from: Optional[Path]) -> dict:
+    """The frozen weights, by path + sha256 (rank 0 hashes; every rank stops on a mismatch with the run's)."""
     try:
         frozen = checkpoint.frozen_record(cfg) if rt.is_main else {}
     except (UserError, OSError):
@@ -111,125 +191,15 @@ def _train(cfg: Config, rt: Runtime, rdir: Path, lock: RunLock) -> Path:
         flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=rt.device)
         torch.distributed.all_reduce(flag)
         if int(flag.item()) and not bad:
-            bad = "a frozen teacher's weights changed since this run started (see rank 0's message)"
+            bad = "a frozen network's weights changed since this run started (see rank 0's message)"
     if bad:
         raise UserError(bad)
-    phases: dict = {}
-    t0 = time.time()
-    placement = setup_placement(cfg, rt)  # bad groups fail here
-    # every input problem surfaces here, before anything is written; each rank builds the roles it holds
-    models = build(cfg, rt, roles={r for r in ROLES if placement.holds(r)},
-                   dp=(placement.dp_rank, placement.dp_size))
-    phases["build_s"] = time.time() - t0
-    for name, secs in builtin.BUILD_SECONDS.items():
-        phases[f"builtin_{name}_s"] = secs
-    method = UniDAD(cfg, models, rt, placement)
-    samples_here = placement.holds("student")  # the student's ranks sample (all ranks when colocated)
-    if rt.is_main:
-        (rdir / "samples").mkdir(parents=True, exist_ok=True)
-        tmp = rdir / ".config.yaml.tmp"
-        tmp.write_text(dump_yaml(cfg))
-        tmp.replace(rdir / "config.yaml")
-    _barrier(rt)
-    before_file = rdir / "eval_before.json"
+    return frozen
 
-    def _save(iteration: int) -> None:
-        checkpoint.save(rdir, models, iteration, rt, method.name, cfg.checkpoint.keep, placement,
-                        data_state=models.data.state(), samples_seen=models.data.samples_seen(), frozen=frozen)
 
-    ws: dict = {}
-    if resume_from is None and samples_here and cfg.student.warm_start > 0:
-        t0 = time.time()
-        for role in (models.student, models.source_teacher):  # staged on the host until their engines
-            if role is not None:
-                role.module.to(rt.device)
-        ws = method.warm_start(progress=cfg.logging.progress)  # on the plain student, before its engine
-        phases["warm_start_s"] = time.time() - t0
-    t0 = time.time()
-    engines.attach(models, cfg, rt, placement)
-    phases["engines_s"] = time.time() - t0
-    if resume_from is not None:
-        start = checkpoint.load(resume_from, models, rt)  # another world size: via the universal conversion
-        saved = checkpoint.saved_state(resume_from)
-        saved_world = int(saved["world_size"])
-        if saved_world != rt.world_size:
-            models.data.restore(None, global_counts=saved.get("samples_seen", {}))
-        else:
-            models.data.restore(checkpoint.load_data_state(resume_from, rt.rank))
-        if rt.is_main:
-            print(f"resumed from {resume_from} (iteration {start}"
-                  + (f", written by {saved_world} ranks, now {rt.world_size})" if saved_world != rt.world_size else ")"))
-    else:
-        start = 0
-        t0 = time.time()
-        if samples_here:
-            _, teacher_x, _ = method.teacher_sample(cfg.logging.grid_size, steps=25, purpose="grid")
-            pixels, before = _evaluate(method, models, cfg, rt)
-        if rt.is_main:
-            save_grid(models.data.images[: cfg.logging.grid_size], rdir / "samples" / "target_shots.png")
-            save_grid(models.to_pixels(teacher_x).cpu(), rdir / "samples" / "source_teacher.png")
-            save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_before.png")
-            before.update(ws)
-            before_file.write_text(json.dumps(before, indent=2))
-        phases["eval_before_s"] = time.time() - t0
-        _save(0)
-    logger = RunLogger(rdir, cfg, rt.is_main, cfg.train.iterations, start)
-    t0 = time.time()
-    last_saved = start
-    try:
-        for it in range(start, cfg.train.iterations):
-            kill_point(rt.rank, f"iter:{it}")
-            logs = method.step(it)
-            lock.heartbeat()
-            logger.advance()
-            done = it + 1
-            if it % cfg.logging.every == 0 or done == cfg.train.iterations:
-                logs.update(models.data.logs())
-                logger.log(it, placement.merge_logs(logs))
-            if cfg.logging.sample_every and done % cfg.logging.sample_every == 0 and samples_here:
-                x = method.sample(cfg.logging.grid_size)  # every rank: a ZeRO-3 forward is a collective
-                if rt.is_main:
-                    logger.image("samples", save_grid(models.to_pixels(x).cpu(),
-                                                      rdir / "samples" / f"iter_{done:07d}.png"))
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-                _save(done)
-                last_saved = done
-    finally:
-        logger.close()
-        models.data.close()
-    phases["train_s"] = time.time() - t0
-    if last_saved != cfg.train.iterations and cfg.train.iterations > start:
-        _save(cfg.train.iterations)
-    t0 = time.time()
-    if samples_here:
-        pixels, after = _evaluate(method, models, cfg, rt)
-    if rt.is_main:
-        save_grid(pixels[: cfg.logging.grid_size], rdir / "samples" / "student_after.png")
-        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
-        phases["eval_after_s"] = time.time() - t0
-        phases["total_s"] = time.time() - t_start
-        summary = {
-            "iterations": cfg.train.iterations,
-            "student_steps": cfg.student.steps,
-            "a": cfg.algorithm.a,
-            "proxy_feature": PROXY_FEATURE,
-            "proxy_distance_before": before.get("proxy_distance"),
-            "proxy_distance_after": after["proxy_distance"],
-            "copy_rate": after["copy_rate"],
-            "diversity": after["diversity"],
-            "copy_rate_before": before.get("copy_rate"),
-            "diversity_before": before.get("diversity"),
-            "num_samples": cfg.eval.num_samples,
-            "num_shots": int(models.data.num_shots),
-            "wall_time_s": phases,
-        }
-        if before.get("proxy_distance"):
-            summary["proxy_distance_ratio"] = after["proxy_distance"] / before["proxy_distance"]
-        tmp = rdir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(rdir / "summary.json")
-    _barrier(rt)
-    return rdir
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
 
 
 def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
@@ -251,23 +221,21 @@ def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
 
 
 def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, iteration: Optional[int] = None):
-    """Rebuild a run's student (plain, on this process) from its folder and the whole weights in its latest
+    """Rebuild a run's sampler role (plain, on this process) from its folder and the whole weights in its latest
     complete checkpoint (or that of ``iteration``), for sample/export. Works whatever the placement, ZeRO
-    stages and world size of the run were: it needs no engine."""
-    from dataclasses import replace
-
-    from unidad_dist.config import PlacementConfig
-
+    stages and world size of the run were: it needs no engine. Returns (cfg, models, method, checkpoint)."""
     rdir = Path(run)
     cfg_file = rdir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the run.dir of a training run")
     ckpt = pick_checkpoint(rdir, iteration)
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
-    cfg = replace(cfg, placement=PlacementConfig())  # one process holds the student
+    cfg = replace(cfg, placement=type(cfg.placement)())  # one process holds the sampler
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
-    models = build(cfg, rt, roles={"student"}, checks=False)
-    models.student.module.to(rt.device)
-    models.student.module.load_state_dict(checkpoint.load_student_weights(ckpt, prefer_ema=use_ema, role_net=True))
-    models.student.module.eval()
-    return cfg, models, UniDAD(cfg, models, rt), ckpt
+    sampler = cfg.method.sampler
+    models = build(cfg, rt, roles={sampler}, checks=False)
+    models.to_device(sampler)
+    net = models.roles[sampler].module
+    net.load_state_dict(checkpoint.load_role_weights(ckpt, sampler, prefer_ema=use_ema, role_net=True))
+    net.eval()
+    return cfg, models, cfg.method(cfg, models, rt), ckpt

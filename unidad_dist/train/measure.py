@@ -8,6 +8,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from unidad_dist.parallel import engines
+from unidad_dist.parallel.plan import make_plan
+from unidad_dist.train.build import build
+
 
 def _tensors_in(obj, out: list, seen: set, depth: int = 0) -> None:
     if depth > 6 or id(obj) in seen:
@@ -79,42 +83,31 @@ def model_state_bytes(role) -> int:
 
 
 @contextlib.contextmanager
-def saved_bytes_by_phase(method):
-    """Bytes of the tensors autograd saves for backward per micro-batch, attributed to the role whose loss
-    is being built (student: generation + critic feedback incl. the GAN input-gradient graph + student
-    loss; fake_teacher; target_teacher). Parameters themselves are not counted. The dict is filled when
-    the context exits."""
+def saved_bytes_by_phase(models):
+    """Bytes of the tensors autograd saves for backward per micro-batch, attributed to the role whose step
+    they belong to: everything saved since the last role backward goes to the next role whose loss is
+    back-propagated (the student's step: its generation, the critic feedback's input-gradient graph and its
+    loss). Parameters themselves are not counted. The dict is filled when the context exits."""
     totals: dict = defaultdict(int)
-    phase = {"name": None}
-    params = set()
-    for name in ("student", "fake_teacher", "source_teacher", "target_teacher"):
-        role = getattr(method.m, name)
-        if role is not None:
-            params.update(id(p) for p in role.module.parameters())
-
     calls: dict = defaultdict(int)
-
-    def wrap(fn, name, attr):
-        def inner(*a, **k):
-            if attr in ("student_loss", "fake_loss", "target_loss"):
-                calls[name] += 1
-            prev, phase["name"] = phase["name"], name
-            try:
-                return fn(*a, **k)
-            finally:
-                phase["name"] = prev
-        return inner
-
+    pending = [0]
+    params = set()
+    for role in models.roles.values():
+        params.update(id(p) for p in role.module.parameters())
     originals = {}
-    for attr, name in (("generate_train", "student"), ("student_loss", "student"), ("critic_feedback", "student"),
-                       ("fake_loss", "fake_teacher"),
-                       ("target_loss", "target_teacher")):
-        originals[attr] = getattr(method, attr)
-        setattr(method, attr, wrap(originals[attr], name, attr))
+    for name, role in models.trainable_roles().items():
+        originals[name] = role.backward
+
+        def backward(loss, name=name, orig=originals[name]):
+            totals[name] += pending[0]
+            pending[0] = 0
+            calls[name] += 1
+            return orig(loss)
+        role.backward = backward
 
     def pack(t):
-        if phase["name"] is not None and id(t) not in params:
-            totals[phase["name"]] += t.numel() * t.element_size()
+        if id(t) not in params:
+            pending[0] += t.numel() * t.element_size()
         return t
 
     per_micro: dict = {}
@@ -123,8 +116,9 @@ def saved_bytes_by_phase(method):
             yield per_micro
     finally:
         per_micro.update({k: v / max(1, calls[k]) for k, v in totals.items()})
-        for attr, fn in originals.items():
-            setattr(method, attr, fn)
+        for name, role in models.trainable_roles().items():
+            if name in originals:
+                role.backward = originals[name]
 
 
 def flop_counter():
@@ -134,24 +128,20 @@ def flop_counter():
 
 
 def measure_run(cfg, rt) -> dict:
-    """Build the recipe on this process (1 rank), run `ratio` iterations to warm the caches, then measure
-    `ratio` more: FLOPs of everything (flop counter), bytes saved for backward per role in the first
-    (student) iteration, and each engine's model-state bytes right before its optimizer steps."""
-    from unidad_dist.methods.unidad import UniDAD
-    from unidad_dist.parallel import engines
-    from unidad_dist.train.build import build
-
+    """Build the recipe on this process (1 rank), run one plan period of iterations to warm the caches, then
+    measure one more: FLOPs of everything (flop counter), bytes saved for backward per role in its first
+    iteration, and each engine's model-state bytes right before its optimizer steps."""
     models = build(cfg, rt)
-    method = UniDAD(cfg, models, rt)
+    method = cfg.method(cfg, models, rt)
     engines.attach(models, cfg, rt)
-    ratio = cfg.train.fake_updates_per_student
-    for it in range(ratio):
+    period = cfg.method.plan_period(cfg)
+    for it in range(period):
         method.step(it)
     saved: dict = {}
     with model_states_before_step(models.trainable_roles()) as states, flop_counter() as fc:
-        for it in range(ratio):
+        for it in range(period):
             if it == 0:
-                with saved_bytes_by_phase(method) as totals:
+                with saved_bytes_by_phase(models) as totals:
                     method.step(it)
                 saved = dict(totals)
             else:
@@ -161,12 +151,10 @@ def measure_run(cfg, rt) -> dict:
 
 def compare_with_plan(cfg, rt) -> dict:
     """estimate / measured for the three quantities of the plan, per trainable role and in total."""
-    from unidad_dist.parallel.plan import make_plan
-
     plan = make_plan(cfg, rt.world_size)
     got = measure_run(cfg, rt)
-    ratio = cfg.train.fake_updates_per_student
-    out = {"flops": sum(r.flops_per_iteration for r in plan.roles.values()) * ratio / got["flops"]}
+    period = cfg.method.plan_period(cfg)
+    out = {"flops": sum(r.flops_per_iteration for r in plan.roles.values()) * period / got["flops"]}
     for name in got["states"]:
         out[f"states/{name}"] = plan.roles[name].model_state_bytes / got["states"][name]
     for name, measured in got["saved"].items():

@@ -1,0 +1,52 @@
+"""Image conversion and PNG grids (images in [-1, 1], (N, 3, H, W))."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 on the CPU."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_cell: int = 96) -> Path:
+    """A PNG grid of images in [-1, 1] (N, 3, H, W); small images are upscaled (nearest) for viewing."""
+    from PIL import Image
+
+    n = images.shape[0]
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    arr = to_uint8(images)
+    _, c, h, w = arr.shape
+    pad = 2
+    canvas = torch.full((3, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, cidx = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + cidx * (w + pad): pad + cidx * (w + pad) + w] = arr[i]
+    im = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    scale = max(1, min_cell // max(h, w))
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def save_images(images: torch.Tensor, folder: Path, pattern: str = "{:05d}.png") -> list[Path]:
+    """One PNG per image (in [-1, 1]), named by ``pattern.format(index)``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    out = []
+    for i, a in enumerate(arr):
+        p = folder / pattern.format(i)
+        Image.fromarray(a).save(p)
+        out.append(p)
+    return out

@@ -1,0 +1,201 @@
+"""The recipe schema machinery: typed dataclass sections from YAML dicts, ``key.sub=value`` overrides, and
+error messages that name the key and the fix. Which sections a recipe has is decided elsewhere
+(``config.py`` assembles the generic sections and those of the recipe's method)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+from unidad_dist.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML with floats as a person writes them (PyYAML reads "1e-4" as a string)
+# --------------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+# YAML 1.2 booleans: only true/false. (YAML 1.1 reads `mode: off` as False, and `off` is a valid mode.)
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclass with type checks
+# --------------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in args)
+        return name + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str, pool: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, pool)
+            except UserError:
+                continue
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}; set a value of that type")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}; write a YAML list like [1, 2]")
+        return [_coerce(v, inner, f"{key}[{i}]", pool) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping (section), got {value!r}")
+        return from_dict(tp, value, prefix=key, pool=pool)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}; set a value of that type")
+
+
+def from_dict(cls, data: dict, prefix: str = "", pool: Optional[list[str]] = None):
+    """Build dataclass ``cls`` from ``data``; ``pool``: every valid key of the whole recipe (for the
+    closest-key hint of an unknown key)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    pool = all_keys(cls) if pool is None else pool
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise UserError(unknown_key_message(full, [f"{prefix}.{n}" if prefix else n for n in names] + pool))
+        kwargs[k] = _coerce(v, hints[k], full, pool)
+    return cls(**kwargs)
+
+
+def all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(all_keys(tp, full))
+        else:
+            out.append(full)
+    return out
+
+
+def unknown_key_message(key: str, pool: list[str]) -> str:
+    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.5)
+    if not close:  # try matching only the last component, e.g. "studnet.steps" -> "student.steps"
+        last = key.split(".")[-1]
+        tails = {c.split(".")[-1]: c for c in pool}
+        close = [tails[m] for m in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.6)]
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `unidad-dist config --keys` to list valid keys"
+    return f"unknown config key '{key}'{hint}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key.sub=value (e.g. train.iterations=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}' has an empty key; write key.sub=value")
+        value = parse_yaml(raw, f"override '{item}'") if raw.strip() != "" else ""
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"override '{item}' conflicts with an earlier override of '{p}'")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------
+def choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}; pick one of them")
+
+
+def positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{key} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")

@@ -1,0 +1,137 @@
+"""The recipe's typed sections that do not belong to one method, and the one base of every role's section.
+
+A recipe is these generic sections (``run``, ``train``, ``data``, ``placement``, ``checkpoint``,
+``logging``, ``eval``) plus the sections its method declares (one per role, its ``algorithm`` section and
+any options of its own; ``config.py`` assembles them). A method may extend a generic section by
+subclassing it (Uni-DAD adds ``train.fake_updates_per_student``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+PRECISIONS = ("fp32", "bf16_autocast", "bf16", "fp16")  # fp16: CUDA only (DeepSpeed loss scaling)
+
+
+@dataclass
+class RunConfig:
+    name: str = "unidad"
+    dir: Optional[str] = None  # default: runs/<name>
+    seed: int = 0
+    dist_timeout: float = 600.0  # seconds any collective may wait
+    lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 1  # per rank and micro-batch
+    nonfinite: str = "skip"  # a NaN/inf loss on any rank: "skip" that role's step on all ranks, or "stop" all
+    max_nonfinite_skips: int = 10  # stop when one role's step is skipped this many iterations in a row
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup: int = 500  # linear warmup, counted in iterations (all roles follow the iteration counter)
+    clip_grad_norm: float = 10.0  # <= 0 disables clipping
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: train every weight; > 0: train a peft LoRA adapter of this rank on the UNet
+    alpha: Optional[float] = None  # None: = rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class RoleConfig:
+    """What every role has: its network and how it is held."""
+    backbone: Optional[str] = None  # diffusers pipeline/model folder or builtin:<name>; None: the method's default
+    init: Optional[str] = None  # weights (folder, .safetensors, .bin); None: the backbone's, or a copy (method)
+    strict: bool = True
+    precision: str = "bf16_autocast"
+    zero_stage: int = 0  # trainable: DeepSpeed ZeRO stage 0-3; frozen: 0 replicated, 3 partitioned
+    zero3_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay whole
+
+
+@dataclass
+class TrainableRoleConfig(RoleConfig):
+    """A role that can train: its optimizer and engine options."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grad_accum: int = 1
+    offload_optimizer: bool = False  # ZeRO optimizer states (and the fp32 master) in CPU memory
+    activation_checkpointing: bool = False  # recompute the UNet blocks' activations in backward
+    deepspeed_config: Optional[str] = None  # JSON file whose fields override the generated config
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """A method's own section: ``name`` selects the method (a registered name, or ``module:Class``)."""
+    name: str = "unidad"
+
+
+@dataclass
+class TargetDataConfig:
+    path: Optional[str] = None  # folder of target images, a make-shards folder (manifest.json), or builtin:<name>
+    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
+    resolution: Optional[int] = None  # default: the backbone's sample size (x VAE factor)
+    prompt: str = "a {rare} {cls}"
+    rare_token: str = "sks"
+    class_name: str = ""
+    hflip: bool = True
+
+
+@dataclass
+class SourceDataConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a {rare} {cls}"])
+    prompt_file: Optional[str] = None
+    path: Optional[str] = None  # a make-shards prompt folder (manifest.json); replaces prompts / prompt_file
+    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
+
+
+@dataclass
+class DataConfig:
+    target: TargetDataConfig = field(default_factory=TargetDataConfig)
+    source: SourceDataConfig = field(default_factory=SourceDataConfig)
+    workers: int = 0  # DataLoader worker processes per rank for a split (large) shard stream
+    # A shard stream with fewer samples than this, or fewer shards than readers (ranks x workers), is held
+    # whole in memory and sampled by per-sample draws (independent of the world size); a larger one is split.
+    split_min_samples: int = 10000
+
+
+@dataclass
+class PlacementConfig:
+    """``mode``; config.py adds one optional rank list per role of the method (split placement only)."""
+    mode: str = "colocated"  # colocated | split
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only the initial and the final checkpoint
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress: bool = True
+    sample_every: int = 0  # write a sample grid every N iterations (0: only before/after)
+    grid_size: int = 16
+    wandb: bool = False
+    wandb_project: str = "unidad_dist"
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 64
+    steps: Optional[int] = None  # None: the method's own (Uni-DAD: student.steps)
+
+
+GENERIC_SECTIONS = {"run": RunConfig, "train": TrainConfig, "data": DataConfig, "placement": PlacementConfig,
+                    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval": EvalConfig}

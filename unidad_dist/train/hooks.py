@@ -1,0 +1,197 @@
+"""Hooks: what runs around the loop's iterations without being loop code. Launchers and methods add their own.
+
+Events, in the order a run meets them (every rank calls every hook; a hook decides what its rank does):
+
+* ``on_fresh_start(run)``: a fresh run, engines attached, before checkpoint 0 (the "before" evaluation);
+* ``on_train_start(run, start)``: before the first iteration of this process (fresh or resumed);
+* ``on_step_end(run, iteration, logs)``: after each iteration's step (``logs``: what the method logged);
+* ``should_stop(run, done) -> bool``: asked after each iteration; the loop agrees on the answer over all
+  ranks (any rank's True stops every rank), then checkpoints on all ranks and stops (e.g. preemption);
+* ``on_checkpoint(run, path, iteration)``: after every checkpoint is published (e.g. to report it);
+* ``on_train_end(run, finished)``: after the last checkpoint; ``finished`` is False when a hook stopped it;
+* ``close(run)``: always, also after an error.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from unidad_dist.core.images import save_grid
+from unidad_dist.core.io import atomic_write_text
+from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
+from unidad_dist.train.logging import RunLogger
+
+
+class Hook:
+    def on_fresh_start(self, run) -> None:
+        pass
+
+    def on_train_start(self, run, start: int) -> None:
+        pass
+
+    def on_step_end(self, run, iteration: int, logs: dict) -> None:
+        pass
+
+    def should_stop(self, run, done: int) -> bool:
+        return False
+
+    def on_checkpoint(self, run, path: Path, iteration: int) -> None:
+        pass
+
+    def on_train_end(self, run, finished: bool) -> None:
+        pass
+
+    def close(self, run) -> None:
+        pass
+
+
+class Hooks(Hook):
+    """A list of hooks called in order."""
+
+    def __init__(self, hooks: list):
+        self.hooks = list(hooks)
+        self.can_stop = any(type(h).should_stop is not Hook.should_stop for h in self.hooks)
+
+    def on_fresh_start(self, run) -> None:
+        for h in self.hooks:
+            h.on_fresh_start(run)
+
+    def on_train_start(self, run, start: int) -> None:
+        for h in self.hooks:
+            h.on_train_start(run, start)
+
+    def on_step_end(self, run, iteration: int, logs: dict) -> None:
+        for h in self.hooks:
+            h.on_step_end(run, iteration, logs)
+
+    def should_stop(self, run, done: int) -> bool:
+        return any([h.should_stop(run, done) for h in self.hooks])  # every hook is asked
+
+    def on_checkpoint(self, run, path: Path, iteration: int) -> None:
+        for h in self.hooks:
+            h.on_checkpoint(run, path, iteration)
+
+    def on_train_end(self, run, finished: bool) -> None:
+        for h in self.hooks:
+            h.on_train_end(run, finished)
+
+    def close(self, run) -> None:
+        for h in self.hooks:
+            h.close(run)
+
+
+class Heartbeat(Hook):
+    """Keeps ``run.lock`` fresh (its mtime) so no other writer takes the run over."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def on_step_end(self, run, iteration, logs) -> None:
+        self.lock.heartbeat()
+
+
+class Metrics(Hook):
+    """metrics.jsonl, the progress bar and wandb (main rank): every ``logging.every`` iterations and the last,
+    the method's logs of every side (a world collective in split placement) and the data streams' counters."""
+
+    def __init__(self):
+        self.logger = None
+
+    def on_train_start(self, run, start) -> None:
+        self.logger = RunLogger(run.dir, run.cfg, run.rt.is_main, run.cfg.train.iterations, start)
+
+    def on_step_end(self, run, iteration, logs) -> None:
+        self.logger.advance()
+        if iteration % run.cfg.logging.every == 0 or iteration + 1 == run.cfg.train.iterations:
+            logs = dict(logs)
+            logs.update(run.models.data.logs())
+            self.logger.log(iteration, run.models.exchange.merge_logs(logs))
+
+    def close(self, run) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+
+class SampleGrids(Hook):
+    """A grid of the sampler's samples every ``logging.sample_every`` iterations (samples/iter_N.png; wandb)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def on_step_end(self, run, iteration, logs) -> None:
+        every, done = run.cfg.logging.sample_every, iteration + 1
+        if not every or done % every or not run.samples_here:
+            return
+        x = run.method.sample(run.cfg.logging.grid_size)  # every such rank: a ZeRO-3 forward is a collective
+        if run.rt.is_main:
+            path = save_grid(run.models.to_pixels(x).cpu(), run.dir / "samples" / f"iter_{done:07d}.png")
+            self.metrics.logger.image("samples", path)
+
+
+class Evaluation(Hook):
+    """The demo-scale proxies (eval/metrics.py) of the sampler before training and at the end, the grids
+    (target shots, the method's own, the sampler before/after) and summary.json (main rank writes)."""
+
+    def _evaluate(self, run) -> tuple[torch.Tensor, dict]:
+        """Every rank that holds the sampler samples (a ZeRO-3 forward is a collective); rank 0 measures."""
+        x = run.method.sample(run.cfg.eval.num_samples, steps=run.cfg.eval.steps)
+        pixels = run.models.to_pixels(x).cpu()
+        return pixels, (all_metrics(pixels, run.models.data.images) if run.rt.is_main else {})
+
+    def on_fresh_start(self, run) -> None:
+        t0 = time.time()
+        g, samples = run.cfg.logging.grid_size, run.dir / "samples"
+        grids, pixels, before = {}, None, {}
+        if run.samples_here:
+            grids = run.method.grids(g)
+            pixels, before = self._evaluate(run)
+        if run.rt.is_main:
+            save_grid(run.models.data.images[:g], samples / "target_shots.png")
+            for name, x in grids.items():
+                save_grid(run.models.to_pixels(x).cpu(), samples / f"{name}.png")
+            save_grid(pixels[:g], samples / f"{run.method.sampler}_before.png")
+            before.update(run.prepared)
+            atomic_write_text(run.dir / "eval_before.json", json.dumps(before, indent=2))
+        run.phases["eval_before_s"] = time.time() - t0
+
+    def on_train_end(self, run, finished: bool) -> None:
+        if not finished:
+            return
+        t0 = time.time()
+        pixels, after = None, {}
+        if run.samples_here:
+            pixels, after = self._evaluate(run)
+        if not run.rt.is_main:
+            return
+        cfg = run.cfg
+        save_grid(pixels[: cfg.logging.grid_size], run.dir / "samples" / f"{run.method.sampler}_after.png")
+        before_file = run.dir / "eval_before.json"
+        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+        run.phases["eval_after_s"] = time.time() - t0
+        run.phases["total_s"] = time.time() - run.t_start
+        summary = {
+            "iterations": cfg.train.iterations,
+            **run.method.summary(),
+            "proxy_feature": PROXY_FEATURE,
+            "proxy_distance_before": before.get("proxy_distance"),
+            "proxy_distance_after": after["proxy_distance"],
+            "copy_rate": after["copy_rate"],
+            "diversity": after["diversity"],
+            "copy_rate_before": before.get("copy_rate"),
+            "diversity_before": before.get("diversity"),
+            "num_samples": cfg.eval.num_samples,
+            "num_shots": int(run.models.data.num_shots),
+            "wall_time_s": run.phases,
+        }
+        if before.get("proxy_distance"):
+            summary["proxy_distance_ratio"] = after["proxy_distance"] / before["proxy_distance"]
+        atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
+
+
+def default_hooks(lock) -> list[Hook]:
+    metrics = Metrics()
+    return [Heartbeat(lock), metrics, SampleGrids(metrics), Evaluation()]
