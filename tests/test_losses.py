@@ -43,3 +43,11 @@ def test_gan_losses():
     z = torch.zeros(4)
     torch.testing.assert_close(losses.gan_generator_loss(z), torch.tensor(0.6931472))
     torch.testing.assert_close(losses.gan_discriminator_loss(z, z), torch.tensor(2 * 0.6931472))
+    # non-zero logits: BCE(0, 1) = BCE(0, 0), so only these tell real (label 1) from fake (label 0)
+    real = torch.tensor([2.0, -1.0, 0.5])
+    fake = torch.tensor([-0.7, 1.5, 3.0])
+    log_sig = lambda v: -torch.log1p(torch.exp(-v))  # noqa: E731  log σ(v)
+    expect_d = (-log_sig(real)).mean() + (-log_sig(-fake)).mean()  # -log σ(real) - log(1 - σ(fake))
+    torch.testing.assert_close(losses.gan_discriminator_loss(real, fake), expect_d)
+    torch.testing.assert_close(losses.gan_generator_loss(fake), (-log_sig(fake)).mean())  # wants D(fake) = 1
+    assert losses.gan_discriminator_loss(real + 1, fake - 1) < losses.gan_discriminator_loss(real, fake)

@@ -261,10 +261,19 @@ def test_precision_modes_run(make_cfg, rt):
 
 
 def test_ema_tracks_student(make_cfg, rt):
-    cfg, models, method = _setup(make_cfg, rt, **{"student.ema": 0.5})
-    method.step(0)
-    ema, live = _params(models.student.ema), _params(models.student.module)
-    assert not _same(ema, live)
+    """The EMA follows e <- decay * e + (1 - decay) * w at every student step (not merely "differs")."""
+    decay = 0.7
+    cfg, models, method = _setup(make_cfg, rt, **{"student.ema": decay})
+    student = models.student
+    for it in range(2):
+        before = _params(student.ema)
+        method.step(it)
+        ema, live = _params(student.ema), _params(student.module)
+        assert not _same(ema, live) and not _same(ema, before)
+        for k, e in ema.items():
+            if e.dtype.is_floating_point:
+                torch.testing.assert_close(e, decay * before[k] + (1 - decay) * live[k].float(), rtol=1e-6,
+                                           atol=1e-7, msg=f"iteration {it}: {k}")
     assert models.student.inference_module() is models.student.ema
 
 

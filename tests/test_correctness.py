@@ -1,0 +1,172 @@
+"""Tests that fail on the bugs an independent review planted (issue 10 §6): each checks a caller's arguments
+or an update rule against an independent computation, not a pure function with whatever it is given."""
+import math
+
+import pytest
+import torch
+
+from unidad_dist.core.draws import SampleDraws
+from unidad_dist.methods.unidad import UniDAD
+from unidad_dist.parallel import engines
+from unidad_dist.train.build import build
+
+
+def _setup(make_cfg, rt, form="pixel", **over):
+    cfg = make_cfg(form, **over)
+    models = build(cfg, rt)
+    engines.attach(models, cfg, rt)
+    return cfg, models, UniDAD(cfg, models, rt)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The student's DMD gradient: the caller's arguments (x, not x_t), the (1 - a) / a weights, one x_t for all
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("a", [0.3, 0.0, 1.0])
+def test_student_loss_gradient_matches_an_independent_computation(make_cfg, rt, a):
+    cfg, models, method = _setup(make_cfg, rt, **{"algorithm.a": a, "gan_heads.lambda_g": 0.0})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the fake and target teachers start as copies of the source: make them differ
+        for name in ("fake_teacher", "target_teacher"):
+            for p in models.roles[name].module.parameters():
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    d = SampleDraws(0, 3, [0, 1, 2], rt.device)
+    batch = models.data.batch(d)
+    with torch.no_grad():
+        x0 = method.generate_train(d, batch, None)
+    x = x0.clone().requires_grad_(True)
+    seen = {}
+    for name in ("fake_teacher", "source_teacher", "target_teacher"):
+        role = models.roles.get(name)
+        orig = role.forward
+
+        def spy(x_t, t, cond, force_fp32=False, name=name, orig=orig):
+            seen[name] = (x_t.detach().clone(), t.clone())
+            return orig(x_t, t, cond, force_fp32)
+        role.forward = spy
+    loss, _ = method.student_loss(x, batch, d)
+    (grad,) = torch.autograd.grad(loss, x)
+    # an independent computation from the same draws
+    t = d.randint(cfg.algorithm.t_min, cfg.algorithm.t_max + 1, "student", "dmd_t")
+    n = d.randn(models.sample_shape, "student", "dmd_noise")
+    ab = models.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * n
+    for name, (seen_xt, seen_t) in seen.items():  # every DMD teacher sees the same x_t (noised x, not x_t twice)
+        torch.testing.assert_close(seen_xt, x_t, msg=name)
+        assert torch.equal(seen_t, t)
+
+    def x0_of(name):
+        with torch.no_grad():
+            eps = models.roles[name].module(x_t, t, None).float()
+        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    x_fk = x0_of("fake_teacher")
+    expect = torch.zeros_like(x0)
+    for name, w in (("source_teacher", 1 - a), ("target_teacher", a)):
+        if w == 0:
+            assert name not in seen, f"{name} was called with weight 0"
+            continue
+        x_k = x0_of(name)
+        norm = (x0 - x_k).abs().mean(dim=(1, 2, 3), keepdim=True)  # |x - x̂|: the student sample, not x_t
+        expect += w * (x_fk - x_k) / norm / x0.numel()
+    assert expect.abs().max() > 1e-6  # a gradient to compare: the teachers differ
+    torch.testing.assert_close(grad, expect, rtol=1e-3, atol=1e-3 * float(expect.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ε / v / x0 conversions and targets against diffusers' own scheduler
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+def test_conversions_match_diffusers(ptype):
+    from diffusers import DDPMScheduler
+
+    from unidad_dist.models.schedule import NoiseSchedule
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=ptype,
+                          clip_sample=False)
+    ours = NoiseSchedule.from_scheduler_config(sched.config)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    x_t = sched.add_noise(x0, noise, t)
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), x_t, rtol=1e-5, atol=1e-5)
+    target = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[ptype]
+    torch.testing.assert_close(ours.target(x0, noise, t), target, rtol=1e-5, atol=1e-5)
+    for i in range(3):  # diffusers' own x̂0 from a perfect prediction, one timestep at a time
+        sched.set_timesteps(1000)
+        out = sched.step(target[i:i + 1], int(t[i]), x_t[i:i + 1])
+        torch.testing.assert_close(ours.to_x0(target[i:i + 1], x_t[i:i + 1], t[i:i + 1]), out.pred_original_sample,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.pred_original_sample, x0[i:i + 1], rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward simulation: k is uniform over {0 … K-1}, a function of (seed, iteration); the step makes k + 1 calls
+# ---------------------------------------------------------------------------------------------------
+def test_backward_simulation_k_is_uniform_and_the_step_follows_it(make_cfg, rt):
+    K = 4
+    cfg, models, method = _setup(make_cfg, rt, **{"student.steps": K, "student.unroll": "backward_simulation",
+                                                  "train.fake_updates_per_student": 1})
+    ks = [UniDAD.iteration_plan(cfg, it).extra["k_grad"] for it in range(800)]
+    counts = [ks.count(k) for k in range(K)]
+    assert all(abs(c / 800 - 1 / K) < 0.05 for c in counts), counts
+    assert ks == [UniDAD.iteration_plan(cfg, it).extra["k_grad"] for it in range(800)]  # same on every call
+    other = make_cfg(**{"student.steps": K, "student.unroll": "backward_simulation", "run.seed": 1})
+    assert ks[:50] != [UniDAD.iteration_plan(other, it).extra["k_grad"] for it in range(50)]  # seeded
+    for it in range(3):
+        method.calls.clear()
+        method.step(it)
+        assert method.calls["student"] == ks[it] + 1, (it, ks[it])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Re-noising between student steps: fresh noise for each step, on the detached x̂0 of the previous one
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("unroll", ["backward_simulation", "full"])
+def test_renoising_uses_fresh_noise_on_the_previous_x0(make_cfg, rt, unroll):
+    K = 3
+    cfg, models, method = _setup(make_cfg, rt, **{"student.steps": K, "student.unroll": unroll})
+    student = models.student
+    calls = []
+    orig = student.train_forward
+
+    def spy(x_t, t, cond):
+        out = orig(x_t, t, cond)
+        calls.append((x_t, t, out))
+        return out
+    student.train_forward = spy
+    d = SampleDraws(0, 5, [0, 1], rt.device)
+    batch = models.data.batch(d)
+    x = method.generate_train(d, batch, K - 1 if unroll == "backward_simulation" else None)
+    assert len(calls) == K
+    torch.testing.assert_close(calls[0][0], d.randn(models.sample_shape, "student", "z"))
+    noises = []
+    for k in range(1, K):
+        prev_x0 = models.schedule.to_x0(calls[k - 1][2], calls[k - 1][0], calls[k - 1][1])
+        ab = models.schedule.alphas_cumprod[calls[k][1]].float().view(-1, 1, 1, 1)
+        noise = (calls[k][0] - ab.sqrt() * prev_x0) / (1 - ab).sqrt()
+        torch.testing.assert_close(noise, d.randn(models.sample_shape, "student", f"renoise_{k}"), rtol=1e-3, atol=1e-3)
+        noises.append(noise)
+        # backward simulation: the steps before the trained one build no graph and re-noise a detached x̂0;
+        # full unroll keeps the graph through every step
+        assert calls[k - 1][2].requires_grad == (unroll == "full")
+        assert calls[k][0].requires_grad == (unroll == "full")
+    assert not torch.allclose(noises[0], noises[1], atol=1e-2)  # fresh noise each step
+    assert x.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# The learning rate: a linear warmup counted in iterations, then constant — as the engines apply it
+# ---------------------------------------------------------------------------------------------------
+def test_warmup_lr_values_and_what_the_engine_sets(make_cfg, rt):
+    from unidad_dist.parallel.engines import warmup_lr
+
+    assert [warmup_lr(1.0, 4, i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr(3e-4, 0, 0) == 3e-4 and warmup_lr(3e-4, 1, 0) == 3e-4
+    cfg, models, method = _setup(make_cfg, rt, **{"fake_teacher.optimizer.warmup": 4,
+                                                  "fake_teacher.optimizer.lr": 2e-4})
+    for it in range(5):
+        logs = method.step(it)
+        lrs = [g["lr"] for g in models.fake_teacher.engine.optimizer.param_groups]
+        assert lrs and all(lr == pytest.approx(2e-4 * min(1.0, (it + 1) / 4)) for lr in lrs), (it, lrs)
+        assert logs["fake_teacher/lr"] == pytest.approx(2e-4 * min(1.0, (it + 1) / 4))
+    assert math.isclose(models.student.engine.optimizer.param_groups[0]["lr"], cfg.student.optimizer.lr)
