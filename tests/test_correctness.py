@@ -170,3 +170,63 @@ def test_warmup_lr_values_and_what_the_engine_sets(make_cfg, rt):
         assert lrs and all(lr == pytest.approx(2e-4 * min(1.0, (it + 1) / 4)) for lr in lrs), (it, lrs)
         assert logs["fake_teacher/lr"] == pytest.approx(2e-4 * min(1.0, (it + 1) / 4))
     assert math.isclose(models.student.engine.optimizer.param_groups[0]["lr"], cfg.student.optimizer.lr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# algorithm.t_sampling: karras_index — the DMD, fake-teacher and GAN noise levels, as the calls see them
+# ---------------------------------------------------------------------------------------------------
+def _ks(samples: torch.Tensor, support: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance between the draws and the uniform distribution over ``support``'s entries."""
+    values = torch.unique(torch.cat([samples, support]))
+    emp = torch.stack([(samples <= v).double().mean() for v in values])
+    exp = torch.stack([(support <= v).double().mean() for v in values])
+    return float((emp - exp).abs().max())
+
+
+def test_karras_index_draws_of_every_noise_level(make_cfg, rt):
+    from collections import defaultdict
+
+    cfg, models, method = _setup(make_cfg, rt, **{"algorithm.t_sampling": "karras_index", "gan_heads.lambda_g": 0.5,
+                                                  "algorithm.a": 0.0})
+    grid = method.karras
+    n = 2048
+    d = SampleDraws(0, 1, list(range(n)), rt.device)
+    batch = models.data.batch(d)
+    seen = defaultdict(list)
+    fake = models.fake_teacher  # cheap stand-ins that record the noise levels the calls receive
+
+    def forward(x_t, t, cond, force_fp32=False):
+        seen["dmd"].append(t.cpu())
+        return torch.zeros_like(x_t)
+
+    def discriminate(x_t, t, cond, key="gan_generator"):
+        seen[key].append(t.cpu())
+        return x_t.float().mean(dim=(1, 2, 3))
+
+    def train_forward(x_t, t, cond):
+        seen["fake_denoise"].append(t.cpu())
+        return torch.zeros_like(x_t)
+
+    fake.forward, fake.discriminate, fake.train_forward = forward, discriminate, train_forward
+    models.source_teacher.forward = lambda x_t, t, cond, force_fp32=False: (seen["dmd_src"].append(t.cpu()),
+                                                                           torch.zeros_like(x_t))[1]
+    x = torch.zeros((n,) + tuple(models.sample_shape))
+    method.critic_feedback(x, batch, d)
+    method.student_loss(x.requires_grad_(True), batch, d, method.critic_feedback(x, batch, d))
+    fake.train_discriminate = lambda x_t, t, cond: discriminate(  # real shots first, then the samples
+        x_t, t, cond, "gan_real" if not seen["gan_real"] else "gan_fake")
+    method.fake_loss(x.detach(), batch, d)
+    lo, hi = cfg.algorithm.t_min, cfg.algorithm.t_max
+    dmd_support = grid[(grid >= lo) & (grid <= hi)]
+    assert len(dmd_support) < len(grid)  # the range cuts the grid: clamping would pile draws onto its ends
+    t = seen["dmd"][0]
+    assert int(t.min()) >= lo and int(t.max()) <= hi
+    assert torch.equal(seen["dmd_src"][0], t)  # the source teacher sees the same noise level
+    assert _ks(t, dmd_support) < 0.05
+    ends = float(((t == int(dmd_support.min())) | (t == int(dmd_support.max()))).double().mean())
+    expect_ends = float(((dmd_support == dmd_support.min()) | (dmd_support == dmd_support.max())).double().mean())
+    assert abs(ends - expect_ends) < 0.03, (ends, expect_ends)
+    for key in ("fake_denoise", "gan_generator", "gan_real", "gan_fake"):
+        assert _ks(seen[key][0], grid) < 0.05, key
+        assert _ks(seen[key][0], torch.arange(1000)) > 0.2, key  # not uniform in t
+    assert not torch.equal(seen["gan_real"][0], seen["gan_fake"][0])  # independent draws per call

@@ -93,7 +93,7 @@ class UniDADAlgorithmConfig(AlgorithmConfig):
     a: float | str = 0.0  # weight of the target-teacher DMD term; "auto" is reserved
     t_min: int = 20
     t_max: int = 980
-    t_sampling: str = "uniform"  # uniform | karras_index
+    t_sampling: str = "uniform"  # uniform | karras_index (the DMD, fake-teacher and GAN noise levels)
 
 
 def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
@@ -288,9 +288,12 @@ class UniDAD(Method):
         return (batch,) + tuple(self.m.sample_shape)
 
     def draw_t(self, d: SampleDraws, role: str, purpose: str, low: int, high: int) -> torch.Tensor:
-        if self.karras is not None:  # uniform over the index of a Karras σ grid
-            i = d.randint(0, len(self.karras), role, purpose).cpu()
-            return self.karras[i].clamp(low, high - 1).to(d.device)
+        """A noise level in [low, high): uniform in t, or (``algorithm.t_sampling: karras_index``) uniform over
+        the indices of the Karras σ grid whose timestep lies in [low, high) — never clamped onto an end."""
+        if self.karras is not None:
+            grid = self.karras[(self.karras >= low) & (self.karras < high)]
+            i = d.randint(0, len(grid), role, purpose).cpu()
+            return grid[i].to(d.device)
         return d.randint(low, high, role, purpose)
 
     def generate_train(self, d: SampleDraws, batch, k_grad: Optional[int]):
@@ -368,7 +371,7 @@ class UniDAD(Method):
         gradient can land in the fake teacher's or the heads' parameters (design.md)."""
         # A fresh leaf copy of the *input*, not a module's parameter: the design.md input-gradient pattern.
         x_in = x.detach().requires_grad_(True)
-        t = d.randint(0, self.T, "student", "gan_t")
+        t = self.draw_t(d, "student", "gan_t", 0, self.T)
         n = d.randn(self.m.sample_shape, "student", "gan_noise")
         self.calls["fake_teacher_features"] += 1
         logits = self.role("fake_teacher").discriminate(self.schedule.add_noise(x_in, n, t), t, batch.cond)
@@ -380,16 +383,16 @@ class UniDAD(Method):
         cfg = self.cfg
         x = x.detach()
         fake = self.role("fake_teacher")
-        t = d.randint(0, self.T, "fake_teacher", "denoise_t")
+        t = self.draw_t(d, "fake_teacher", "denoise_t", 0, self.T)
         n = d.randn(self.m.sample_shape, "fake_teacher", "denoise_noise")
         self.calls["fake_teacher"] += 1
         pred = fake.train_forward(self.schedule.add_noise(x, n, t), t, batch.cond)
         l_fake = losses.denoising_loss(pred, self.schedule.target(x, n, t))
         loss, logs = l_fake, {"fake_denoise": float(l_fake.detach())}
         if cfg.gan_heads.enabled and cfg.gan_heads.lambda_d > 0:
-            t_r = d.randint(0, self.T, "fake_teacher", "gan_real_t")
+            t_r = self.draw_t(d, "fake_teacher", "gan_real_t", 0, self.T)
             n_r = d.randn(self.m.sample_shape, "fake_teacher", "gan_real_noise")
-            t_f = d.randint(0, self.T, "fake_teacher", "gan_fake_t")
+            t_f = self.draw_t(d, "fake_teacher", "gan_fake_t", 0, self.T)
             n_f = d.randn(self.m.sample_shape, "fake_teacher", "gan_fake_noise")
             self.calls["fake_teacher_features"] += 2
             logit_real = fake.train_discriminate(self.schedule.add_noise(batch.real, n_r, t_r), t_r, batch.real_cond)
