@@ -230,3 +230,39 @@ def test_karras_index_draws_of_every_noise_level(make_cfg, rt):
         assert _ks(seen[key][0], grid) < 0.05, key
         assert _ks(seen[key][0], torch.arange(1000)) > 0.2, key  # not uniform in t
     assert not torch.equal(seen["gan_real"][0], seen["gan_fake"][0])  # independent draws per call
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: CFG on a target teacher that never learnt the unconditional prediction; a role whose own
+# backbone has another schedule or prediction type than the primary (every output is read with the primary's)
+# ---------------------------------------------------------------------------------------------------
+def test_target_cfg_needs_condition_dropout(make_cfg, pipes):
+    from unidad_dist.errors import UserError
+
+    over = {"algorithm.a": 0.5, "target_teacher.cfg": 3.0}
+    with pytest.raises(UserError, match="target_teacher.cond_dropout=0, so it never learns the unconditional"):
+        make_cfg("sd15", **over, **{"target_teacher.cond_dropout": 0.0})
+    make_cfg("sd15", **over, **{"target_teacher.cond_dropout": 0.1})
+    make_cfg("sd15", **{**over, "target_teacher.cond_dropout": 0.0, "algorithm.a": 0.0})  # unused at a = 0
+    with pytest.warns(UserWarning, match="frozen target teacher: CFG is meaningful only if"):
+        make_cfg("sd15", **over, **{"target_teacher.mode": "frozen", "target_teacher.init": str(pipes["sd15"])})
+
+
+@pytest.mark.parametrize("other", ["v_prediction", "scaled_linear"])
+def test_a_role_backbone_with_another_schedule_is_refused(make_cfg, rt, tmp_path, other):
+    from unidad_dist import testing
+    from unidad_dist.errors import UserError
+
+    kw = {"prediction_type": "v_prediction"} if other == "v_prediction" else {}
+    pipe = testing.write_pixel_pipeline(tmp_path / other, seed=5, **kw)
+    if other == "scaled_linear":  # same prediction type, another beta schedule
+        import json
+
+        f = pipe / "scheduler" / "scheduler_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "beta_schedule": "scaled_linear"}))
+    cfg = make_cfg(**{"fake_teacher.backbone": str(pipe)})
+    what = "prediction type v_prediction" if other == "v_prediction" else "noise schedule"
+    with pytest.raises(UserError, match=f"fake_teacher.backbone .* was trained with another {what}"):
+        build(cfg, rt)
+    same = testing.write_pixel_pipeline(tmp_path / "same", seed=5)  # same schedule, other weights: fine
+    build(make_cfg(**{"fake_teacher.backbone": str(same)}), rt)

@@ -16,6 +16,7 @@ samples one way and the critic's feedback the other.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -159,6 +160,18 @@ class UniDAD(Method):
             )
         if tc.mode == "frozen" and not tc.init:
             raise UserError("target_teacher.mode=frozen needs target_teacher.init (the target model's weights)")
+        if a > 0 and tc.cfg != 1.0:  # CFG on the target teacher needs a model trained with condition dropout
+            if tc.mode == "online" and tc.cond_dropout == 0:
+                raise UserError(
+                    f"target_teacher.cfg={tc.cfg} but the online target teacher trains with "
+                    "target_teacher.cond_dropout=0, so it never learns the unconditional prediction CFG needs; set "
+                    "target_teacher.cond_dropout (e.g. 0.1) or target_teacher.cfg=1"
+                )
+            if tc.mode == "frozen":
+                warnings.warn(
+                    f"target_teacher.cfg={tc.cfg} on a frozen target teacher: CFG is meaningful only if "
+                    f"{tc.init} was trained with condition dropout (this cannot be checked here); otherwise set "
+                    "target_teacher.cfg=1", UserWarning, stacklevel=2)
         st = cfg.student
         if st.steps < 1:
             raise UserError(f"student.steps must be >= 1, got {st.steps}")

@@ -78,6 +78,24 @@ def _check_same_space(spec: BackboneSpec, other: BackboneSpec, role: str, primar
         )
 
 
+def _check_same_schedule(spec: BackboneSpec, other: BackboneSpec, role: str, primary: str) -> None:
+    """Every role's output is read with the primary's noise schedule and prediction type: a role whose own
+    backbone was trained with another would be read wrongly."""
+    if other.scheduler_config is None or other.unet_dir == spec.unet_dir:
+        return  # no scheduler beside that UNet: it is read with the primary's, as documented
+    mine, theirs = NoiseSchedule.from_scheduler_config(spec.scheduler_config), \
+        NoiseSchedule.from_scheduler_config(other.scheduler_config)
+    same_alphas = mine.T == theirs.T and torch.allclose(mine.alphas_cumprod, theirs.alphas_cumprod, atol=1e-7)
+    if mine.prediction_type != theirs.prediction_type or not same_alphas:
+        what = (f"prediction type {theirs.prediction_type}" if mine.prediction_type != theirs.prediction_type
+                else "noise schedule (its alphas_cumprod differ)")
+        raise UserError(
+            f"{role}.backbone '{other.given}' was trained with another {what} than {primary}.backbone "
+            f"('{spec.given}': {mine.prediction_type}, T = {mine.T}); every role's output is read with "
+            f"{primary}'s schedule, so use a backbone of the same schedule or leave {role}.backbone unset"
+        )
+
+
 def _role_unet(rc, role: str, spec: BackboneSpec, template: torch.nn.Module, primary: str):
     """A role's UNet: its own backbone (architecture) if given, its init weights if given, else a copy of
     ``template``."""
@@ -85,6 +103,7 @@ def _role_unet(rc, role: str, spec: BackboneSpec, template: torch.nn.Module, pri
     if rc.backbone:
         rspec = resolve_backbone(rc.backbone, role)
         _check_same_space(spec, rspec, role, primary)
+        _check_same_schedule(spec, rspec, role, primary)
     if rc.init:
         unet = build_unet(rspec)
         load_weights(unet, rc.init, rc.strict, f"{role}.init")
@@ -114,6 +133,7 @@ def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime)
     elif spec.copy_of is None:
         rspec = resolve_backbone(rc.backbone, spec.name) if rc.backbone else pspec
         _check_same_space(pspec, rspec, spec.name, method.primary)
+        _check_same_schedule(pspec, rspec, spec.name, method.primary)
         unet = load_unet(rspec, rc.init, rc.strict, spec.name)
     else:
         unet, rspec = _role_unet(rc, spec.name, pspec, template[spec.copy_of], method.primary)
