@@ -1,4 +1,5 @@
-"""``unidad-dist export``: the sampler role (Uni-DAD: the student) as a diffusers folder that a plain pipeline call samples correctly.
+"""``unidad-dist export``: the method's sampler role (Uni-DAD: the student) as a diffusers folder that a plain
+pipeline call samples correctly.
 
 Layout of ``--out``::
 

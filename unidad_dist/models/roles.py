@@ -19,7 +19,8 @@ from unidad_dist.models.backbones import encoder_features, unet_forward
 
 
 class RoleNet(nn.Module):
-    """A role's network as one module: the UNet, plus the GAN heads for the fake teacher.
+    """A role's network as one module: the UNet, plus the heads a method gives the role (Uni-DAD: the fake
+    teacher's GAN heads).
 
     ``forward(x_t, t, cond)`` is the raw prediction; ``forward(..., discriminate=True)`` runs only the
     encoder and returns the heads' logits. One module, so one engine serves both passes."""
