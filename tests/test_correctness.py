@@ -266,3 +266,39 @@ def test_a_role_backbone_with_another_schedule_is_refused(make_cfg, rt, tmp_path
         build(cfg, rt)
     same = testing.write_pixel_pipeline(tmp_path / "same", seed=5)  # same schedule, other weights: fine
     build(make_cfg(**{"fake_teacher.backbone": str(same)}), rt)
+
+
+def test_karras_index_with_no_grid_timestep_in_range_is_a_clear_error(make_cfg, rt):
+    from unidad_dist.errors import UserError
+    from unidad_dist.models.schedule import karras_index_timesteps
+
+    cfg = make_cfg(**{"algorithm.t_sampling": "karras_index", "algorithm.t_min": 500, "algorithm.t_max": 500})
+    models = build(cfg, rt)
+    grid = karras_index_timesteps(models.schedule)
+    assert not bool((grid == 500).any())  # the grid skips t = 500 on this schedule
+    with pytest.raises(UserError, match=r"no timestep of the Karras grid lies in \[algorithm.t_min, algorithm.t_max\]"):
+        UniDAD(cfg, models, rt)
+
+
+def test_a_frozen_role_refuses_trainable_only_options(make_cfg, pipes):
+    from unidad_dist.errors import UserError
+
+    frozen = {"target_teacher.mode": "frozen", "target_teacher.init": str(pipes["pixel"])}
+    for key, value in (("target_teacher.lora.rank", 4), ("target_teacher.activation_checkpointing", True)):
+        with pytest.raises(UserError, match=f"{key}=.* applies to a role that trains, and this recipe keeps "
+                                            "target_teacher frozen"):
+            make_cfg(**{**frozen, key: value})
+    make_cfg(**{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.lora.rank": 4})  # not run: unread
+
+
+def test_the_exchange_refuses_what_the_method_did_not_declare(rt):
+    from unidad_dist.parallel.exchange import Exchange
+    from unidad_dist.parallel.placement import Placement
+
+    ex = Exchange(Placement("colocated", {"a": [0]}, 0, 1), rt.device)
+    x = torch.zeros(2, 3)
+    assert ex.run_at("a", lambda: {"x": x}, {"x": (2, 3)})["x"] is x
+    with pytest.raises(RuntimeError, match=r"computed \['x', 'y'\] but declared \['x'\]"):
+        ex.run_at("a", lambda: {"x": x, "y": x}, {"x": (2, 3)})
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        ex.run_at("a", lambda: {"x": x}, {"x": (3, 2)})

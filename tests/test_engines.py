@@ -223,6 +223,8 @@ def test_split_with_update_ratio_and_accumulation(split_run):
     ({"placement.mode": "split", "placement.student": [0], "placement.fake_teacher": [1]}, 3, r"ranks \[2\] hold no role"),
     ({"placement.student": [0]}, 2, "only apply with placement.mode=split"),
     ({"placement.mode": "split", "placement.target_teacher": [0]}, 2, "target teacher lives with the fake teacher"),
+    ({"placement.mode": "split", "placement.target_teacher": [1], "target_teacher.mode": "off", "algorithm.a": 0.0}, 2,
+     r"placement.target_teacher place roles this recipe does not run"),
 ])
 def test_bad_placement(make_cfg, over, world, msg):
     from unidad_dist.parallel.placement import resolve_groups
@@ -248,7 +250,8 @@ def test_lora_offload_and_activation_checkpointing_train(make_cfg, rt):
     cfg = make_cfg(**{"student.lora.rank": 4, "student.lora.target_modules": ["conv1", "conv2"],
                       "student.zero_stage": 2, "student.offload_optimizer": True,
                       "fake_teacher.activation_checkpointing": True, "fake_teacher.zero_stage": 1,
-                      "gan_heads.lambda_g": 0.5})
+                      "gan_heads.lambda_g": 0.5, "target_teacher.lora.rank": 2,
+                      "target_teacher.lora.target_modules": ["conv1"]})
     models = build(cfg, rt)
     engines.attach(models, cfg, rt)
     method = UniDAD(cfg, models, rt)
@@ -265,3 +268,6 @@ def test_lora_offload_and_activation_checkpointing_train(make_cfg, rt):
     assert all(torch.equal(before[n], after[n]) for n in before if n not in names), "a frozen base weight changed"
     fake_after = dict(models.fake_teacher.module.named_parameters())
     assert any(not torch.equal(fake_before[n], fake_after[n]) for n in fake_before)
+    # an online target teacher takes a LoRA adapter the same way: only its adapter trains
+    tnames = {n for n, p in models.target_teacher.module.named_parameters() if p.requires_grad}
+    assert tnames and all("lora_" in n for n in tnames)

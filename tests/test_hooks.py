@@ -66,3 +66,26 @@ def test_the_methods_state_survives_a_resume(make_cfg, rt, tmp_path):
     merged = UniDAD.merge_state_dicts([{"nonfinite_run": {"student": 2}, "nonfinite_total": {"student": 4}},
                                        {"nonfinite_run": {"fake_teacher": 1, "student": 0}, "nonfinite_total": {}}])
     assert merged == {"nonfinite_run": {"student": 2, "fake_teacher": 1}, "nonfinite_total": {"student": 4}}
+
+
+def test_a_stop_at_the_last_iteration_is_a_finished_run_and_an_earlier_one_is_not(make_cfg, rt, tmp_path):
+    from unidad_dist.train.hooks import Hook
+    from unidad_dist.train.loop import train
+
+    class StopAt(Hook):
+        def __init__(self, at):
+            self.at, self.reported = at, []
+
+        def should_stop(self, run, done):
+            return done >= self.at
+
+        def on_checkpoint(self, run, path, iteration):
+            self.reported.append(iteration)
+
+    cfg = make_cfg(**{"train.iterations": 3, "run.dir": str(tmp_path / "a")})
+    stop = StopAt(2)
+    train(cfg, rt, hooks=[stop])
+    assert stop.reported == [0, 2] and not (tmp_path / "a" / "summary.json").exists()
+    last = StopAt(3)
+    train(cfg, rt, hooks=[last])  # resumes at 2, stops (agreed) at the last iteration: finished
+    assert last.reported == [3] and (tmp_path / "a" / "summary.json").is_file()

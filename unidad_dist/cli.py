@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p = sub.add_parser("sample", help="sample the student (the method's sampler role) of a run")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--steps", type=int, default=None, help="student steps K (default: as trained)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: as trained)")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--out", required=True, help="a .png grid, a folder for single PNGs, or .safetensors (floats)")
     p.add_argument("--seed", type=int, default=None)
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rare", default=None, help="rare token for {rare}")
     p.add_argument("--cls", default=None, help="class noun for {cls}")
     _add_overrides(p)
-    p = sub.add_parser("export", help="export the student as a diffusers pipeline folder (safetensors)")
+    p = sub.add_parser("export", help="export the student (the method's sampler role) as a diffusers pipeline "
+                                      "folder (safetensors)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="new folder")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")

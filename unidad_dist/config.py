@@ -122,7 +122,7 @@ def dump_yaml(cfg) -> str:
 # --------------------------------------------------------------------------------------------------
 # Validation: the generic sections and every role section, then the method's own checks
 # --------------------------------------------------------------------------------------------------
-def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool) -> None:
+def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool, spec=None) -> None:
     choice(f"{name}.precision", rc.precision, PRECISIONS)
     if isinstance(rc, TrainableRoleConfig):
         positive(f"{name}.grad_accum", rc.grad_accum)
@@ -142,8 +142,15 @@ def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool) -> None:
     positive(f"{name}.zero3_persistence_threshold", rc.zero3_persistence_threshold, allow_zero=True)
     if isinstance(rc, TrainableRoleConfig):
         if rc.offload_optimizer and not trainable:
-            raise UserError(f"{name}.offload_optimizer applies to trainable roles only (this recipe keeps {name} "
-                            "frozen: it has no optimizer); remove it")
+            raise UserError(f"{name}.offload_optimizer applies to a role that trains, and this recipe does not "
+                            f"train {name} (it has no optimizer); remove it or make the role train")
+        if spec is not None and not trainable:
+            for key, value, default in (("lora.rank", rc.lora.rank, 0),
+                                        ("activation_checkpointing", rc.activation_checkpointing, False),
+                                        ("deepspeed_config", rc.deepspeed_config, None)):
+                if value != default:
+                    raise UserError(f"{name}.{key}={value!r} applies to a role that trains, and this recipe keeps "
+                                    f"{name} frozen; remove it or make the role train")
         if rc.offload_optimizer and rc.zero_stage == 0:
             raise UserError(f"{name}.offload_optimizer needs ZeRO: set {name}.zero_stage to 1, 2 or 3")
         if rc.lora.rank < 0:
@@ -164,7 +171,7 @@ def validate(cfg) -> None:
     specs = {s.name: s for s in method.roles(cfg)}
     for name in method.role_sections():
         spec = specs.get(name)
-        _validate_role(cfg, name, getattr(cfg, name), trainable=spec is not None and spec.trainable)
+        _validate_role(cfg, name, getattr(cfg, name), trainable=spec is not None and spec.trainable, spec=spec)
     positive("train.iterations", cfg.train.iterations, allow_zero=True)
     positive("train.batch_size", cfg.train.batch_size)
     choice("placement.mode", cfg.placement.mode, ("colocated", "split"))

@@ -98,14 +98,14 @@ class Batch:
     prompts_src: list[str]
 
 
-def _check_precomputed(shards, spec, key: str) -> None:
+def _check_precomputed(shards, spec, key: str, backbone_key: str) -> None:
     m = shards.manifest
     if not m.get("precomputed"):
         return
     if m.get("encoders") != fingerprint(spec):
         raise UserError(
             f"{key}: these shards were precomputed with other frozen encoders ({m.get('backbone')}) than the "
-            f"recipe's backbone ({spec.given}); rerun make-shards --precompute with this recipe"
+            f"recipe's {backbone_key} ({spec.given}); rerun make-shards --precompute with this recipe"
         )
 
 
@@ -150,7 +150,7 @@ class DataSource:
         tpath = resolve_path(t.path)
         if tpath.exists() and is_shard_folder(tpath):
             shards = open_shards(t.path, t.shards, "images", "data.target.path")
-            _check_precomputed(shards, spec, "data.target.path")
+            _check_precomputed(shards, spec, "data.target.path", f"{cfg.method.primary}.backbone")
             if shards.manifest.get("resolution") != resolution:
                 raise UserError(
                     f"data.target.path '{t.path}' holds {shards.manifest.get('resolution')}px images but the backbone "
@@ -188,7 +188,7 @@ class DataSource:
                 raise UserError(f"data.source.path is set but '{spec.given}' is unconditional (no text encoder); "
                                 "remove data.source.path")
             shards = open_shards(src.path, src.shards, "prompts", "data.source.path")
-            _check_precomputed(shards, spec, "data.source.path")
+            _check_precomputed(shards, spec, "data.source.path", f"{cfg.method.primary}.backbone")
             if _split(shards, readers, cfg):
                 self.streams["source"] = SplitStream(shards, seed, "source", dp[0], dp[1], cfg.data.workers, B)
                 samples = _first_samples(shards, "data.source.path", src.path)  # prompts for sampling, warm start

@@ -164,7 +164,8 @@ class Method:
 
     def sampling_info(self) -> dict:
         """How the sampler samples, for export: ``steps``, ``timesteps``, ``explicit_timesteps`` (the recipe
-        gave the list), ``output`` ("x0" or the backbone's prediction type)."""
+        gave the list), ``output`` (its output as a scheduler's prediction type: "sample" for x̂0, else
+        "epsilon" / "v_prediction")."""
         raise NotImplementedError
 
     # -- its state, kept in every checkpoint (per rank) ----------------------------------------------
@@ -269,8 +270,7 @@ def method_class(name: str, key: str = "algorithm.name") -> type:
     if ":" in name:
         cls = _import(name, key)
         return _REGISTRY.setdefault(cls.name, cls) if cls.name else cls
-    known = sorted(set(BUILTIN) | set(_REGISTRY))
-    raise UserError(f"{key}={name!r} is not a known method; pick one of {', '.join(known)}, or give "
+    raise UserError(f"{key}={name!r} is not a known method; pick one of {', '.join(method_names())}, or give "
                     "module:Class of your own Method subclass")
 
 

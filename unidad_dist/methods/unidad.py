@@ -266,6 +266,12 @@ class UniDAD(Method):
         # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (algorithm.md §4, precision).
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
         self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
+        if self.karras is not None:
+            lo, hi = cfg.algorithm.t_min, cfg.algorithm.t_max
+            if not bool(((self.karras >= lo) & (self.karras <= hi)).any()):
+                raise UserError(f"algorithm.t_sampling=karras_index: no timestep of the Karras grid lies in "
+                                f"[algorithm.t_min, algorithm.t_max] = [{lo}, {hi}] on this schedule; widen the range "
+                                "or use algorithm.t_sampling=uniform")
         self.calls = defaultdict(int)  # network calls per role (tests count them)
 
     def role(self, name: str):

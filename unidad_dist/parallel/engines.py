@@ -1,7 +1,7 @@
 """DeepSpeed engines for roles, applied from outside the models (design.md "DeepSpeed with four networks").
 
-* One engine per trainable role: ``student``; ``fake_teacher`` with its ``gan_heads`` (one module, so one
-  engine and one optimizer); ``target_teacher`` in mode ``online``. ZeRO stage 0-3 per role.
+* One engine per trainable role the method declares (Uni-DAD: the student; the fake teacher with its GAN
+  heads, one module, so one engine and one optimizer; the online target teacher). ZeRO stage 0-3 per role.
 * A frozen teacher is replicated (a plain role) or, with ``zero_stage: 3``, partitioned by a ZeRO-3
   engine without an optimizer.
 * The DeepSpeed config is generated from the recipe. A user's JSON (``<role>.deepspeed_config``) may set

@@ -48,9 +48,9 @@ class Exchange:
 
     def run_at(self, role: str, fn: Callable[[], dict], shapes: dict) -> dict:
         if not self.split:
-            return fn()
+            return self._checked(fn(), shapes, role)  # checked colocated too: a mismatch shows before a split run
         if self.holds(role):
-            out = fn()
+            out = self._checked(fn(), shapes, role)
             torch.distributed.send(self._pack(out, shapes), dst=self.placement.partner)
             return out
         flat = torch.empty((sum(prod(s) for s in shapes.values()),), dtype=torch.float32, device=self.device)
@@ -106,10 +106,17 @@ class Exchange:
             dscomm.barrier = orig
 
     # -- packing --------------------------------------------------------------------------------------
+    @staticmethod
+    def _checked(tensors: dict, shapes: dict, role: str) -> dict:
+        """What ``fn`` computed must be exactly what the method declared: the other side receives only that."""
+        if set(tensors) != set(shapes):
+            raise RuntimeError(f"exchange at {role}: computed {sorted(tensors)} but declared {sorted(shapes)}")
+        bad = {k: (tuple(v.shape), tuple(shapes[k])) for k, v in tensors.items() if tuple(v.shape) != tuple(shapes[k])}
+        if bad:
+            raise RuntimeError(f"exchange at {role}: shapes differ from the declared ones (got, declared): {bad}")
+        return tensors
+
     def _pack(self, tensors: dict, shapes: dict) -> torch.Tensor:
-        missing = [k for k in shapes if k not in tensors]
-        if missing:
-            raise KeyError(f"exchange: the method declared {missing} but did not compute them")
         return torch.cat([tensors[k].detach().float().reshape(-1).to(self.device) for k in shapes]).contiguous()
 
     @staticmethod

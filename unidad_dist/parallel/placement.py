@@ -46,6 +46,10 @@ def resolve_groups(cfg, world: int) -> dict[str, list[int]]:
         if named:
             raise UserError(f"{', '.join(named)} only apply with placement.mode=split; remove them or set the mode")
         return {r: list(range(world)) for r in names}
+    unused = [f"placement.{r}" for r, v in given.items() if v is not None and r not in names]
+    if unused:
+        raise UserError(f"{', '.join(unused)} place roles this recipe does not run (switched off or disabled); "
+                        "remove them")
     if world < 2:
         raise UserError("placement.mode=split needs at least 2 ranks (one per group); launch more ranks "
                         "(unidad-dist launch local --nproc 2) or use placement.mode=colocated")
@@ -134,7 +138,6 @@ class Placement:
     rank: int
     world: int
     sides: dict[str, list[int]] = field(default_factory=dict)  # split: side -> ranks, in declared order
-    side_of: dict[str, str] = field(default_factory=dict)  # role -> side
     mpu: Optional[GroupMPU] = None
     group_handles: dict = field(default_factory=dict)  # split: side -> process group
 
@@ -190,7 +193,6 @@ def setup_placement(cfg, rt) -> Placement:
         return pl
     sides, members = _sides(cfg)
     pl.sides = {side: groups[members[side][0]] for side in sides}
-    pl.side_of = {r: side for side in sides for r in members[side]}
     # every rank creates every group, in the same order (torch.distributed requires it)
     pl.group_handles = {side: torch.distributed.new_group(pl.sides[side]) for side in sides}
     singles = [torch.distributed.new_group([r]) for r in range(rt.world_size)]

@@ -5,7 +5,6 @@ import json
 import time
 from pathlib import Path
 
-from unidad_dist.core.images import save_grid, save_images, to_uint8  # noqa: F401 (the run outputs' writers)
 from unidad_dist.core.progress import progress_bar
 from unidad_dist.errors import UserError
 

@@ -98,7 +98,7 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks) -> Path:
         run.phases["train_s"] = time.time() - t0
         if not stop and last_saved != cfg.train.iterations and cfg.train.iterations > start:
             run.save(cfg.train.iterations, hooks)
-        hooks.on_train_end(run, finished=not stop)
+        hooks.on_train_end(run, finished=not stop or last_saved == cfg.train.iterations)
     finally:
         hooks.close(run)
         run.models.data.close()
