@@ -353,3 +353,33 @@ def test_student_feedback_and_condition_dropout(make_cfg, rt):
         for i in range(8):
             want = batch.uncond if drop[i] else (batch.cond if expect_x[i] else batch.real_cond)
             torch.testing.assert_close(ehs[i], want["encoder_hidden_states"][i])
+
+
+def _fake_step_grad_norm(make_cfg, rt, stage, precision):
+    """(logged grad_norm, norm of the gradients before the step where they are whole on the module, else None)
+    of one fake-teacher step clipped at 1e-3."""
+    cfg, models, method = _setup(make_cfg, rt, **{"fake_teacher.zero_stage": stage,
+                                                  "fake_teacher.precision": precision,
+                                                  "fake_teacher.optimizer.clip_grad_norm": 1e-3})
+    d = _draws(rt)
+    batch = models.data.batch(d)
+    x = method.generate_train(d, batch, None).detach()
+    loss, _ = method.fake_loss(x, batch, d)
+    fake = models.fake_teacher
+    fake.backward(loss)
+    grads = [p.grad.detach().float().clone() for p in fake.module.parameters() if p.grad is not None]
+    expected = float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
+    return fake.step(0)["grad_norm"], expected
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16"])
+def test_logged_grad_norm_is_the_norm_of_the_gradients(make_cfg, rt, precision):
+    """grad_norm is the norm of the role's gradients before clipping (an fp32 engine at stage 0 keeps none,
+    and it was logged as 0.0), and ZeRO-2 logs the same norm."""
+    logged, expected = _fake_step_grad_norm(make_cfg, rt, 0, precision)
+    assert expected > 1e-2  # clipping at 1e-3 acts: the log must be the norm before it
+    tol = 2e-2 if precision == "bf16" else 1e-5
+    assert abs(logged - expected) <= tol * expected, (logged, expected)
+    if precision == "fp32":
+        logged_z2, none = _fake_step_grad_norm(make_cfg, rt, 2, precision)
+        assert none is None and abs(logged_z2 - expected) <= 1e-5 * expected, (logged_z2, expected)

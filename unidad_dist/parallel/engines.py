@@ -259,8 +259,9 @@ class EngineRole(Role):
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         own_norm = None
-        if self.stage == 0 and not self.config.get("gradient_clipping"):
-            # DeepSpeed computes the norm only when it clips at stage 0; the grads are whole here
+        if self.stage == 0 and not (self.engine.fp16_enabled() or self.engine.bfloat16_enabled()):
+            # An fp32 engine at stage 0 steps the client optimizer and keeps no norm (it clips without
+            # storing one); its grads are whole and unscaled here, so the norm before clipping is ours to take.
             grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
             own_norm = float(torch.stack(grads).norm()) if grads else 0.0
         self.engine.step()
@@ -270,7 +271,7 @@ class EngineRole(Role):
                 for e, p in zip(self.ema.parameters(), self.module.parameters()):
                     e.lerp_(p.detach().float(), 1 - self.ema_decay)
         norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-        return {"grad_norm": float(norm) if norm is not None else 0.0, "lr": lr}
+        return {"lr": lr} if norm is None else {"grad_norm": float(norm), "lr": lr}  # no norm: none logged
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
