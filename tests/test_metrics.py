@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from unidad_dist import builtin
@@ -29,3 +30,55 @@ def test_domains_differ_in_colour_and_shape():
     for name in builtin.domain_names():
         imgs = builtin.render_shapes(builtin.DOMAINS[name], 4, 32, torch.Generator().manual_seed(0))
         assert imgs.shape == (4, 3, 32, 32) and imgs.min() >= -1 and imgs.max() <= 1
+
+
+def _render(domain, n, seed):
+    return builtin.render_shapes(builtin.DOMAINS[domain], n, 32, torch.Generator().manual_seed(seed))
+
+
+def _failure_modes(held, seed=0):
+    """Target-coloured noise (pixels drawn from held-out images: their colour statistics) and blurred blobs."""
+    g = torch.Generator().manual_seed(seed)
+    pix = held.permute(0, 2, 3, 1).reshape(-1, 3)
+    n = held.shape[0]
+    noise = pix[torch.randint(0, len(pix), (n * 32 * 32,), generator=g)].view(n, 32, 32, 3).permute(0, 3, 1, 2)
+    box = torch.ones(3, 1, 5, 5) / 25
+    blobs = torch.nn.functional.conv2d(torch.nn.functional.pad(held, (2, 2, 2, 2), mode="replicate"), box, groups=3)
+    return noise, blobs
+
+
+@pytest.mark.parametrize("domain", ["green_squares", "magenta_rings_light", "cyan_crosses_textured",
+                                    "orange_discs_light", "white_crosses_dark", "red_triangles_light"])
+def test_proxy_puts_noise_and_blobs_far_and_held_out_images_near(domain):
+    shots, held = _render(domain, 10, 10), _render(domain, 64, 11)
+    source = _render("shapes_family", 128, 2)
+    noise, blobs = _failure_modes(held)
+    d = {k: metrics.proxy_distance(x, shots) for k, x in
+         {"held": held, "noise": noise, "blobs": blobs, "source": source}.items()}
+    assert d["blobs"] > 8 * d["held"] and d["noise"] > 30 * d["held"] and d["source"] > 5 * d["held"], d
+    # a student that turned source samples into target-coloured noise or blurred blobs cannot meet the demo's
+    # acceptance (proxy distance at most half of where it started)
+    assert d["noise"] > 0.5 * d["source"] and d["blobs"] > 0.5 * d["source"], d
+
+
+def test_the_colour_only_feature_let_noise_pass():
+    """Why the structure part exists: by colour alone, target-coloured noise met the acceptance."""
+    shots, held = _render("green_squares", 10, 10), _render("green_squares", 64, 11)
+    noise, _ = _failure_modes(held)
+    source = _render("shapes_family", 128, 2)
+    colour = lambda x: metrics.frechet_distance(metrics.colour_features(x), metrics.colour_features(shots))  # noqa: E731
+    assert colour(noise) < 0.5 * colour(source)
+    assert metrics.proxy_distance(noise, shots) > 2 * metrics.proxy_distance(source, shots)
+
+
+def test_noise_level_and_sharpness_are_reported():
+    held = _render("green_squares", 32, 1)
+    noise, blobs = _failure_modes(held)
+    grainy = (held + 0.1 * torch.randn(held.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    clean_noise, clean_sharp = metrics.noise_and_sharpness(held)
+    assert metrics.noise_and_sharpness(grainy)[0] > 5 * max(clean_noise, 0.01)
+    assert metrics.noise_and_sharpness(noise)[0] > metrics.noise_and_sharpness(grainy)[0]
+    assert metrics.noise_and_sharpness(blobs)[1] < 0.7 * clean_sharp
+    m = metrics.all_metrics(grainy, held[:10])
+    assert m["noise_level"] > 5 * m["noise_level_shots"] and m["sharpness_shots"] == pytest.approx(
+        metrics.noise_and_sharpness(held[:10])[1])

@@ -3,25 +3,43 @@
 These are *proxies*, named as such everywhere: the paper's FID / Intra-LPIPS need network weights
 that cannot be downloaded here (algorithm.md §7).
 
-* ``proxy_distance``: Fréchet distance between Gaussians fitted to a fixed 13-d colour feature of samples and
-  of shots: global per-channel mean and standard deviation, the background colour (per-channel median),
-  the colour of the salient pixels (mean of the 15 % most saturated pixels) and their saturation. The
-  salient-colour part matters: a global-average feature also falls when only the background takes the
-  target's tint while the objects keep the source's colour (seen with an a = 0 control).
+* ``proxy_distance``: Fréchet distance between Gaussians fitted to a fixed 21-d feature of samples and of
+  shots, colour and structure:
+  - colour (13-d): global per-channel mean and standard deviation, the background colour (per-channel
+    median), the colour of the salient pixels (mean of the 15 % most saturated pixels) and their
+    saturation. The salient part matters: a global average also falls when only the background takes the
+    target's tint while the objects keep the source's colour (seen with an a = 0 control);
+  - structure (8-d, weighted so that each kind of failure counts; ``STRUCTURE_WEIGHTS``): edge sharpness
+    (95th percentile of the colour gradient), noise (median colour Laplacian), object contrast, and the
+    shape of the foreground mask (pixels far from the background colour): boundary length / √area,
+    mean and maximum radius from its centroid relative to a disc of that area, whether its centroid is
+    filled (a ring is not) and √area. Colour alone let noise in the target's colours pass as an
+    adapted student (issue 11): here target-coloured noise and blurred blobs lie far from the shots,
+    held-out images of the target domain near (tests/test_metrics.py).
+* ``noise_level`` / ``sharpness`` (reported beside it for the samples and the shots): the mean per image of
+  the median colour-Laplacian magnitude (pixels in [0, 1]; clean renders ~0, grain ~0.1–1) and of the
+  95th-percentile colour gradient over the object's contrast (a crisp edge ~0.3, a blur less).
 * ``copy_rate``: fraction of samples whose pixel L2 distance to the nearest shot (or its mirror image) is
   below 0.5 × the median nearest-neighbour distance among the shots.
 * ``diversity``: mean pairwise pixel L2 distance of samples / that of the shots.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
-PROXY_FEATURE = ("colour-statistics Frechet distance (global mean+std, background median, salient-pixel colour "
-                 "and saturation; 13-d); a proxy, not FID")
+PROXY_FEATURE = ("colour + structure Frechet distance (colour statistics 13-d; edge sharpness, noise, contrast and "
+                 "foreground-shape descriptors 8-d); a proxy, not FID")
 SALIENT_FRACTION = 0.15
+MASK_LEVEL = 0.7  # foreground: colour distance from the background above this fraction of the object contrast
+STRUCTURE_WEIGHTS = {"sharpness": 4.0, "noise": 1.0, "contrast": 1.0, "compactness": 2.0, "radius_mean": 2.0,
+                     "radius_max": 3.0, "centre_filled": 1.0, "area": 2.0}
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
 
 
-def proxy_features(images: torch.Tensor) -> torch.Tensor:
+def colour_features(images: torch.Tensor) -> torch.Tensor:
     x = images.float().clamp(-1, 1).flatten(2)  # (N, 3, HW)
     mean = x.mean(dim=2)
     std = x.std(dim=2)
@@ -31,6 +49,59 @@ def proxy_features(images: torch.Tensor) -> torch.Tensor:
     top = sat.topk(k, dim=1)
     salient = torch.gather(x, 2, top.indices[:, None, :].expand(-1, 3, -1)).mean(dim=2)
     return torch.cat([mean, std, median, salient, top.values.mean(dim=1, keepdim=True)], dim=1).double()
+
+
+def _filter(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.to(x)[None, None].repeat(c, 1, 1, 1), groups=c)
+
+
+def _structure(images: torch.Tensor) -> dict:
+    """Per-image structure statistics (each (N,)), images in [-1, 1]."""
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    n, _, h, w = x.shape
+    grad = (_filter(x, _SOBEL) ** 2 + _filter(x, _SOBEL.T) ** 2).sum(1).sqrt().flatten(1)
+    # noise: the diagonal (HH) Haar band, where smooth shading, stripes and most of an edge leave little
+    # (Donoho's estimator; the median ignores the edges that remain)
+    hh = (x[:, :, 0::2, 0::2] - x[:, :, 0::2, 1::2] - x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) / 2
+    noise = hh.pow(2).sum(1).sqrt().flatten(1).median(dim=1).values / 0.6745
+    flat = x.flatten(2)
+    dist = (flat - flat.median(dim=2).values[:, :, None]).norm(dim=1)  # colour distance from the background
+    contrast = dist.quantile(0.98, dim=1)
+    mask = (dist > MASK_LEVEL * contrast.clamp_min(0.05)[:, None]).float().view(n, h, w)
+    area = mask.flatten(1).sum(1).clamp_min(1)
+    boundary = (mask[:, 1:] != mask[:, :-1]).flatten(1).sum(1) + (mask[:, :, 1:] != mask[:, :, :-1]).flatten(1).sum(1)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    cy = (mask * ys).flatten(1).sum(1) / area
+    cx = (mask * xs).flatten(1).sum(1) / area
+    r = ((ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2).sqrt() / (area / math.pi).sqrt()[:, None, None]
+    p99 = grad.quantile(0.99, dim=1)
+    return {
+        "sharpness_raw": p99 / contrast.clamp_min(0.05),
+        "noise_raw": noise,
+        "sharpness": torch.log(p99 + 0.02),
+        "noise": torch.log(noise + 0.03),
+        "contrast": torch.log(contrast + 0.02),
+        "compactness": torch.log(boundary.float() / area.sqrt() + 0.05),
+        "radius_mean": torch.log((mask * r).flatten(1).sum(1) / area + 0.05),
+        "radius_max": torch.log((mask * r).flatten(1).max(1).values + 0.05),
+        "centre_filled": mask[torch.arange(n), cy.round().long().clamp(0, h - 1), cx.round().long().clamp(0, w - 1)],
+        "area": (area / (h * w)).sqrt(),
+    }
+
+
+def structure_features(images: torch.Tensor) -> torch.Tensor:
+    s = _structure(images)
+    return torch.stack([wt * s[k] for k, wt in STRUCTURE_WEIGHTS.items()], dim=1).double()
+
+
+def proxy_features(images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([colour_features(images), structure_features(images)], dim=1)
+
+
+def noise_and_sharpness(images: torch.Tensor) -> tuple[float, float]:
+    s = _structure(images)
+    return float(s["noise_raw"].mean()), float(s["sharpness_raw"].mean())
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -76,5 +147,8 @@ def diversity(samples: torch.Tensor, shots: torch.Tensor) -> float:
 
 
 def all_metrics(samples: torch.Tensor, shots: torch.Tensor) -> dict:
+    noise, sharp = noise_and_sharpness(samples)
+    noise_shots, sharp_shots = noise_and_sharpness(shots)
     return {"proxy_distance": proxy_distance(samples, shots), "copy_rate": copy_rate(samples, shots),
-            "diversity": diversity(samples, shots)}
+            "diversity": diversity(samples, shots), "noise_level": noise, "noise_level_shots": noise_shots,
+            "sharpness": sharp, "sharpness_shots": sharp_shots}

@@ -183,6 +183,12 @@ class Evaluation(Hook):
             "diversity": after["diversity"],
             "copy_rate_before": before.get("copy_rate"),
             "diversity_before": before.get("diversity"),
+            "noise_level": after["noise_level"],  # beside the proxy: a noisy sample set shows here too
+            "noise_level_before": before.get("noise_level"),
+            "noise_level_shots": after["noise_level_shots"],
+            "sharpness": after["sharpness"],
+            "sharpness_before": before.get("sharpness"),
+            "sharpness_shots": after["sharpness_shots"],
             "num_samples": cfg.eval.num_samples,
             "num_shots": int(run.models.data.num_shots),
             "wall_time_s": run.phases,
