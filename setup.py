@@ -10,6 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unidad_dist", "unidad_dist.*"]),
+    # the demo's pretrained teacher (tools/build_demo_teacher.py), loaded as builtin:demo_teacher
+    package_data={"unidad_dist": ["assets/demo_teacher/*.json", "assets/demo_teacher/*.png",
+                                  "assets/demo_teacher/*/*"]},
     # Ranges, so cluster users keep their own CUDA build of torch; CI pins exact versions in requirements-ci.txt.
     install_requires=[
         "torch>=2.4",

@@ -222,3 +222,48 @@ def test_wandb_offline_writes_run_files(tmp_path, pipes, monkeypatch):
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))
     assert list((runs[0] / "files" / "media" / "images").glob("*.png"))
+
+
+def test_shipped_demo_teacher_is_used_when_intact_and_rebuilt_when_not(tmp_path, monkeypatch, capsys):
+    """builtin:demo_teacher resolves to the weights shipped in the package (checked by sha256, no build); a
+    missing, altered or out-of-date file falls back to building it into the cache, saying why."""
+    import shutil
+
+    from unidad_dist import builtin
+    from unidad_dist.models.backbones import resolve_backbone
+
+    assert builtin.shipped("demo_teacher")[0] == builtin.ASSETS / "demo_teacher", builtin.shipped("demo_teacher")
+    monkeypatch.setenv("UNIDAD_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def fake_build(kind, cfg, out):  # the real one pretrains for tens of minutes
+        built.append(out)
+        (out / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(builtin, "_build", fake_build)
+    assert builtin.resolve("builtin:demo_teacher") == builtin.ASSETS / "demo_teacher" and not built
+    spec = resolve_backbone("builtin:demo_teacher", "source_teacher")
+    assert spec.kind == "pixel" and spec.scheduler_config["prediction_type"] == "epsilon"
+
+    real, copy = builtin.ASSETS / "demo_teacher", tmp_path / "assets"
+    shutil.copytree(builtin.ASSETS, copy)
+    monkeypatch.setattr(builtin, "ASSETS", copy)
+    weights = copy / "demo_teacher" / "unet" / "diffusion_pytorch_model.safetensors"
+    cases = {
+        "does not match the sha256": lambda: weights.write_bytes(weights.read_bytes()[:-1] + b"\0"),
+        "is missing": lambda: weights.unlink(),
+        "another configuration": lambda: monkeypatch.setitem(builtin.BUILTINS, "demo_teacher",
+                                                             ("teacher", {**builtin.TEACHER, "steps": 1})),
+    }
+    for why, damage in cases.items():
+        shutil.rmtree(copy / "demo_teacher")
+        shutil.copytree(real, copy / "demo_teacher")
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        builtin._SHIPPED_OK.clear()
+        damage()
+        path = builtin.resolve("builtin:demo_teacher")
+        assert path.parent == tmp_path / "cache" / "builtin" and built, why
+        out = capsys.readouterr().out
+        assert why in out and "pretraining it into" in out, (why, out)
+        built.clear()
+    builtin._SHIPPED_OK.clear()
