@@ -32,6 +32,32 @@ def test_domains_differ_in_colour_and_shape():
         assert imgs.shape == (4, 3, 32, 32) and imgs.min() >= -1 and imgs.max() <= 1
 
 
+def test_shapes_and_backgrounds_render_as_named():
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    stats = {}
+    for shape in builtin.SHAPES:
+        x = builtin.render_shapes({"shape": shape, "color": [0.1, 0.8, 0.2]}, 32, 32, g())
+        s = metrics._structure(x)
+        stats[shape] = {k: float(v.mean()) for k, v in s.items()}
+    assert stats["ring"]["centre_filled"] < 0.2 < 0.9 < min(stats[k]["centre_filled"] for k in ("disc", "square"))
+    # a disc is the most compact shape; a cross or triangle reaches furthest from its centroid
+    assert stats["disc"]["radius_max"] < stats["square"]["radius_max"] < min(stats["cross"]["radius_max"],
+                                                                              stats["triangle"]["radius_max"])
+    level = {}
+    for bg in builtin.BACKGROUNDS:
+        x = builtin.render_shapes({"shape": "disc", "color": [0.1, 0.8, 0.2], "background": bg}, 32, 32, g())
+        level[bg] = float(x.flatten(1).median(dim=1).values.mean())
+    assert level["dark"] < level["mid"] < level["light"]
+    plain = builtin.render_shapes({"shape": "disc", "color": [0.1, 0.8, 0.2], "background": "mid"}, 32, 32, g())
+    textured = builtin.render_shapes({"shape": "disc", "color": [0.1, 0.8, 0.2], "background": "textured"}, 32, 32, g())
+    bg_var = lambda x: float((x[:, :, :, :4] - x[:, :, :, :4].mean(dim=(2, 3), keepdim=True)).pow(2).mean())  # noqa: E731
+    assert bg_var(textured) > 3 * bg_var(plain)
+    # the default background is "mid" (the only one before backgrounds were named)
+    a = builtin.render_shapes(builtin.DOMAINS["blue_discs"], 4, 32, g())
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, builtin.render_shapes({**builtin.DOMAINS["blue_discs"],
+                                                                                "background": "mid"}, 4, 32, g()))
+
+
 def _render(domain, n, seed):
     return builtin.render_shapes(builtin.DOMAINS[domain], n, 32, torch.Generator().manual_seed(seed))
 
@@ -51,7 +77,7 @@ def _failure_modes(held, seed=0):
                                     "orange_discs_light", "white_crosses_dark", "red_triangles_light"])
 def test_proxy_puts_noise_and_blobs_far_and_held_out_images_near(domain):
     shots, held = _render(domain, 10, 10), _render(domain, 64, 11)
-    source = _render("shapes_family", 128, 2)
+    source = _render("red_shapes", 128, 2)  # the demo teacher's domain
     noise, blobs = _failure_modes(held)
     d = {k: metrics.proxy_distance(x, shots) for k, x in
          {"held": held, "noise": noise, "blobs": blobs, "source": source}.items()}
@@ -65,7 +91,7 @@ def test_the_colour_only_feature_let_noise_pass():
     """Why the structure part exists: by colour alone, target-coloured noise met the acceptance."""
     shots, held = _render("green_squares", 10, 10), _render("green_squares", 64, 11)
     noise, _ = _failure_modes(held)
-    source = _render("shapes_family", 128, 2)
+    source = _render("red_shapes", 128, 2)  # the demo teacher's domain
     colour = lambda x: metrics.frechet_distance(metrics.colour_features(x), metrics.colour_features(shots))  # noqa: E731
     assert colour(noise) < 0.5 * colour(source)
     assert metrics.proxy_distance(noise, shots) > 2 * metrics.proxy_distance(source, shots)

@@ -243,7 +243,7 @@ def test_shipped_demo_teacher_is_used_when_intact_and_rebuilt_when_not(tmp_path,
     monkeypatch.setattr(builtin, "_build", fake_build)
     assert builtin.resolve("builtin:demo_teacher") == builtin.ASSETS / "demo_teacher" and not built
     spec = resolve_backbone("builtin:demo_teacher", "source_teacher")
-    assert spec.kind == "pixel" and spec.scheduler_config["prediction_type"] == "epsilon"
+    assert spec.kind == "pixel" and spec.scheduler_config["prediction_type"] == "v_prediction"
 
     real, copy = builtin.ASSETS / "demo_teacher", tmp_path / "assets"
     shutil.copytree(builtin.ASSETS, copy)
