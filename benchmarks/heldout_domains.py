@@ -1,0 +1,159 @@
+"""Adaptation on target domains nobody tuned for (issue 11): the demo recipe, unchanged, on each held-out
+procedural domain (unidad_dist.builtin.HELD_OUT), and the a = 0 control (target teacher off) on each.
+
+    .venv/bin/python benchmarks/heldout_domains.py [--domains a,b] [--seeds 0] [--no-control] [--out DIR] [k=v ...]
+
+For each domain: 10 shots at 32 px (seed 77), `unidad-dist demo data.target.path=SHOTS run.seed=S [k=v ...]`,
+then the same with `algorithm.a=0 target_teacher.mode=off`. Prints one row per (domain, seed) — the proxy
+ratio (after / before), the proxy distance after / the source teacher's own samples' distance to the shots
+(the unadapted distribution: below 1 means closer to the target than the source teacher is; the student
+before adaptation is a blurry warm start, so after / before also rewards mere sharpening), copy rate,
+diversity, noise level (samples / shots), and the control's ratio — and
+whether the acceptance holds (ratio <= 0.5, copy rate < 5 %, diversity >= 0.5; the control's proxy fall at
+most half the adapted run's). Writes table.json and, per row, a strip of PNG grids (shots | student before
+| student after | control after) under --out. ``--jobs N`` runs N at a time with cpu_count / N threads
+each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tools.check_demo import check_summary  # noqa: E402
+
+
+def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int) -> dict:
+    args = [sys.executable, "-m", "unidad_dist", "demo", f"run.dir={run_dir}", f"data.target.path={shots}",
+            f"run.seed={seed}", "logging.progress=false", *over]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{r.stderr[-3000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _strip(out: Path, runs: list[Path]) -> None:
+    """shots | student before | student after of each run, side by side."""
+    from PIL import Image
+
+    first = runs[0] / "samples"
+    files = [first / "target_shots.png", first / "student_before.png", *[r / "samples" / "student_after.png" for r in runs]]
+    ims = [Image.open(f) for f in files]
+    canvas = Image.new("RGB", (sum(i.width for i in ims) + 12 * len(ims), max(i.height for i in ims)), "white")
+    x = 0
+    for im in ims:
+        canvas.paste(im, (x, 0))
+        x += im.width + 12
+    canvas.save(out)
+
+
+def _source_samples(n: int = 64):
+    """n 25-step DDIM samples of the shipped demo teacher (seed 5): the source distribution before adaptation."""
+    from diffusers import UNet2DModel
+
+    from unidad_dist import builtin
+
+    _, cfg = builtin.BUILTINS["demo_teacher"]
+    unet = UNet2DModel.from_pretrained(builtin.resolve("builtin:demo_teacher") / "unet").eval()
+    return builtin.teacher_samples(unet, cfg, n, seed=5)
+
+
+def _shots(folder: Path):
+    import torch
+
+    from unidad_dist.data.target import load_image
+
+    return torch.stack([load_image(p, 32) for p in sorted(folder.glob("*.png"))])
+
+
+def main() -> int:
+    from unidad_dist import builtin
+    from unidad_dist.eval.metrics import proxy_distance
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--domains", default=",".join(builtin.HELD_OUT),
+                    help="comma-separated domain names (default: every held-out one)")
+    ap.add_argument("--seeds", default="0", help="comma-separated run.seed values")
+    ap.add_argument("--no-control", action="store_true", help="skip the a = 0 control runs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
+    ap.add_argument("--out", default=None, help="folder for the runs and table.json (default: a temporary one)")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides for both runs (k=v)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="unidad_heldout_"))
+    out.mkdir(parents=True, exist_ok=True)
+    table_file = out / "table.json"
+    tasks = []  # (domain, seed, variant)
+    for name in args.domains.split(","):
+        if name not in builtin.DOMAINS:
+            raise SystemExit(f"unknown domain {name!r}; known: {', '.join(builtin.domain_names())}")
+        builtin.make_shots(out / name / "shots", name, 10, 32, seed=77)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            tasks += [(name, seed, "adapted")] + ([] if args.no_control else [(name, seed, "control")])
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run(task):
+        name, seed, variant = task
+        over = list(args.overrides) + (["algorithm.a=0", "target_teacher.mode=off"] if variant == "control" else [])
+        t = time.time()
+        summary = _run(out / name / f"seed{seed}" / variant, out / name / "shots", seed, over, threads)
+        print(f"{name} seed {seed} {variant}: ratio {summary['proxy_distance_ratio']:.3f}, copy rate "
+              f"{summary['copy_rate']:.3f}, diversity {summary['diversity']:.2f} ({time.time() - t:.0f} s)", flush=True)
+        return task, summary
+
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        summaries = dict(pool.map(run, tasks))
+    source = _source_samples()
+    source_distance = {name: proxy_distance(source, _shots(out / name / "shots")) for name in args.domains.split(",")}
+    rows = []
+    for name, seed, variant in tasks:
+        if variant != "adapted":
+            continue
+        adapted = summaries[(name, seed, "adapted")]
+        row = {"domain": name, "held_out": name in builtin.HELD_OUT, "seed": seed,
+               "ratio": adapted["proxy_distance_ratio"],
+               "vs_source": adapted["proxy_distance_after"] / source_distance[name], "copy_rate": adapted["copy_rate"],
+               "diversity": adapted["diversity"], "noise_level": adapted["noise_level"],
+               "noise_level_shots": adapted["noise_level_shots"], "sharpness": adapted["sharpness"],
+               "sharpness_shots": adapted["sharpness_shots"], "problems": check_summary(adapted)}
+        base = out / name / f"seed{seed}"
+        runs = [base / "adapted"]
+        if (name, seed, "control") in summaries:
+            control = summaries[(name, seed, "control")]
+            row["control_ratio"] = control["proxy_distance_ratio"]
+            fall, fall_c = 1 - row["ratio"], 1 - control["proxy_distance_ratio"]
+            if not fall_c <= 0.5 * fall:
+                row["problems"].append(f"control fall {fall_c:.3f} > 0.5 x adapted fall {fall:.3f}")
+            runs.append(base / "control")
+        _strip(base / "grids.png", runs)
+        rows.append(row)
+    table_file.write_text(json.dumps(rows, indent=2))
+    print(f"\n{'domain':26} seed  ratio vs_src  copy   div  noise(s/shots)   sharp(s/shots)  control  result")
+    for row in rows:
+        print(_line(row))
+    bad = [r for r in rows if r["problems"]]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} rows meet the acceptance; {time.time() - t0:.0f} s; runs and grids "
+          f"(shots | student before | after | control after) in {out}/<domain>/seed<S>/grids.png")
+    return 1 if bad else 0
+
+
+def _line(r: dict) -> str:
+    control = f"{r['control_ratio']:7.3f}" if "control_ratio" in r else "      -"
+    return (f"{r['domain']:26} {r['seed']:4} {r['ratio']:6.3f} {r['vs_source']:6.2f} {r['copy_rate']:5.3f} {r['diversity']:5.2f} "
+            f"{r['noise_level']:6.3f}/{r['noise_level_shots']:5.3f}   {r['sharpness']:5.3f}/{r['sharpness_shots']:5.3f}  "
+            f"{control}  {'ok' if not r['problems'] else '; '.join(r['problems'])}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
