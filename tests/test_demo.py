@@ -1,8 +1,9 @@
-"""The demo's acceptance on a second, test-generated target domain, against an a = 0 control (issue §5).
+"""The demo recipe, unchanged, on a target domain nobody tuned it for (issue 11), against an a = 0 control.
 
-A small fall of the proxy distance proves nothing (with a = 0 samples only sharpen and a colour-feature
-distance still falls), so the adapted run must meet the acceptance and the control's fall must be at most
-half as large."""
+The recipe and the built-in teacher were tuned on ``builtin.TUNED`` only; this runs one of
+``builtin.HELD_OUT`` (benchmarks/heldout_domains.py runs all of them). A small fall of the proxy distance
+proves nothing (with a = 0 samples only sharpen, and the GAN alone moves colours), so the adapted run must
+meet the acceptance and the control's fall must be at most half as large."""
 import json
 
 import pytest
@@ -11,25 +12,34 @@ from unidad_dist import builtin
 from unidad_dist.cli import main
 from tools.check_demo import check_summary
 
+DOMAIN = "orange_discs_light"  # held out: one filled shape of one colour on a light background (the issue's case)
+
 
 def _train(run_dir, shots, *over):
     args = ["demo", f"run.dir={run_dir}", f"data.target.path={shots}", "logging.progress=false", *over]
-    assert main(args) == 0
+    if main(args) != 0:  # pytest.fail, not assert: the expected failure below covers only the acceptance
+        pytest.fail(f"demo failed: {args}")
     return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.mark.slow
-def test_demo_adapts_to_a_generated_domain_and_beats_the_a0_control(tmp_path):
-    shots = builtin.make_shots(tmp_path / "green_squares", "green_squares", 10, 32, seed=77)
+@pytest.mark.xfail(raises=AssertionError, strict=False,
+                   reason="issue 11 open: on held-out domains the demo recipe does not yet meet the acceptance "
+                          "with the shipped teacher (benchmarks/heldout_domains.py prints the table)")
+def test_demo_adapts_to_a_held_out_domain_and_beats_the_a0_control(tmp_path):
+    assert DOMAIN in builtin.HELD_OUT and DOMAIN not in builtin.TUNED
+    shots = builtin.make_shots(tmp_path / DOMAIN, DOMAIN, 10, 32, seed=77)
     adapted = _train(tmp_path / "adapted", shots)
+    # sample and export work on the demo's run folder (pytest.fail: not covered by the expected failure)
+    if main(["sample", "--run", str(tmp_path / "adapted"), "--steps", "2", "--num", "8",
+             "--out", str(tmp_path / "s.png")]) != 0:
+        pytest.fail("sample failed on the demo's run folder")
+    if main(["export", "--run", str(tmp_path / "adapted"), "--out", str(tmp_path / "export")]) != 0 or \
+            not (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        pytest.fail("export failed on the demo's run folder")
     assert check_summary(adapted) == [], adapted
     control = _train(tmp_path / "control", shots, "algorithm.a=0", "target_teacher.mode=off")
     fall = 1 - adapted["proxy_distance_after"] / adapted["proxy_distance_before"]
     fall_control = 1 - control["proxy_distance_after"] / control["proxy_distance_before"]
     print(f"fall adapted {fall:.3f}, control {fall_control:.3f}")
     assert fall_control <= 0.5 * fall, (fall, fall_control)
-    # sample and export work on the demo's run folder
-    assert main(["sample", "--run", str(tmp_path / "adapted"), "--steps", "2", "--num", "8",
-                 "--out", str(tmp_path / "s.png")]) == 0
-    assert main(["export", "--run", str(tmp_path / "adapted"), "--out", str(tmp_path / "export")]) == 0
-    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
