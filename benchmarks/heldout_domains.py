@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated run.seed values")
     ap.add_argument("--no-control", action="store_true", help="skip the a = 0 control runs")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads per run (default cpu_count / jobs; set 1 when another benchmark shares the CPUs)")
     ap.add_argument("--out", default=None, help="folder for the runs and table.json (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for both runs (k=v)")
     args = ap.parse_args()
@@ -100,7 +102,7 @@ def main() -> int:
         builtin.make_shots(out / name / "shots", name, 10, 32, seed=77)
         for seed in [int(s) for s in args.seeds.split(",")]:
             tasks += [(name, seed, "adapted")] + ([] if args.no_control else [(name, seed, "control")])
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def run(task):
         name, seed, variant = task

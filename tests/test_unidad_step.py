@@ -383,3 +383,51 @@ def test_logged_grad_norm_is_the_norm_of_the_gradients(make_cfg, rt, precision):
     if precision == "fp32":
         logged_z2, none = _fake_step_grad_norm(make_cfg, rt, 2, precision)
         assert none is None and abs(logged_z2 - expected) <= 1e-5 * expected, (logged_z2, expected)
+
+
+def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt, pipes):
+    """target_teacher.warm_start: before the first iteration the online target teacher is trained on the
+    target shots (every image its loss sees is a shot or its mirror image, one batch per step) and then
+    denoises them much better than the source teacher it was copied from (measured with diffusers' own
+    scheduler, fixed noise and timesteps); no other role changes; 0 leaves it a copy of the source."""
+    from diffusers import DDPMScheduler
+
+    from unidad_dist.errors import UserError
+
+    over = {"target_teacher.mode": "online", "algorithm.a": 0.75, "train.batch_size": 4,
+            "target_teacher.warm_start_lr": 2e-3}
+    sched = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler")
+
+    def shot_loss(module, shots):
+        g = torch.Generator().manual_seed(3)
+        x0 = shots.repeat(4, 1, 1, 1)
+        n = torch.randn(x0.shape, generator=g)
+        t = torch.tensor([100, 300, 500, 700, 900, 200, 400, 600][: len(x0)] * (len(x0) // 8 + 1))[: len(x0)]
+        target = sched.get_velocity(x0, n, t) if sched.config.prediction_type == "v_prediction" else n
+        with torch.no_grad():
+            return float(((module(sched.add_noise(x0, n, t), t, None).float() - target) ** 2).mean())
+
+    for steps in (0, 40):
+        cfg = make_cfg("pixel", **over, **{"target_teacher.warm_start": steps})
+        models = build(cfg, rt)
+        m = UniDAD(cfg, models, rt)
+        before = {r: _params(getattr(models, r).module) for r in ("student", "fake_teacher", "source_teacher")}
+        seen, real_loss = [], m.target_loss
+        m.target_loss = lambda x, batch, d, iteration: seen.append(batch.real.clone()) or real_loss(x, batch, d, iteration)
+        out = m.prepare()
+        assert len(seen) == steps
+        allowed = torch.cat([models.data.model_space, models.data.model_space_flipped])
+        for real in seen:
+            assert real.shape[0] == 4 and all(any(torch.equal(r, a) for a in allowed) for r in real)
+        for r, p in before.items():
+            assert _same(p, _params(getattr(models, r).module)), r
+        shots = models.data.model_space
+        src, trg = shot_loss(models.source_teacher.module, shots), shot_loss(models.target_teacher.module, shots)
+        if steps == 0:
+            assert _same(_params(models.source_teacher.module), _params(models.target_teacher.module))
+            assert "target_warm_start_loss" not in out
+        else:
+            assert trg < 0.7 * src, (trg, src)
+            assert out["target_warm_start_loss"] > 0
+    with pytest.raises(UserError, match="target_teacher.mode=online"):
+        make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.warm_start": 5})

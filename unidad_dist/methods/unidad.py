@@ -87,6 +87,10 @@ class TargetTeacherConfig(TrainableRoleConfig):
     cond_dropout: float = 0.1
     student_feedback: float = 0.0  # OPAD-style: fraction of its batch that is detached student samples
     feedback_start: int = 0
+    # Steps of its own denoising loss on the target shots before the first iteration (online mode; 0 = off),
+    # so the target branch of the DMD loss points at the target domain from the start (beyond the paper).
+    warm_start: int = 0
+    warm_start_lr: float = 5e-4
 
 
 @dataclass
@@ -180,6 +184,9 @@ class UniDAD(Method):
                 raise UserError(
                     f"student.timesteps has {len(st.timesteps)} entries but student.steps={st.steps}; make them agree"
                 )
+            if any(t < 0 for t in st.timesteps):
+                raise UserError(f"student.timesteps must be >= 0 (timestep indices of the noise schedule), got "
+                                f"{st.timesteps}")
             if any(b >= a_ for a_, b in zip(st.timesteps, st.timesteps[1:])):
                 raise UserError(f"student.timesteps must be strictly decreasing, got {st.timesteps}")
         choice("student.unroll", st.unroll, ("backward_simulation", "full"))
@@ -199,6 +206,10 @@ class UniDAD(Method):
         positive("target_teacher.update_every", tc.update_every)
         if not 0 <= tc.cond_dropout < 1:
             raise UserError(f"target_teacher.cond_dropout must be in [0, 1), got {tc.cond_dropout}")
+        positive("target_teacher.warm_start", tc.warm_start, allow_zero=True)
+        if tc.warm_start > 0 and tc.mode != "online":
+            raise UserError(f"target_teacher.warm_start trains the online target teacher on the shots, but "
+                            f"target_teacher.mode={tc.mode}; set target_teacher.mode=online or target_teacher.warm_start=0")
         if not 0 <= tc.student_feedback < 1:
             raise UserError(f"target_teacher.student_feedback must be in [0, 1), got {tc.student_feedback}")
         al = cfg.algorithm
@@ -559,11 +570,44 @@ class UniDAD(Method):
         return {"source_teacher": self.teacher_sample(n, steps=25, purpose="grid")[1]}
 
     def prepare(self) -> dict:
-        """The student's warm start (where the student lives), when the recipe asks for one."""
-        if not self.ex.holds("student") or self.cfg.student.warm_start <= 0:
-            return {}
-        self.m.to_device("student", "source_teacher")  # staged in host memory until their engines
-        return self.warm_start(progress=self.cfg.logging.progress)
+        """The warm starts the recipe asks for, where their roles live: the student's (regression onto the
+        source teacher's samples) and the online target teacher's (denoising on the target shots)."""
+        out = {}
+        if self.ex.holds("student") and self.cfg.student.warm_start > 0:
+            self.m.to_device("student", "source_teacher")  # staged in host memory until their engines
+            out.update(self.warm_start(progress=self.cfg.logging.progress))
+        if self.ex.holds("target_teacher") and self.cfg.target_teacher.warm_start > 0:
+            self.m.to_device("target_teacher")
+            out.update(self.target_warm_start(progress=self.cfg.logging.progress))
+        return out
+
+    def target_warm_start(self, progress: bool = True) -> dict:
+        """``target_teacher.warm_start`` steps of the online target teacher's own loss (§4, target teacher
+        denoising: shots with hflip, condition dropout) with its own Adam, before its engine is built.
+        Step s draws as a training iteration would, keyed by iteration -2 - s (never a training one), over
+        the global batch: every rank computes the same steps, and the engine broadcasts rank 0's weights."""
+        tc = self.cfg.target_teacher
+        role = self.role("target_teacher")
+        if role.engine is not None:
+            raise RuntimeError("target_warm_start must run before parallel.engines.attach")
+        opt = torch.optim.Adam(role.params, lr=tc.warm_start_lr)
+        bar = progress_bar(tc.warm_start, "target teacher warm start", leave=False) if progress and self.rt.is_main else None
+        last = 0.0
+        for step in range(tc.warm_start):
+            d = SampleDraws(self.seed, -2 - step, range(self.cfg.train.batch_size), self.rt.device)
+            loss, _ = self.target_loss(None, self.m.data.batch(d), d, iteration=-1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(role.params, 10.0)
+            opt.step()
+            last = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        for p in role.params:
+            p.grad = None
+        return {"target_warm_start_loss": last}
 
     def warm_start(self, progress: bool = True) -> dict:
         """Regress the student onto (noise -> teacher's DDIM sample) pairs at each of its timesteps
