@@ -118,6 +118,40 @@ def test_corrupt_checkpoint_falls_back(tmp_path, pipes):
     assert not checkpoint.is_complete(ck)
 
 
+def _tree(rdir):
+    """Every file of a run folder and its bytes."""
+    return {str(p.relative_to(rdir)): p.read_bytes() for p in sorted(rdir.rglob("*")) if p.is_file()}
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_not_restarted(tmp_path, pipes, capsys):
+    """Issue 12 §2: no silent start over on top of a run; run.discard_damaged=true moves it aside."""
+    from unidad_dist.train import checkpoint
+
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"train.iterations": 2, "checkpoint.every": 1,
+                                                    "checkpoint.keep": 3})
+    assert _cli("train", "--config", recipe) == 0
+    for ck in checkpoint.all_checkpoints(rdir):
+        f = ck / "student" / "state" / "mp_rank_00_model_states.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    before = _tree(rdir)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        # also with a setting the run never had: the compatibility check must not be skipped silently
+        assert _cli("train", "--config", recipe, "algorithm.a=0.25") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and str(rdir) in err and "none is complete" in err, err
+    assert "run.dir=" in err and "run.discard_damaged=true" in err, err
+    assert _tree(rdir) == before  # nothing written, nothing overwritten
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        assert _cli("train", "--config", recipe, "run.discard_damaged=true") == 0
+    aside = [p for p in rdir.iterdir() if p.name.startswith("damaged-")]
+    assert len(aside) == 1
+    assert _tree(aside[0]) == before  # the old run, byte for byte, beside the new one
+    assert checkpoint.latest_complete(rdir).name == "iter_0000002"
+    lines = [json.loads(line) for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == sorted({x["iteration"] for x in lines})  # one run's metrics
+
+
 def _run_cli_subprocess(args, env_extra=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "unidad_dist", *map(str, args)], capture_output=True, text=True,
@@ -267,3 +301,39 @@ def test_shipped_demo_teacher_is_used_when_intact_and_rebuilt_when_not(tmp_path,
         assert why in out and "pretraining it into" in out, (why, out)
         built.clear()
     builtin._SHIPPED_OK.clear()
+
+
+def test_sample_and_export_read_no_training_data_and_survive_a_prune(tmp_path, pipes, monkeypatch):
+    """Issue 12 §3-4: after the target shots and the prompt file are gone, sample and export still work
+    (they read neither); a checkpoint pruned while it is read is replaced by the newest complete one."""
+    import shutil
+
+    from unidad_dist.train import checkpoint
+
+    shots = tmp_path / "shots"
+    shutil.copytree(pipes["shots"], shots)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a prt cat on a sofa\n")
+    recipe, rdir = _write_recipe(tmp_path, pipes, "sd15", **{
+        "train.iterations": 2, "checkpoint.every": 1, "checkpoint.keep": 3, "data.source.prompt_file": str(prompts)})
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["data"]["target"]["path"] = str(shots)
+    recipe.write_text(yaml.safe_dump(cfg))
+    assert _cli("train", "--config", recipe) == 0
+    assert json.loads((rdir / "sampling_prompts.json").read_text()) == ["a prt cat on a sofa"]
+    shutil.rmtree(shots)
+    prompts.unlink()
+    assert _cli("sample", "--run", rdir, "--num", "2", "--out", tmp_path / "s.png") == 0
+    gone = []
+    real = checkpoint.role_weights
+
+    def pruned_meanwhile(ckpt, name):  # the trainer prunes the chosen checkpoint as the reader opens it
+        if not gone:
+            gone.append(ckpt.name)
+            os.replace(ckpt, ckpt.parent / f".trash-{ckpt.name}")
+        return real(ckpt, name)
+
+    monkeypatch.setattr(checkpoint, "role_weights", pruned_meanwhile)
+    assert _cli("export", "--run", rdir, "--out", tmp_path / "export") == 0
+    assert gone == ["iter_0000002"]
+    assert json.loads((tmp_path / "export" / "unidad_student.json").read_text())["checkpoint"] == "iter_0000001"

@@ -113,3 +113,65 @@ def test_engine_checkpoints_carry_universal_checkpoint_info(tmp_path, pipes):
         with torch.serialization.safe_globals(_safe_globals()):  # as our checkpoint engine loads it
             sd = torch.load(str(f), map_location="cpu", weights_only=True)
         assert UNIVERSAL_CHECKPOINT_VERSION_KEY in sd[UNIVERSAL_CHECKPOINT_INFO], role
+
+
+def test_two_writers_that_both_judged_a_lock_stale_do_not_both_hold_it(tmp_path):
+    """Issue 12 §9: B judged the dead writer's lock stale, then A took it over first; B must not remove A's
+    new lock (the old takeover unlinked whatever file was there)."""
+    _write_lock(tmp_path, pid=_dead_pid())
+    seen_by_b = (tmp_path / LOCK).stat()
+    a = RunLock(tmp_path, stale_s=60)
+    a.acquire(_Rt())
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    a_file = (tmp_path / LOCK).read_text()
+    b = RunLock(tmp_path, stale_s=60)
+    assert b._remove_stale(seen_by_b) is False
+    assert (tmp_path / LOCK).read_text() == a_file  # A's lock is where it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK]  # nothing left beside it
+    with pytest.raises(Exception, match="in use"):
+        b.acquire(_Rt())
+    # the file B judged is the one there: B removes it
+    a.release()
+    _write_lock(tmp_path, pid=_dead_pid())
+    assert b._remove_stale((tmp_path / LOCK).stat()) is True and not (tmp_path / LOCK).exists()
+
+
+def test_prune_renames_before_deleting_and_resume_drops_the_rerun_iterations_from_metrics(tmp_path, pipes):
+    """Issue 12 §9: an interrupted prune leaves no half-deleted iter_* (only a .trash-* that the next prune
+    removes), and metrics.jsonl holds each iteration once after a resume."""
+    import shutil
+
+    from unidad_dist.train import checkpoint
+
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
+        "train.iterations": 4, "checkpoint.every": 1, "checkpoint.keep": 2, "logging.every": 1})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(rec))
+    calls = []
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *a, **k):  # the prune dies half-way through deleting its first folder
+        calls.append(os.path.basename(str(path)))
+        if os.path.basename(str(path)).startswith((".trash-iter_", "iter_")) and os.path.isdir(path):
+            victim = sorted(p.path for p in os.scandir(path) if p.is_dir())[0]
+            real_rmtree(victim)
+            raise KeyboardInterrupt("killed while pruning")
+        return real_rmtree(path, *a, **k)
+
+    assert main(["train", "--config", str(recipe), "train.iterations=2"]) == 0
+    checkpoint.shutil.rmtree = interrupted_rmtree
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", "--config", str(recipe), "train.iterations=3"])
+    finally:
+        checkpoint.shutil.rmtree = real_rmtree
+    ck = tmp_path / "run" / "checkpoints"
+    for p in checkpoint.all_checkpoints(tmp_path / "run"):
+        assert checkpoint.is_complete(p), f"{p.name} is half deleted"
+    assert list(ck.glob(".trash-iter_*"))  # what the interrupted prune was deleting, out of the way
+    # as if killed after logging iteration 2 but before checkpoint 3 was published: the resume runs 2 again
+    real_rmtree(ck / checkpoint.ckpt_name(3))
+    assert main(["train", "--config", str(recipe)]) == 0
+    assert not list(ck.glob(".trash-iter_*"))
+    its = [json.loads(line)["iteration"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert its == [0, 1, 2, 3], its

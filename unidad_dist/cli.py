@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from unidad_dist.errors import UserError
+from unidad_dist.errors import StoppedBySignal, UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoppedBySignal as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(str(e), file=sys.stderr)
+        return 128 + e.signum
     return 1
 
 

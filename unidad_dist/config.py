@@ -132,6 +132,7 @@ def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool, spec=None) -
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             raise UserError(f"{name}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
         positive(f"{name}.optimizer.warmup", opt.warmup, allow_zero=True)
+        positive(f"{name}.optimizer.clip_grad_norm", opt.clip_grad_norm, allow_zero=True)  # 0 = no clipping
     stages = (0, 1, 2, 3) if trainable else (0, 3)
     if rc.zero_stage not in stages:
         what = "ZeRO stage 0-3" if trainable else "0 (replicated) or 3 (partitioned, frozen)"
@@ -183,6 +184,15 @@ def validate(cfg) -> None:
     positive("eval.num_samples", cfg.eval.num_samples)
     if cfg.eval.steps is not None:
         positive("eval.steps", cfg.eval.steps)
+    if cfg.run.dir is not None and not cfg.run.dir.strip():
+        raise UserError(f"run.dir is empty; give the run's folder (run.dir=runs/my_run) or leave it unset for "
+                        f"runs/<run.name> (runs/{cfg.run.name})")
+    name = cfg.run.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"run.name={name!r} must be a plain folder name (it becomes runs/<run.name>); no '/', "
+                        "'..' or empty name — use run.dir to put the run elsewhere")
+    if cfg.run.signal_grace_s <= 0:
+        raise UserError(f"run.signal_grace_s must be > 0 seconds, got {cfg.run.signal_grace_s}")
     if cfg.run.lock_stale_s <= 0:
         raise UserError(f"run.lock_stale_s must be > 0 seconds, got {cfg.run.lock_stale_s}")
     if cfg.run.dist_timeout <= 0:

@@ -7,3 +7,12 @@ fix in one line; the CLI prints it as ``error: <message>`` and exits non-zero, b
 
 class UserError(Exception):
     """Bad input from the user: the message says what is wrong and how to fix it."""
+
+
+class StoppedBySignal(Exception):
+    """A run stopped cleanly at an iteration boundary because the process was asked to stop (SIGTERM, SIGINT,
+    SIGHUP). The CLI prints the message and exits 128 + ``signum``, as a process killed by it would."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from unidad_dist.core.io import staging_dir
 from unidad_dist.errors import UserError
 from unidad_dist.models.backbones import build_unet, resolve_backbone
 from unidad_dist.train.loop import load_run
@@ -77,71 +78,66 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
     rc = getattr(cfg, role)
     spec = resolve_backbone(rc.backbone, role) if rc.backbone else models.spec
     info = method.sampling_info()
-    tmp = out_p.with_name(out_p.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    role_net = models.roles[role].module
-    lora = rc.lora.rank > 0
-    if lora:
-        from peft import LoraConfig
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+    with staging_dir(out_p) as tmp:  # published as --out when complete, removed (only it) on failure
+        role_net = models.roles[role].module
+        lora = rc.lora.rank > 0
+        if lora:
+            from peft import LoraConfig
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
 
-        (tmp / "unet_lora").mkdir()
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(role_net.unet).items()}
-        save_file(adapter, str(tmp / "unet_lora" / "adapter_model.safetensors"))
-        lc = rc.lora
-        LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
-                   target_modules=list(lc.target_modules)).save_pretrained(str(tmp / "unet_lora"))
-        state = merged_unet_state(role_net)
-    else:
-        state = {k: v.detach().cpu() for k, v in role_net.unet.state_dict().items()}
-    unet = build_unet(spec)
-    unet.load_state_dict(state)
-    unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+            (tmp / "unet_lora").mkdir()
+            adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(role_net.unet).items()}
+            save_file(adapter, str(tmp / "unet_lora" / "adapter_model.safetensors"))
+            lc = rc.lora
+            LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                       target_modules=list(lc.target_modules)).save_pretrained(str(tmp / "unet_lora"))
+            state = merged_unet_state(role_net)
+        else:
+            state = {k: v.detach().cpu() for k, v in role_net.unet.state_dict().items()}
+        unet = build_unet(spec)
+        unet.load_state_dict(state)
+        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
 
-    T = int(models.schedule.alphas_cumprod.shape[0])
-    output = info["output"]
-    sched_cfg = lcm_scheduler_config(models.spec.scheduler_config, output, T)
-    LCMScheduler.from_config(sched_cfg).save_pretrained(str(tmp / "scheduler"))
-    default_ts = not info["explicit_timesteps"]
-    pipeline = None
-    src = models.spec
-    if src.root is not None and (src.root / "model_index.json").is_file():
-        index = json.loads((src.root / "model_index.json").read_text())
-        for name, ent in index.items():
-            if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(ent, list) or ent[0] is None:
-                continue
-            comp = src.root / name
-            if comp.is_dir():
-                shutil.copytree(comp, tmp / name)
-        pipeline = PIPELINE_CLASS[spec.kind]
-        index["_class_name"] = pipeline
-        index["unet"] = ["diffusers", type(unet).__name__]
-        index["scheduler"] = ["diffusers", "LCMScheduler"]
-        if pipeline == "StableDiffusionPipeline":
-            index.setdefault("safety_checker", [None, None])
-            index.setdefault("feature_extractor", [None, None])
-            index.setdefault("requires_safety_checker", False)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    K = info["steps"]
-    call = {"num_inference_steps": K}
-    if not default_ts:
-        call["timesteps"] = list(info["timesteps"])
-    if spec.kind != "pixel":
-        call["guidance_scale"] = 1.0  # the student samples without CFG
-    (tmp / "unidad_student.json").write_text(json.dumps({
-        "checkpoint": ckpt.name,
-        "steps": K,
-        "timesteps": list(info["timesteps"]),
-        "output": output,
-        "ema": bool(models.specs[role].ema > 0 and use_ema),
-        "lora": {"rank": rc.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
-        "pipeline": pipeline,
-        "pipeline_call": call,
-        "source_backbone": getattr(cfg, cfg.method.primary).backbone,
-    }, indent=2))
-    if out_p.exists():
-        out_p.rmdir()
-    tmp.replace(out_p)
+        T = int(models.schedule.alphas_cumprod.shape[0])
+        output = info["output"]
+        sched_cfg = lcm_scheduler_config(models.spec.scheduler_config, output, T)
+        LCMScheduler.from_config(sched_cfg).save_pretrained(str(tmp / "scheduler"))
+        default_ts = not info["explicit_timesteps"]
+        pipeline = None
+        src = models.spec
+        if src.root is not None and (src.root / "model_index.json").is_file():
+            index = json.loads((src.root / "model_index.json").read_text())
+            for name, ent in index.items():
+                if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(ent, list) or ent[0] is None:
+                    continue
+                comp = src.root / name
+                if comp.is_dir():
+                    shutil.copytree(comp, tmp / name)
+            pipeline = PIPELINE_CLASS[spec.kind]
+            index["_class_name"] = pipeline
+            index["unet"] = ["diffusers", type(unet).__name__]
+            index["scheduler"] = ["diffusers", "LCMScheduler"]
+            if pipeline == "StableDiffusionPipeline":
+                index.setdefault("safety_checker", [None, None])
+                index.setdefault("feature_extractor", [None, None])
+                index.setdefault("requires_safety_checker", False)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        K = info["steps"]
+        call = {"num_inference_steps": K}
+        if not default_ts:
+            call["timesteps"] = list(info["timesteps"])
+        if spec.kind != "pixel":
+            call["guidance_scale"] = 1.0  # the student samples without CFG
+        (tmp / "unidad_student.json").write_text(json.dumps({
+            "checkpoint": ckpt.name,
+            "steps": K,
+            "timesteps": list(info["timesteps"]),
+            "output": output,
+            "ema": bool(models.specs[role].ema > 0 and use_ema),
+            "lora": {"rank": rc.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
+            "pipeline": pipeline,
+            "pipeline_call": call,
+            "source_backbone": getattr(cfg, cfg.method.primary).backbone,
+        }, indent=2))
     return out_p

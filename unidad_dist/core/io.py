@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 CHECKSUM = "xxh3_128"
@@ -118,3 +121,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextmanager
+def staging_dir(out: Path):
+    """A new, uniquely named folder beside ``out`` (``.<name>.tmp-XXXX``) to write a result into; published as
+    ``out`` (which must not exist, or be an empty folder) when the block succeeds, removed when it fails. Only
+    the folder made here is ever removed: a user's ``<out>.tmp`` is never touched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked by the caller); fails loudly if someone wrote into it meanwhile
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -4,6 +4,7 @@ error messages that name the key and the fix. Which sections a recipe has is dec
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import re
 import types
@@ -99,6 +100,8 @@ def _coerce(value: Any, tp, key: str, pool: list[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):  # 1e999 parses as inf; nan/inf are never a setting here
+                raise UserError(f"{key}: expected a finite number, got {value!r}; set a finite value")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

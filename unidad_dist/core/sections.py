@@ -20,6 +20,8 @@ class RunConfig:
     seed: int = 0
     dist_timeout: float = 600.0  # seconds any collective may wait
     lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
+    discard_damaged: bool = False  # a folder whose checkpoints all fail verification: move it aside, start over
+    signal_grace_s: float = 300.0  # launch local: after forwarding a stop signal, kill ranks still running then
 
 
 @dataclass
@@ -115,6 +117,7 @@ class PlacementConfig:
 class CheckpointConfig:
     every: int = 0  # 0: only the initial and the final checkpoint
     keep: int = 2
+    on_signal: bool = True  # a SIGTERM/SIGINT/SIGHUP stop writes a checkpoint at the iteration boundary
 
 
 @dataclass

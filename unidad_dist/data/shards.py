@@ -15,7 +15,7 @@ Each sample is ``<key>.<field>``: ``png`` (the image, center-cropped and resized
 ``latents.safetensors`` (``latent`` and ``latent_flip``: the VAE latents of the image and of its horizontal
 flip, flipped in pixel space), ``emb.safetensors`` (``cond.*`` the prompt's embeddings; for the source
 stream also ``cond_src.*``, those of the prompt without the rare token). Tensors are stored as safetensors
-bytes, so reading never unpickles. The shards and the manifest are written into ``<out>.tmp`` and renamed
+bytes, so reading never unpickles. The shards and the manifest are written into a new ``.<out>.tmp-XXXX`` folder and renamed
 into place when complete.
 """
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 from unidad_dist.errors import UserError
 from unidad_dist.builtin import resolve_path
 from unidad_dist.core.images import to_uint8
-from unidad_dist.core.io import sha256_file  # noqa: F401 (also this module's API)
+from unidad_dist.core.io import sha256_file, staging_dir  # noqa: F401 (sha256_file: also this module's API)
 
 FORMAT = "unidad_dist.shards/1"
 MANIFEST = "manifest.json"
@@ -111,54 +109,48 @@ def write_shards(out: Path, samples: Iterable[dict], per_shard: int, meta: dict)
         raise UserError(f"--per-shard must be >= 1, got {per_shard}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out '{out}' exists and is not empty; choose a new folder (nothing was written)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[dict] = []
-    fields: dict = {}
-    writer, count, total = None, 0, 0
+    with staging_dir(out) as tmp:  # removed (only it) if anything below fails
+        shards: list[dict] = []
+        fields: dict = {}
+        writer, count, total = None, 0, 0
 
-    def close():
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            name = SHARD_PATTERN.format(len(shards))
-            shards.append({"name": name, "samples": count, "sha256": sha256_file(tmp / name)})
-            writer = None
+        def close():
+            nonlocal writer
+            if writer is not None:
+                writer.close()
+                name = SHARD_PATTERN.format(len(shards))
+                shards.append({"name": name, "samples": count, "sha256": sha256_file(tmp / name)})
+                writer = None
 
-    for sample in samples:
-        if writer is None:
-            count = 0
-            writer = wds.TarWriter(str(tmp / SHARD_PATTERN.format(len(shards))), encoder=False, mtime=0.0)
-        rec = {"__key__": f"{total:09d}"}
-        for k, v in sample.items():
-            if isinstance(v, dict):
-                fields.setdefault(k, _describe(v))
-                v = tensors_to_bytes(v)
-            elif isinstance(v, str):
-                fields.setdefault(k, {})
-                v = v.encode()
-            else:
-                fields.setdefault(k, {})
-            rec[k] = v
-        writer.write(rec)
-        count += 1
-        total += 1
-        if count == per_shard:
-            close()
-    close()
-    if total == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError("no sample to write; check the input folder or prompt file (nothing was written)")
-    extra = meta.pop("_files", {})
-    for name, tensors in extra.items():
-        (tmp / name).write_bytes(tensors_to_bytes(tensors))
-        meta[name.split(".")[0]] = {"file": name, "sha256": sha256_file(tmp / name)}
-    manifest = {"format": FORMAT, **meta, "num_samples": total, "fields": fields, "shards": shards}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+        for sample in samples:
+            if writer is None:
+                count = 0
+                writer = wds.TarWriter(str(tmp / SHARD_PATTERN.format(len(shards))), encoder=False, mtime=0.0)
+            rec = {"__key__": f"{total:09d}"}
+            for k, v in sample.items():
+                if isinstance(v, dict):
+                    fields.setdefault(k, _describe(v))
+                    v = tensors_to_bytes(v)
+                elif isinstance(v, str):
+                    fields.setdefault(k, {})
+                    v = v.encode()
+                else:
+                    fields.setdefault(k, {})
+                rec[k] = v
+            writer.write(rec)
+            count += 1
+            total += 1
+            if count == per_shard:
+                close()
+        close()
+        if total == 0:
+            raise UserError("no sample to write; check the input folder or prompt file (nothing was written)")
+        extra = meta.pop("_files", {})
+        for name, tensors in extra.items():
+            (tmp / name).write_bytes(tensors_to_bytes(tensors))
+            meta[name.split(".")[0]] = {"file": name, "sha256": sha256_file(tmp / name)}
+        manifest = {"format": FORMAT, **meta, "num_samples": total, "fields": fields, "shards": shards}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -133,7 +133,8 @@ class DataSource:
     64 readable samples in manifest order, the evaluation reference. ``conditioner`` is the run's shared
     text conditioner (a component of the run, not of the data): prompts are encoded with it and cached."""
 
-    def __init__(self, cfg, spec, resolution: int, codec=None, conditioner=None, dp: tuple[int, int] = (0, 1)):
+    def __init__(self, cfg, spec, resolution: int, codec=None, conditioner=None, dp: tuple[int, int] = (0, 1),
+                 sampling_prompts: Optional[list[str]] = None):
         t = cfg.data.target
         self.cfg = cfg
         self.rare = t.rare_token
@@ -145,6 +146,14 @@ class DataSource:
         readers = dp[1] * max(cfg.data.workers, 1)
         seed, B = cfg.run.seed, cfg.train.batch_size
         default_prompt = fill_prompt(t.prompt, t.rare_token, t.class_name)
+
+        if sampling_prompts is not None:  # sample/export: no image and no stream is read
+            self.images = torch.zeros((0, 3, resolution, resolution))
+            self.model_space = self.model_space_flipped = None
+            self.real_prompts = [default_prompt]
+            self.prompts = list(sampling_prompts)
+            self._keep = set(self.prompts) | {""}
+            return
 
         # -- target ----------------------------------------------------------------------------
         tpath = resolve_path(t.path)

@@ -5,13 +5,20 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from unidad_dist.errors import UserError
 from unidad_dist.models.schedule import NoiseSchedule
 
 
 def student_timesteps(steps: int, T: int, explicit: Optional[Sequence[int]] = None) -> list[int]:
     """t_k = T−1 − k·⌊T/K⌋ (K=1: [999]; K=4: [999, 749, 499, 249]) unless an explicit list is given."""
     if explicit is not None:
+        bad = [int(t) for t in explicit if not 0 <= int(t) < T]
+        if bad:
+            raise UserError(f"student.timesteps {bad} lie outside this noise schedule's timesteps 0..{T - 1}; "
+                            f"give timesteps in that range")
         return [int(t) for t in explicit]
+    if not 1 <= steps <= T:
+        raise UserError(f"student.steps={steps} but this noise schedule has {T} timesteps; set 1 <= student.steps <= {T}")
     return [T - 1 - k * (T // steps) for k in range(steps)]
 
 

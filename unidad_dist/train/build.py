@@ -152,14 +152,16 @@ def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime)
 
 
 def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
-          dp: Optional[tuple[int, int]] = None, placement: Optional[Placement] = None) -> Models:
+          dp: Optional[tuple[int, int]] = None, placement: Optional[Placement] = None,
+          sampling_prompts: Optional[list[str]] = None) -> Models:
     """Components, data and the roles this rank holds: those of ``placement`` (default: colocated, every
     role), or ``roles`` when given (sample/export build the sampler alone).
 
     Networks that will get an engine (trainable roles, ZeRO-3 frozen roles) stay in host memory until
     ``parallel.engines.attach`` moves them, one at a time, to the device (so the build peak is one network,
     not all of them). ``checks=False`` (sample/export) skips the engine and machine checks. ``dp`` is this
-    rank's (data-parallel rank, size) for the split data streams (default: the placement's)."""
+    rank's (data-parallel rank, size) for the split data streams (default: the placement's).
+    ``sampling_prompts`` (sample/export): no data source is read; the data holds these prompts only."""
     method = cfg.method
     if checks:
         check_runtime(cfg, rt)
@@ -185,7 +187,8 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
         )
     text = TextConditioner(spec, rt.device) if spec.text_conditioned and "text" in wants else None
     data = DataSource(cfg, spec, resolution, codec, text,
-                      dp=dp or ((placement.dp_rank, placement.dp_size) if roles is None else (rt.rank, rt.world_size)))
+                      dp=dp or ((placement.dp_rank, placement.dp_size) if roles is None else (rt.rank, rt.world_size)),
+                      sampling_prompts=sampling_prompts)
 
     # the networks roles are copies of, loaded once (the primary always: every role's default)
     template = {method.primary: load_unet(spec, primary.init, primary.strict, method.primary)}

@@ -185,8 +185,12 @@ def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: O
         os.replace(latest_tmp, root / "latest")
         _fsync_dir(root)
         complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in complete[:-keep]:  # renamed first: an interrupted prune never leaves a half-deleted iter_*
+            trash = root / f".trash-{old.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+        for trash in root.glob(".trash-iter_*"):  # this prune's, and any an interrupted one left
+            shutil.rmtree(trash, ignore_errors=True)
     _barrier(rt)
     return final
 
@@ -210,6 +214,14 @@ def is_complete(ckpt: Path) -> bool:
         if not p.is_file() or checksum_file(p, algorithm) != digest:
             return False
     return True
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint folder of a run (complete or not), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
 
 
 def latest_complete(run_dir: Path) -> Optional[Path]:

@@ -1,8 +1,12 @@
-"""Fault injection for resume tests: ``UNIDAD_KILL_AT=<rank>:<point>`` SIGKILLs that rank at that point.
+"""Fault injection for resume and stop tests, unset by default (then nothing happens):
+
+* ``UNIDAD_KILL_AT=<rank>:<point>`` SIGKILLs that rank at that point;
+* ``UNIDAD_SIGTERM_PARENT_AT=<rank>:<point>`` makes that rank send SIGTERM to its parent process (the
+  launcher) at that point, as ``kill``, SLURM or Kubernetes would: the launcher's forwarding is exercised.
 
 Points: ``iter:N`` (before iteration N runs) and ``ckpt:N`` (while checkpoint N is being written: the
-engine states are on disk in its temporary folder, nothing is published yet). Unset (the default), this
-does nothing. It lets a test kill a rank at an exact, seeded place instead of racing a timer.
+engine states are on disk in its temporary folder, nothing is published yet). They let a test act at an
+exact, seeded place instead of racing a timer.
 """
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ import os
 import signal
 
 ENV = "UNIDAD_KILL_AT"
+ENV_SIGTERM_PARENT = "UNIDAD_SIGTERM_PARENT_AT"
 
 
 def kill_point(rank: int, point: str) -> None:
-    spec = os.environ.get(ENV)
-    if spec and spec == f"{rank}:{point}":
+    here = f"{rank}:{point}"
+    if os.environ.get(ENV) == here:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(ENV_SIGTERM_PARENT) == here:
+        os.kill(os.getppid(), signal.SIGTERM)

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+from unidad_dist.core.io import atomic_write_text
 from unidad_dist.core.progress import progress_bar
 from unidad_dist.errors import UserError
 
@@ -25,6 +26,7 @@ class RunLogger:
         self._last_it = start
         if not is_main:
             return
+        self._drop_lines_from(start)
         if cfg.logging.progress:
             self.bar = progress_bar(total, cfg.method.name, initial=start)
         if cfg.logging.wandb:
@@ -36,6 +38,24 @@ class RunLogger:
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, dir=str(self.run_dir),
                                     config=dataclasses.asdict(cfg), resume="allow")
+
+    def _drop_lines_from(self, start: int) -> None:
+        """A resumed run re-runs the iterations after its checkpoint: drop the lines the interrupted run wrote
+        for them (iteration >= start), so metrics.jsonl holds each iteration once."""
+        f = self.run_dir / "metrics.jsonl"
+        if not f.is_file():
+            return
+        lines = f.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                it = json.loads(line).get("iteration", -1)
+            except ValueError:
+                continue  # a line cut by the interruption
+            if it < start:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != lines:
+            atomic_write_text(f, "".join(keep))
 
     def log(self, iteration: int, values: dict) -> None:
         if not self.is_main:

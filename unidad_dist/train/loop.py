@@ -8,6 +8,8 @@ methods add theirs through ``train(cfg, hooks=[...])`` without editing this file
 """
 from __future__ import annotations
 
+import json
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +22,8 @@ from unidad_dist import builtin
 from unidad_dist.config import config_from_dict, dump_yaml, flatten, run_dir, to_dict
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import Runtime, runtime_from_env
-from unidad_dist.errors import UserError
+from unidad_dist.errors import StoppedBySignal, UserError
+from unidad_dist.models.conditioning import fill_prompt
 from unidad_dist.parallel import engines
 from unidad_dist.parallel.placement import setup_placement
 from unidad_dist.train import checkpoint
@@ -28,11 +31,12 @@ from unidad_dist.train.build import Models, build
 from unidad_dist.train.faults import kill_point
 from unidad_dist.train.hooks import Hook, Hooks, default_hooks
 from unidad_dist.train.runlock import RunLock
+from unidad_dist.train.signals import SignalStop
 
 # Keys that may change between a run and its resumption (everything else must match). run.dir: a run folder
 # that was moved (or copied) resumes where it now is.
 RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout", "run.lock_stale_s",
-                  "run.dir")
+                  "run.signal_grace_s", "run.discard_damaged", "run.dir")
 
 
 @dataclass
@@ -63,37 +67,56 @@ class Run:
 
 def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
     """Train (or resume) the run in ``run_dir(cfg)``, holding its lock file throughout. ``hooks`` are added
-    after the default ones (metrics, grids, heartbeat, evaluation)."""
+    after the default ones (metrics, grids, heartbeat, evaluation, the signal stop). A SIGTERM / SIGINT /
+    SIGHUP stops every rank at the next iteration boundary (train/signals.py) and raises ``StoppedBySignal``
+    once the checkpoint is written and the lock released."""
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     rdir = run_dir(cfg)
     existed = rdir.exists()
-    lock = RunLock(rdir, cfg.run.lock_stale_s)
-    lock.acquire(rt)
-    try:
-        return _train(cfg, rt, rdir, Hooks(default_hooks(lock) + list(hooks or [])))
-    finally:
-        lock.release()
-        if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
-            rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
+    stop_signal = SignalStop(rt.rank)
+    with stop_signal.installed():
+        lock = RunLock(rdir, cfg.run.lock_stale_s)
+        lock.acquire(rt)
+        try:
+            _train(cfg, rt, rdir, Hooks(default_hooks(lock) + [stop_signal] + list(hooks or [])), stop_signal)
+        finally:
+            lock.release()
+            if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
+                rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
+    if stop_signal.stopped_at is not None:
+        signum = stop_signal.signum or signal.SIGTERM  # another rank received it
+        saved = (f"checkpoint {checkpoint.ckpt_name(stop_signal.stopped_at)} written" if cfg.checkpoint.on_signal
+                 else "no checkpoint written (checkpoint.on_signal=false)")
+        raise StoppedBySignal(signum, f"stopped by {signal.Signals(signum).name} after iteration "
+                                      f"{stop_signal.stopped_at} of {cfg.train.iterations}; {saved}; run the same "
+                                      "command again to resume")
+    return rdir
 
 
-def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks) -> Path:
+def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop) -> Path:
     run = prepare(cfg, rt, rdir)
     try:
         start = restore_or_initialise(run, hooks)
         hooks.on_train_start(run, start)
         t0, last_saved, stop = time.time(), start, False
-        for it in range(start, cfg.train.iterations):
+        # a stop asked for before the first iteration (while building, warm starting) stops here
+        if start < cfg.train.iterations and run.models.exchange.agree_world(stop_signal.signum is not None):
+            stop_signal.stopped_at, stop = start, True
+        for it in range(start, start if stop else cfg.train.iterations):
             kill_point(rt.rank, f"iter:{it}")
             logs = run.method.step(it)
             hooks.on_step_end(run, it, logs)
             done = it + 1
             if hooks.can_stop:  # every rank acts on the same decision
                 stop = run.models.exchange.agree_world(hooks.should_stop(run, done))
-            if stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            by_signal = stop and run.models.exchange.agree_world(stop_signal.signum is not None)
+            if (stop and not (by_signal and not cfg.checkpoint.on_signal)) or \
+                    (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 run.save(done, hooks)
                 last_saved = done
             if stop:
+                if by_signal:
+                    stop_signal.stopped_at = done
                 break
         run.phases["train_s"] = time.time() - t0
         if not stop and last_saved != cfg.train.iterations and cfg.train.iterations > start:
@@ -111,6 +134,8 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
     problem surfaces here, before anything is written (then config.yaml is)."""
     t_start = time.time()
     resume_from = checkpoint.latest_complete(rdir) if rdir.exists() else None
+    if resume_from is None and checkpoint.all_checkpoints(rdir):
+        _damaged_run(cfg, rt, rdir)  # never silently start over on top of a run
     if resume_from is not None and (rdir / "config.yaml").is_file():
         changed = check_resume_compatible(yaml.safe_load((rdir / "config.yaml").read_text()), cfg)
         if changed and rt.is_main:
@@ -124,6 +149,8 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
     if rt.is_main:
         (rdir / "samples").mkdir(parents=True, exist_ok=True)
         atomic_write_text(rdir / "config.yaml", dump_yaml(cfg))
+        if models.text is not None:  # what sample/export draw with, without the data source
+            atomic_write_text(rdir / SAMPLING_PROMPTS, json.dumps(models.data.prompts))
     _barrier(rt)
     return Run(cfg, rt, rdir, models, method, resume_from, frozen, t_start, phases)
 
@@ -175,6 +202,26 @@ def check_resume_compatible(saved: dict, new) -> list[str]:
     return changed
 
 
+def _damaged_run(cfg, rt: Runtime, rdir: Path) -> None:
+    """A run folder with checkpoints of which none verifies: stop, naming it (nothing is written), or with
+    ``run.discard_damaged=true`` move everything it holds into ``<run>/damaged-<time>/`` and start fresh."""
+    names = [p.name for p in checkpoint.all_checkpoints(rdir)]
+    if not cfg.run.discard_damaged:
+        raise UserError(
+            f"run folder {rdir} holds checkpoints ({', '.join(names[-4:])}) but none is complete (missing files or "
+            "checksum mismatch), so it cannot resume; nothing was changed. Start a fresh run in another folder with "
+            f"run.dir=<new folder>, or set run.discard_damaged=true to move its contents into {rdir}/damaged-<time>/ "
+            "and start over there")
+    if rt.is_main:
+        aside = rdir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for p in sorted(rdir.iterdir()):
+            if p != aside and p.name != "run.lock" and not p.name.startswith("damaged-"):
+                p.rename(aside / p.name)
+        print(f"run.discard_damaged: moved the damaged run ({', '.join(names[-4:])}) into {aside}; starting over")
+    _barrier(rt)
+
+
 def _check_frozen(cfg, rt: Runtime, resume_from: Optional[Path]) -> dict:
     """The frozen weights, by path + sha256 (rank 0 hashes; every rank stops on a mismatch with the run's)."""
     try:
@@ -223,19 +270,52 @@ def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
 def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, iteration: Optional[int] = None):
     """Rebuild a run's sampler role (plain, on this process) from its folder and the whole weights in its latest
     complete checkpoint (or that of ``iteration``), for sample/export. Works whatever the placement, ZeRO
-    stages and world size of the run were: it needs no engine. Returns (cfg, models, method, checkpoint)."""
+    stages and world size of the run were: it needs no engine, and no training data (the run's sampling
+    prompts are read from its folder, so moved data or a ``pipe:`` source is never touched). On a live run,
+    a checkpoint pruned while it is read is replaced by the newest complete one. Returns (cfg, models,
+    method, checkpoint)."""
     rdir = Path(run)
     cfg_file = rdir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the run.dir of a training run")
-    ckpt = pick_checkpoint(rdir, iteration)
+    pick_checkpoint(rdir, iteration)  # a run with nothing to load fails before anything is built
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     cfg = replace(cfg, placement=type(cfg.placement)())  # one process holds the sampler
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     sampler = cfg.method.sampler
-    models = build(cfg, rt, roles={sampler}, checks=False)
+    models = build(cfg, rt, roles={sampler}, checks=False, sampling_prompts=sampling_prompts(rdir, cfg))
     models.to_device(sampler)
     net = models.roles[sampler].module
-    net.load_state_dict(checkpoint.load_role_weights(ckpt, sampler, prefer_ema=use_ema, role_net=True))
+    for attempt in range(5):
+        ckpt = pick_checkpoint(rdir, iteration)
+        try:
+            weights = checkpoint.load_role_weights(ckpt, sampler, prefer_ema=use_ema, role_net=True)
+            break
+        except FileNotFoundError:
+            if ckpt.is_dir() and checkpoint.is_complete(ckpt):
+                raise
+            if iteration is not None:
+                raise UserError(f"checkpoint {ckpt} was removed while it was read (checkpoint.keep pruned it); "
+                                "pick a newer --checkpoint") from None
+    else:
+        raise UserError(f"the checkpoints of {rdir} kept being pruned while they were read; try again, or pass "
+                        "--checkpoint of one that checkpoint.keep retains")
+    net.load_state_dict(weights)
     net.eval()
     return cfg, models, cfg.method(cfg, models, rt), ckpt
+
+
+SAMPLING_PROMPTS = "sampling_prompts.json"
+
+
+def sampling_prompts(rdir: Path, cfg) -> list[str]:
+    """The prompts a run's samples are drawn with: saved in its folder when it started (text models), else
+    the recipe's own prompts (or the target prompt) — never read from its data source."""
+    f = Path(rdir) / SAMPLING_PROMPTS
+    if f.is_file():
+        prompts = json.loads(f.read_text())
+        if prompts:
+            return list(prompts)
+    t = cfg.data.target
+    return [fill_prompt(p, t.rare_token, t.class_name) for p in cfg.data.source.prompts] or \
+        [fill_prompt(t.prompt, t.rare_token, t.class_name)]

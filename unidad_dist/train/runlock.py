@@ -65,24 +65,50 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
+                    st = self.path.stat()
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                except OSError as e:
+                    return False, f"cannot read {self.path} ({e}); check the run folder's permissions"
+                try:
                     info = json.loads(self.path.read_text())
-                    mtime = self.path.stat().st_mtime
                 except (OSError, json.JSONDecodeError):
-                    info, mtime = {}, 0.0  # unreadable: a writer died while creating it
+                    info = {}  # unreadable: a writer died while creating it
+                mtime = st.st_mtime if info else 0.0
                 why = _stale_reason(info, mtime, self.stale_s)
                 if why is None:
                     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", mtime)))
                     return False, (f"run folder {self.path.parent} is in use by host {info.get('host')} pid "
                                    f"{info.get('pid')} job {info.get('job') or '-'} (since {since}); wait for it to "
                                    f"finish, or if that process is dead remove {self.path}")
-                print(f"taking over {self.path}: {why}")
-                self.path.unlink(missing_ok=True)
+                if self._remove_stale(st):
+                    print(f"taking over {self.path}: {why}")
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
             return True, ""
         return False, f"could not take {self.path}; remove it if no run is writing to {self.path.parent}"
+
+    def _remove_stale(self, seen: os.stat_result) -> bool:
+        """Remove the lock file judged stale — only if it is still the file that was judged (two writers that
+        both judged it stale must not remove each other's new lock). It is renamed away atomically, then
+        checked; a fresh lock moved by mistake is put back (``link`` never replaces an existing file)."""
+        away = self.path.with_name(f"{LOCK}.stale-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.rename(self.path, away)
+        except FileNotFoundError:
+            return False
+        st = away.stat()
+        if (st.st_ino, st.st_dev, st.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns):
+            away.unlink()
+            return True
+        try:
+            os.link(away, self.path)  # another writer's fresh lock: put it back
+        except FileExistsError:
+            pass
+        away.unlink()
+        return False
 
     def acquire(self, rt) -> None:
         """Rank 0 takes the lock; every rank raises the same error when it is refused."""
