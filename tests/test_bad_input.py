@@ -96,3 +96,89 @@ def test_a_failing_make_shards_leaves_nothing(tmp_path, pipes, capsys):
     assert rc == 2, capsys.readouterr()
     assert capsys.readouterr().err.count("error:") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def _png_header_only(path, w, h):
+    """A PNG that declares w x h pixels in a few dozen bytes (no pixel data): what a decompression bomb or a
+    damaged file looks like to a reader that trusts the header."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_odd_target_images(tmp_path):
+    """Issue 12 §5: 16-bit images are scaled, not clipped to white; absurd declared sizes are refused before
+    decoding (one line naming the file); an extreme aspect ratio is warned about."""
+    import numpy as np
+    from PIL import Image
+
+    from unidad_dist.data.target import load_image
+    from unidad_dist.errors import UserError
+
+    Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")  # 16-bit grey
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    x = load_image(tmp_path / "grey16.png", 32)
+    assert torch_allclose(x, 128 / 127.5 - 1)  # mid grey, as an 8-bit reader shows it
+    for name, (w, h) in {"claims_12k.png": (12000, 12000), "bomb_40k.png": (40000, 40000)}.items():
+        _png_header_only(tmp_path / name, w, h)
+        with pytest.raises(UserError, match=name):
+            load_image(tmp_path / name, 32)
+    Image.new("RGB", (300, 3), (10, 200, 30)).save(tmp_path / "strip.png")
+    with pytest.warns(UserWarning, match="300x3"):
+        load_image(tmp_path / "strip.png", 32)
+
+
+def torch_allclose(x, value):
+    return bool((x - value).abs().max() < 1e-6)
+
+
+def test_a_bomb_in_make_shards_is_one_line_and_leaves_nothing(tmp_path, pipes, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(Path(pipes["shots"]).iterdir())[:2]:
+        (images / p.name).write_bytes(p.read_bytes())
+    _png_header_only(images / "zz_bomb.png", 40000, 40000)
+    capsys.readouterr()
+    assert main(["make-shards", "--images", str(images), "--out", str(tmp_path / "shards"), "--resolution", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "zz_bomb.png" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_in_memory_shards_count_what_they_skip_and_name_a_bad_member(tmp_path, pipes):
+    """Issue 12 §5-6: a target read whole counts its skipped shards in the logs, as a split stream does; a
+    hash-valid shard whose image cannot be decoded is one line naming the shard and sample."""
+    import json
+    import warnings
+
+    from unidad_dist.config import config_from_dict
+    from unidad_dist.data import shards as sh
+    from unidad_dist.device import runtime_from_env
+    from unidad_dist.errors import UserError
+    from unidad_dist.train.build import build
+
+    out = tmp_path / "t"
+    assert main(["make-shards", "--images", str(pipes["shots"]), "--out", str(out), "--resolution", "16",
+                 "--per-shard", "2"]) == 0
+    urls = sh.open_shards(str(out), None, "images", "t").urls
+    assert len(urls) >= 2
+    Path(urls[0]).write_bytes(Path(urls[0]).read_bytes()[:300])  # truncated: skipped
+    cfg = config_from_dict(testing.tiny_recipe(pipes["pixel"], out, tmp_path / "run"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = build(cfg, runtime_from_env())
+    assert models.data.logs() == {"data/target/skipped_shards": 1.0}
+    # a shard whose checksum matches but whose png member is garbage
+    raw = sh.open_shards(str(out), None, "images", "t").read_shard(1)
+    bad = [{"png": b"\x89PNG garbage", "txt": s["txt"].decode()} for s in raw]
+    bad_dir = tmp_path / "bad"
+    sh.write_shards(bad_dir, bad, 10, {k: v for k, v in json.loads((out / "manifest.json").read_text()).items()
+                                       if k in ("kind", "precomputed", "resolution")})
+    cfg = config_from_dict(testing.tiny_recipe(pipes["pixel"], bad_dir, tmp_path / "run2"))
+    with pytest.raises(UserError, match=r"shard .*shard-000000\.tar sample 000000000: a member cannot be decoded"):
+        build(cfg, runtime_from_env())

@@ -337,3 +337,59 @@ def test_sample_and_export_read_no_training_data_and_survive_a_prune(tmp_path, p
     assert _cli("export", "--run", rdir, "--out", tmp_path / "export") == 0
     assert gone == ["iter_0000002"]
     assert json.loads((tmp_path / "export" / "unidad_student.json").read_text())["checkpoint"] == "iter_0000001"
+
+
+def test_disk_full_read_only_and_tampered_checkpoints_are_one_line_or_a_fallback(tmp_path, pipes, capsys, monkeypatch):
+    """Issue 12 §6: ENOSPC while checkpointing and a read-only run folder are one `error:` line (the state stays
+    safe); a checkpoint whose file was replaced and whose manifest was re-hashed falls back to the previous
+    one, as a checksum failure does, without running what the file holds."""
+    import errno
+    import pickle
+
+    from unidad_dist.train import checkpoint
+
+    recipe, rdir = _write_recipe(tmp_path, pipes, **{"train.iterations": 2, "checkpoint.every": 1,
+                                                    "checkpoint.keep": 5, "logging.every": 1})
+    real_save = checkpoint.save
+
+    def full_disk(run_dir, models, iteration, *a, **k):
+        if iteration == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(run_dir, models, iteration, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    capsys.readouterr()
+    assert _cli("train", "--config", recipe) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "iter_0000001 is intact" in err[0], err
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.latest_complete(rdir).name == "iter_0000001"
+    assert _cli("train", "--config", recipe) == 0  # the same command resumes
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system"))
+                        if str(p).endswith("run.lock") else real_open(p, *a, **k))
+    capsys.readouterr()
+    assert _cli("train", "--config", recipe, "train.iterations=3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and "run.dir=" in err[0], err
+    monkeypatch.setattr(os, "open", real_open)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ck = rdir / "checkpoints" / "iter_0000002"
+    (ck / "rng_rank0.pt").write_bytes(pickle.dumps(Evil()))
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["files"]["rng_rank0.pt"] = checkpoint.checksum_file(ck / "rng_rank0.pt")  # re-hashed
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint.is_complete(ck)
+    with pytest.warns(UserWarning, match="iter_0000002 verifies but cannot be loaded"):
+        assert _cli("train", "--config", recipe, "train.iterations=3") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert not marker.exists()
+    its = [json.loads(line)["iteration"] for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+    assert its == [0, 1, 2], its  # resumed from iteration 1: iteration 1 ran again, once in the log

@@ -250,8 +250,18 @@ def open_shards(path: str, urls: Optional[str], expect_kind: str, key: str) -> S
 
 
 def decode_sample(sample: dict) -> dict:
-    """Raw tar members -> {"image": tensor, "prompt": str, "latents": {...}, "emb": {...}} (those present)."""
+    """Raw tar members -> {"image": tensor, "prompt": str, "latents": {...}, "emb": {...}} (those present).
+    A member that cannot be decoded (its shard's checksum matched: it was written so) is a UserError naming
+    the shard and the sample."""
     out: dict = {"key": sample.get("__key__")}
+    try:
+        return _decode(sample, out)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged member raises, one line that names it
+        raise UserError(f"shard {sample.get('__url__', '?')} sample {out['key']}: a member cannot be decoded "
+                        f"({type(e).__name__}: {e}); the shard was written so — rerun make-shards") from None
+
+
+def _decode(sample: dict, out: dict) -> dict:
     if "png" in sample:
         out["image"] = png_to_image(sample["png"])
     if "txt" in sample:

@@ -14,6 +14,7 @@ used as they are, so training calls neither the VAE nor the text encoders for th
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,22 +31,55 @@ from unidad_dist.models.conditioning import cat_cond, fill_prompt, strip_rare_to
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+MAX_PIXELS_PER_BYTE = 20_000  # a real image compresses far less (flat PNG art ~10-1000 pixels per byte)
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """A target image as (3, resolution, resolution) in [-1, 1]: centre crop to a square, bicubic resize.
+    16-bit images are scaled to 8 bits (not clipped to white); an image whose declared size is absurd for
+    its bytes or far above the training resolution is refused before it is decoded; an extreme aspect ratio
+    or a tiny image is warned about (the crop keeps little of it)."""
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
             w, h = im.size
+            nbytes = max(1, path.stat().st_size)
+            limit = max(64 * resolution * resolution, 4096 * 4096)
+            if w * h > limit or w * h > MAX_PIXELS_PER_BYTE * nbytes:
+                raise UserError(f"target image '{path}' declares {w}x{h} pixels in {nbytes} bytes — absurd for its "
+                                f"size or far above the {resolution}px training resolution; resize it (or remove it)")
+            if max(w, h) > 4 * min(w, h) or min(w, h) * 4 < resolution:
+                warnings.warn(f"target image '{path}' is {w}x{h}: the centre crop keeps a {min(w, h)}x{min(w, h)} "
+                              f"square{' (upscaled to ' + str(resolution) + 'px)' if min(w, h) < resolution else ''}; "
+                              "crop it yourself if that loses the subject", UserWarning, stacklevel=2)
+            im = _to_rgb8(im)
             s = min(w, h)
             left, top = (w - s) // 2, (h - s) // 2
             im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(
             f"cannot read target image '{path}' ({type(e).__name__}); remove or replace it (PNG/JPEG expected)"
         ) from None
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _to_rgb8(im):
+    """8-bit RGB: 16-bit and 32-bit integer images are scaled down (``convert`` would clip them to white),
+    float images are read as [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0
+        elif im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / (257.0 if a.max(initial=0) <= 65535 else 16843009.0)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -143,6 +177,7 @@ class DataSource:
         self.conditioner = conditioner
         self._cache: dict[str, dict] = {}
         self.streams: dict[str, SplitStream] = {}
+        self.in_memory: dict[str, object] = {}  # shard sets read whole (their skipped shards are counted too)
         readers = dp[1] * max(cfg.data.workers, 1)
         seed, B = cfg.run.seed, cfg.train.batch_size
         default_prompt = fill_prompt(t.prompt, t.rare_token, t.class_name)
@@ -170,6 +205,11 @@ class DataSource:
                 samples = _first_samples(shards, "data.target.path", t.path)  # the evaluation reference
             else:
                 samples = load_whole(shards, "target")
+                self.in_memory["target"] = shards
+            missing = [str(s.get("key")) for s in samples if "image" not in s]
+            if missing:
+                raise UserError(f"data.target.path '{t.path}': samples {', '.join(missing[:5])} hold no image (png); "
+                                "rerun make-shards")
             images = torch.stack([s["image"] for s in samples])
             captions = [s.get("prompt") for s in samples]
             if all("latents" in s for s in samples):
@@ -203,6 +243,7 @@ class DataSource:
                 samples = _first_samples(shards, "data.source.path", src.path)  # prompts for sampling, warm start
             else:
                 samples = load_whole(shards, "source")
+                self.in_memory["source"] = shards
             prompts = [s["prompt"] for s in samples]
             for s in samples:
                 if "emb" in s:
@@ -268,7 +309,9 @@ class DataSource:
         return {name: s.samples_seen() for name, s in self.streams.items()}
 
     def logs(self) -> dict:
-        return {f"data/{name}/skipped_shards": float(len(s.errors)) for name, s in self.streams.items()}
+        out = {f"data/{name}/skipped_shards": float(len(s.errors)) for name, s in self.in_memory.items()}
+        out.update({f"data/{name}/skipped_shards": float(len(s.errors)) for name, s in self.streams.items()})
+        return out
 
     def close(self) -> None:
         for s in self.streams.values():

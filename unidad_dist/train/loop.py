@@ -8,9 +8,11 @@ methods add theirs through ``train(cfg, hooks=[...])`` without editing this file
 """
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -32,6 +34,8 @@ from unidad_dist.train.faults import kill_point
 from unidad_dist.train.hooks import Hook, Hooks, default_hooks
 from unidad_dist.train.runlock import RunLock
 from unidad_dist.train.signals import SignalStop
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # Keys that may change between a run and its resumption (everything else must match). run.dir: a run folder
 # that was moved (or copied) resumes where it now is.
@@ -59,8 +63,18 @@ class Run:
         return self.models.holds(self.method.sampler)
 
     def save(self, iteration: int, hooks: Hook) -> Path:
-        path = checkpoint.save(self.dir, self.models, iteration, self.rt, self.method, self.cfg.checkpoint.keep,
-                               frozen=self.frozen)
+        try:
+            path = checkpoint.save(self.dir, self.models, iteration, self.rt, self.method, self.cfg.checkpoint.keep,
+                                   frozen=self.frozen)
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            last = checkpoint.latest_complete(self.dir)
+            raise UserError(
+                f"cannot write checkpoint {checkpoint.ckpt_name(iteration)} in {self.dir} ({e.strerror}); the run's "
+                f"state is safe: {'checkpoint ' + last.name if last else 'no checkpoint'} is intact and nothing "
+                "published was changed — free space (or make the folder writable) and run the same command again "
+                "to resume") from None
         hooks.on_checkpoint(self, path, iteration)
         return path
 
@@ -171,7 +185,7 @@ def restore_or_initialise(run: Run, hooks: Hook) -> int:
         hooks.on_fresh_start(run)
         run.save(0, hooks)
         return 0
-    start = checkpoint.load(run.resume_from, models, rt, run.method)  # another world size: universal conversion
+    start = _load_or_fall_back(run)
     saved_world = int(checkpoint.saved_state(run.resume_from)["world_size"])
     if saved_world != rt.world_size:
         models.data.restore(None, global_counts=checkpoint.saved_state(run.resume_from).get("samples_seen", {}))
@@ -181,6 +195,28 @@ def restore_or_initialise(run: Run, hooks: Hook) -> int:
         print(f"resumed from {run.resume_from} (iteration {start}"
               + (f", written by {saved_world} ranks, now {rt.world_size})" if saved_world != rt.world_size else ")"))
     return start
+
+
+def _load_or_fall_back(run: Run) -> int:
+    """Load the run's latest complete checkpoint; one that verifies but cannot be loaded (its files were
+    replaced and the manifest re-hashed, say) is skipped, on every rank, for the next older complete one —
+    as a checksum failure is. Nothing in it is executed: every file is loaded safely (weights_only)."""
+    older = [c for c in reversed(checkpoint.all_checkpoints(run.dir)) if c.name < run.resume_from.name]
+    for ckpt in [run.resume_from] + older:
+        if ckpt is not run.resume_from and not checkpoint.is_complete(ckpt):
+            continue
+        why = ""
+        try:
+            start = checkpoint.load(ckpt, run.models, run.rt, run.method)  # another world size: universal conversion
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not run.models.exchange.agree_world(bool(why)):
+            run.resume_from = ckpt
+            return start
+        warnings.warn(f"checkpoint {ckpt} verifies but cannot be loaded ({why or 'on another rank'}); falling back "
+                      "to an older one")
+    raise UserError(f"no checkpoint of {run.dir} can be loaded (see the warnings); start a fresh run with "
+                    "run.dir=<new folder>, or run.discard_damaged=true to move this one aside")
 
 
 def check_resume_compatible(saved: dict, new) -> list[str]:

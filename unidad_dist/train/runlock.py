@@ -58,10 +58,10 @@ class RunLock:
         self.held = False
 
     def _try(self) -> tuple[bool, str]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(), "started": time.time()}
         for _ in range(2):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
@@ -84,6 +84,9 @@ class RunLock:
                 if self._remove_stale(st):
                     print(f"taking over {self.path}: {why}")
                 continue
+            except OSError as e:
+                return False, (f"cannot write in the run folder {self.path.parent} ({e.strerror}); make it writable "
+                               "or give a writable one with run.dir=")
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
