@@ -97,3 +97,27 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resumes_
         assert main(["export", "--run", str(tmp_path / name), "--out", str(tmp_path / f"export_{name}")]) == 0
     _same(load_file(str(tmp_path / "export_straight" / "unet" / "diffusion_pytorch_model.safetensors")),
           load_file(str(tmp_path / "export_stopped" / "unet" / "diffusion_pytorch_model.safetensors")), "export")
+
+
+def test_one_process_stops_at_the_boundary_with_or_without_a_checkpoint(tmp_path, pipes):
+    """`unidad-dist train` itself (no launcher): SIGTERM during iteration 2 -> the iteration finishes, a
+    checkpoint of iteration 3 is written (checkpoint.on_signal) or none is (=false), exit 143, lock gone."""
+    from unidad_dist.train import checkpoint
+
+    for on_signal in (True, False):
+        name = f"run_{on_signal}"
+        rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / name, **{
+            "train.iterations": 6, "checkpoint.every": 2, "checkpoint.on_signal": on_signal})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(rec))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UNIDAD_")}
+        env["UNIDAD_SIGTERM_SELF_AT"] = "0:iter:2"
+        r = subprocess.run([sys.executable, "-m", "unidad_dist", "train", "--config", str(path)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+        assert "stopped by SIGTERM after iteration 3 of 6" in r.stderr, r.stderr[-3000:]
+        latest = checkpoint.latest_complete(tmp_path / name).name
+        assert latest == (checkpoint.ckpt_name(3) if on_signal else checkpoint.ckpt_name(2)), latest
+        assert ("no checkpoint written" in r.stderr) is (not on_signal)
+        assert not (tmp_path / name / "run.lock").exists()
+        assert "Traceback" not in r.stderr

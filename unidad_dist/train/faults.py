@@ -2,7 +2,8 @@
 
 * ``UNIDAD_KILL_AT=<rank>:<point>`` SIGKILLs that rank at that point;
 * ``UNIDAD_SIGTERM_PARENT_AT=<rank>:<point>`` makes that rank send SIGTERM to its parent process (the
-  launcher) at that point, as ``kill``, SLURM or Kubernetes would: the launcher's forwarding is exercised.
+  launcher) at that point, as ``kill``, SLURM or Kubernetes would: the launcher's forwarding is exercised;
+* ``UNIDAD_SIGTERM_SELF_AT=<rank>:<point>`` sends SIGTERM to that rank itself.
 
 Points: ``iter:N`` (before iteration N runs) and ``ckpt:N`` (while checkpoint N is being written: the
 engine states are on disk in its temporary folder, nothing is published yet). They let a test act at an
@@ -15,6 +16,7 @@ import signal
 
 ENV = "UNIDAD_KILL_AT"
 ENV_SIGTERM_PARENT = "UNIDAD_SIGTERM_PARENT_AT"
+ENV_SIGTERM_SELF = "UNIDAD_SIGTERM_SELF_AT"
 
 
 def kill_point(rank: int, point: str) -> None:
@@ -23,3 +25,5 @@ def kill_point(rank: int, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(ENV_SIGTERM_PARENT) == here:
         os.kill(os.getppid(), signal.SIGTERM)
+    if os.environ.get(ENV_SIGTERM_SELF) == here:
+        os.kill(os.getpid(), signal.SIGTERM)
