@@ -581,24 +581,22 @@ class UniDAD(Method):
             out.update(self.target_warm_start(progress=self.cfg.logging.progress))
         return out
 
-    def target_warm_start(self, progress: bool = True) -> dict:
-        """``target_teacher.warm_start`` steps of the online target teacher's own loss (§4, target teacher
-        denoising: shots with hflip, condition dropout) with its own Adam, before its engine is built.
-        Step s draws as a training iteration would, keyed by iteration -2 - s (never a training one), over
-        the global batch: every rank computes the same steps, and the engine broadcasts rank 0's weights."""
-        tc = self.cfg.target_teacher
-        role = self.role("target_teacher")
+    def _fit(self, role_name: str, steps: int, lr: float, loss_fn, label: str, progress: bool,
+             clip: Optional[float] = None) -> float:
+        """``steps`` Adam steps of ``loss_fn(step)`` on a plain role, before its engine is built (a warm start;
+        the role's training optimizer starts fresh afterwards). Returns the last loss."""
+        role = self.role(role_name)
         if role.engine is not None:
-            raise RuntimeError("target_warm_start must run before parallel.engines.attach")
-        opt = torch.optim.Adam(role.params, lr=tc.warm_start_lr)
-        bar = progress_bar(tc.warm_start, "target teacher warm start", leave=False) if progress and self.rt.is_main else None
+            raise RuntimeError(f"the {label} must run before parallel.engines.attach")
+        opt = torch.optim.Adam(role.params, lr=lr)
+        bar = progress_bar(steps, label, leave=False) if progress and self.rt.is_main else None
         last = 0.0
-        for step in range(tc.warm_start):
-            d = SampleDraws(self.seed, -2 - step, range(self.cfg.train.batch_size), self.rt.device)
-            loss, _ = self.target_loss(None, self.m.data.batch(d), d, iteration=-1)
+        for step in range(steps):
+            loss = loss_fn(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(role.params, 10.0)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(role.params, clip)
             opt.step()
             last = float(loss.detach())
             if bar is not None:
@@ -607,6 +605,21 @@ class UniDAD(Method):
             bar.close()
         for p in role.params:
             p.grad = None
+        return last
+
+    def target_warm_start(self, progress: bool = True) -> dict:
+        """``target_teacher.warm_start`` steps of the online target teacher's own loss (§4, target teacher
+        denoising: shots with hflip, condition dropout) with its own Adam, before its engine is built.
+        Step s draws as a training iteration would, keyed by iteration -2 - s (never a training one), over
+        the global batch: every rank computes the same steps, and the engine broadcasts rank 0's weights."""
+        tc = self.cfg.target_teacher
+
+        def loss(step):
+            d = SampleDraws(self.seed, -2 - step, range(self.cfg.train.batch_size), self.rt.device)
+            return self.target_loss(None, self.m.data.batch(d), d, iteration=-1)[0]
+
+        last = self._fit("target_teacher", tc.warm_start, tc.warm_start_lr, loss, "target teacher warm start",
+                         progress, clip=10.0)
         return {"target_warm_start_loss": last}
 
     def warm_start(self, progress: bool = True) -> dict:
@@ -621,16 +634,9 @@ class UniDAD(Method):
         z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start")
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
-        student = self.role("student")
-        if student.engine is not None:
-            raise RuntimeError("warm_start must run before parallel.engines.attach")
-        opt = torch.optim.Adam(student.params, lr=sc.warm_start_lr)
-        bar = None
-        if progress and self.rt.is_main:
-            bar = progress_bar(sc.warm_start, "student warm start", leave=False)
-        last = 0.0
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
-        for step in range(sc.warm_start):
+
+        def loss_fn(step):
             idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
             cond = self.m.data.encode([prompts[i] for i in idx.tolist()]) if prompts else None
             loss = torch.zeros((), device=z.device)
@@ -642,17 +648,10 @@ class UniDAD(Method):
                     noise = torch.randn(x0[idx].shape, generator=g).to(z.device)
                     x_in = self.schedule.add_noise(x0[idx], noise, tt)
                 loss = loss + losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
-            opt.zero_grad(set_to_none=True)
-            (loss / len(self.timesteps)).backward()
-            opt.step()
-            last = float(loss.detach()) / len(self.timesteps)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        for p in student.params:
-            p.grad = None
-        return {"warm_start_loss": last}
+            return loss / len(self.timesteps)
+
+        return {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
+                                             progress)}
 
     def summary(self) -> dict:
         return {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
