@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads per run (default cpu_count / jobs; set 1 when another benchmark shares the CPUs)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the runs of --out that finished (summary.json) instead of running them again")
     ap.add_argument("--out", default=None, help="folder for the runs and table.json (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for both runs (k=v)")
     args = ap.parse_args()
@@ -104,13 +106,17 @@ def main() -> int:
         builtin.make_shots(out / name / "shots", name, 10, 32, seed=77)
         for seed in [int(s) for s in args.seeds.split(",")]:
             tasks += [(name, seed, "adapted")] + ([] if args.no_control else [(name, seed, "control")])
+    tasks.sort(key=lambda t: t[2] == "control")  # every adapted run first: the table's main columns come first
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def run(task):
         name, seed, variant = task
         over = list(args.overrides) + (CONTROL if variant == "control" else [])
         t = time.time()
-        summary = _run(out / name / f"seed{seed}" / variant, out / name / "shots", seed, over, threads)
+        run_dir = out / name / f"seed{seed}" / variant
+        if args.reuse and (run_dir / "summary.json").is_file():
+            return task, json.loads((run_dir / "summary.json").read_text())
+        summary = _run(run_dir, out / name / "shots", seed, over, threads)
         print(f"{name} seed {seed} {variant}: ratio {summary['proxy_distance_ratio']:.3f}, copy rate "
               f"{summary['copy_rate']:.3f}, diversity {summary['diversity']:.2f} ({time.time() - t:.0f} s)", flush=True)
         return task, summary
