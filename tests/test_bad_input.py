@@ -182,3 +182,11 @@ def test_in_memory_shards_count_what_they_skip_and_name_a_bad_member(tmp_path, p
     cfg = config_from_dict(testing.tiny_recipe(pipes["pixel"], bad_dir, tmp_path / "run2"))
     with pytest.raises(UserError, match=r"shard .*shard-000000\.tar sample 000000000: a member cannot be decoded"):
         build(cfg, runtime_from_env())
+    # and one whose samples lost their image member
+    no_png = tmp_path / "no_png"
+    sh.write_shards(no_png, [{"txt": s["txt"].decode()} for s in raw], 10,
+                    {k: v for k, v in json.loads((out / "manifest.json").read_text()).items()
+                     if k in ("kind", "precomputed", "resolution")})
+    cfg = config_from_dict(testing.tiny_recipe(pipes["pixel"], no_png, tmp_path / "run3"))
+    with pytest.raises(UserError, match=r"samples 000000000, 000000001 hold no image"):
+        build(cfg, runtime_from_env())
