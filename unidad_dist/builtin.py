@@ -51,19 +51,27 @@ def _target(shape: str, color: list, background: str) -> dict:
     return {"shape": shape, "color": color, "color_jitter": 0.12, "background": background}
 
 
-# Target domains for adaptation (issue 11): the recipe and teacher were tuned on TUNED only; HELD_OUT were
-# never used for a choice, and benchmarks/heldout_domains.py reports on them.
-TUNED = ("blue_discs", "green_squares")
-HELD_OUT = {
+# Target domains for adaptation (issue 11). The recipe and teacher were tuned on TUNED only; HELD_OUT were
+# never used for a choice, and benchmarks/heldout_domains.py reports on them. yellow_triangles_dark and
+# magenta_rings_light were held out until the session that chose the student's start, the target teacher's
+# warm start and the fake teacher's learning rate on them: they moved to TUNED (more than the two issue 11
+# allows — see its notes) and two fresh domains took their place.
+TUNED_TARGETS = {
     "yellow_triangles_dark": _target("triangle", [0.9, 0.8, 0.1], "dark"),
     "magenta_rings_light": _target("ring", [0.85, 0.2, 0.8], "light"),
+}
+TUNED = ("blue_discs", "green_squares", *TUNED_TARGETS)
+HELD_OUT = {
     "cyan_crosses_textured": _target("cross", [0.1, 0.8, 0.85], "textured"),
     "orange_discs_light": _target("disc", [0.95, 0.55, 0.1], "light"),
     "purple_squares_textured": _target("square", [0.55, 0.25, 0.85], "textured"),
     "white_crosses_dark": _target("cross", [0.92, 0.92, 0.92], "dark"),
     "red_triangles_light": _target("triangle", [0.85, 0.15, 0.12], "light"),
     "green_rings_dark": _target("ring", [0.2, 0.75, 0.3], "dark"),
+    "teal_discs_dark": _target("disc", [0.1, 0.6, 0.55], "dark"),
+    "pink_squares_light": _target("square", [0.95, 0.45, 0.65], "light"),
 }
+DOMAINS.update(TUNED_TARGETS)
 DOMAINS.update(HELD_OUT)
 
 TEACHER = {
