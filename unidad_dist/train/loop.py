@@ -124,8 +124,8 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop) 
             if hooks.can_stop:  # every rank acts on the same decision
                 stop = run.models.exchange.agree_world(hooks.should_stop(run, done))
             by_signal = stop and run.models.exchange.agree_world(stop_signal.signum is not None)
-            if (stop and not (by_signal and not cfg.checkpoint.on_signal)) or \
-                    (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            save_at_stop = stop and (cfg.checkpoint.on_signal or not by_signal)
+            if save_at_stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 run.save(done, hooks)
                 last_saved = done
             if stop:
