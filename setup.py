@@ -1,6 +1,19 @@
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """A wheel carries the shipped recipes as unidad_dist/recipes/ (an editable install reads recipes/)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "unidad_dist" / "recipes"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(Path(__file__).resolve().parent.glob("recipes/*.yaml")):
+            shutil.copy(f, target / f.name)
 
 setup(
     name="unidad_dist",
@@ -36,4 +49,5 @@ setup(
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["unidad-dist=unidad_dist.cli:main"]},
+    cmdclass={"build_py": BuildPy},
 )

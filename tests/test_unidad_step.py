@@ -292,7 +292,7 @@ def test_other_prediction_types(tmp_path, rt, pipes, ptype):
 
 
 def test_karras_index_sampling_matches_the_face_setting(make_cfg, rt):
-    """σ = 80, 6.32, 0.5 on the linear pixel schedule sit at t ≈ 933, 605, 144 (algorithm.md §5)."""
+    """σ = 80, 6.32, 0.5 on the linear pixel schedule sit at t ≈ 933, 605, 144 (docs/algorithm.md §5)."""
     from unidad_dist.models.schedule import karras_index_timesteps
 
     cfg, models, method = _setup(make_cfg, rt, **{"algorithm.t_sampling": "karras_index"})

@@ -1,7 +1,6 @@
-"""unidad_dist: distributed Uni-DAD training (few-step distillation + few-shot domain adaptation)."""
+"""unidad_dist: distributed Uni-DAD training (few-step distillation + few-shot domain adaptation).
+
+Importing the package loads nothing heavy (the CLI answers `--help` without torch); DeepSpeed's environment
+is prepared where DeepSpeed is imported (parallel/ds_io.import_deepspeed)."""
 
 __version__ = "0.1.0"
-
-from unidad_dist.device import prepare_deepspeed_env as _prepare_deepspeed_env
-
-_prepare_deepspeed_env()  # before anything (transformers, diffusers) imports DeepSpeed and guesses

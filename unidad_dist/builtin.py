@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from unidad_dist.core.images import save_images
-from unidad_dist.core.io import sha256_file
+from unidad_dist.core.io import cache_root, sha256_file
 from unidad_dist.core.progress import progress_bar
 from unidad_dist.errors import UserError
 from unidad_dist.models.schedule import NoiseSchedule
@@ -105,10 +105,6 @@ BUILTINS = {
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_KINDS = ("teacher",)  # built-ins whose files ship in ASSETS (tools/build_demo_teacher.py)
 _SHIPPED_OK: dict[str, Path] = {}  # built-ins whose shipped files were checked in this process
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("UNIDAD_CACHE", Path.home() / ".cache" / "unidad_dist")).expanduser()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""``unidad-dist`` command line: train, demo, config, sample, launch, plan, make-shards, export."""
+"""``unidad-dist`` command line: train, demo, config, recipes, status, sample, launch, plan, make-shards, export.
+
+Only argparse is imported at start: each command imports what it uses, so `--help` and bad-input errors answer
+at once."""
 from __future__ import annotations
 
 import argparse
@@ -9,60 +12,83 @@ from pathlib import Path
 
 from unidad_dist.errors import StoppedBySignal, UserError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
-
 def _demo_recipe() -> Path:
-    for candidate in (RECIPES / "demo.yaml", Path(__file__).resolve().parent / "recipes" / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise UserError("recipes/demo.yaml not found next to the package; reinstall unidad_dist from its repository")
+    from unidad_dist.config import recipe_path
+
+    return recipe_path("demo")
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. train.iterations=100)")
+RECIPE_HELP = "recipe: a YAML file, or a shipped recipe's name (`unidad-dist recipes` lists them)"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (when it has one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.nargs == "*":
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = "train.iterations=100") -> None:
+    p.add_argument("overrides", nargs="*", help=f"key.sub=value recipe overrides (e.g. {example}); "
+                                                 "`unidad-dist config --keys` lists the keys")
+
+
+def _sub(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="unidad-dist", description="Distributed Uni-DAD training")
+    ap = argparse.ArgumentParser(prog="unidad-dist", description="Distributed Uni-DAD training",
+                                 formatter_class=_Formatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train a recipe")
-    p.add_argument("--config", required=True, help="recipe YAML file")
+    p = _sub(sub, "train", "train a recipe (or resume its run: run the same command again)")
+    p.add_argument("--config", required=True, help=RECIPE_HELP)
     _add_overrides(p)
-    p = sub.add_parser("demo", help="train recipes/demo.yaml (a built-in tiny teacher and 10-shot target)")
+    p = _sub(sub, "demo", "train recipes/demo.yaml (a built-in tiny teacher and 10-shot target)")
     _add_overrides(p)
-    p = sub.add_parser("config", help="print the resolved config")
-    p.add_argument("--config", default=None, help="recipe YAML file (default: built-in defaults)")
-    p.add_argument("--keys", action="store_true", help="list every valid key")
+    p = _sub(sub, "config", "print the resolved config, or every key with its type, default and meaning")
+    p.add_argument("--config", default=None, help=RECIPE_HELP + " (default: the built-in defaults)")
+    p.add_argument("--keys", action="store_true", help="list every valid key: type, default, meaning")
+    p.add_argument("--markdown", action="store_true", help="with --keys: as a markdown table (the README's)")
     _add_overrides(p)
-    p = sub.add_parser("sample", help="sample the student (the method's sampler role) of a run")
+    _sub(sub, "recipes", "list the shipped recipes with their one-line purpose")
+    p = _sub(sub, "status", "where a run stands: iteration, latest checkpoint, speed and ETA, lock holder, "
+                            "whether it is live, ended or failed")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--verify", action="store_true", help="check the checkpoints' checksums (reads every file)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = _sub(sub, "sample", "sample the student (the method's sampler role) of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: as trained)")
-    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--num", type=int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="a .png grid, a folder for single PNGs, or .safetensors (floats)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the run's own per-sample noise (default: the run's run.seed); image i depends "
+                        "only on (seed, i), as the run's grids do")
     p.add_argument("--prompt", default=None, help="prompt for text models (default: the recipe's source prompts)")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
     p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
     p.add_argument("--generator-seed", type=int, default=None,
                    help="draw the noise from torch.Generator().manual_seed(N) in one batch, as a diffusers "
                         "pipeline called with that generator does (an exported pipeline gives the same images)")
-    p = sub.add_parser("launch", help="start several ranks of the same train loop")
+    p = _sub(sub, "launch", "start several ranks of the same train loop")
     p.add_argument("where", choices=["local"], help="local: N processes on this host")
     p.add_argument("--nproc", type=int, required=True, help="number of ranks")
-    p.add_argument("--config", required=True, help="recipe YAML file")
+    p.add_argument("--config", required=True, help=RECIPE_HELP)
     _add_overrides(p)
-    p = sub.add_parser("plan", help="memory and FLOPs per role and rank, from model configs (meta device)")
-    p.add_argument("--config", required=True, help="recipe YAML file")
+    p = _sub(sub, "plan", "memory and FLOPs per role and rank, from model configs (meta device)")
+    p.add_argument("--config", required=True, help=RECIPE_HELP)
     p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB: say whether it fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_overrides(p)
-    p = sub.add_parser("make-shards", help="write WebDataset shards (+ manifest) from images or a prompt list")
+    p = _sub(sub, "make-shards", "write WebDataset shards (+ manifest) from images or a prompt list")
     p.add_argument("--out", required=True, help="new folder for the shards and manifest.json")
     p.add_argument("--images", default=None, help="folder of target images (the target stream)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (the source stream)")
-    p.add_argument("--config", default=None, help="recipe: resolution, prompt template and frozen encoders")
+    p.add_argument("--config", default=None, help=RECIPE_HELP + ": resolution, prompt template and frozen encoders")
     p.add_argument("--precompute", action="store_true",
                    help="store VAE latents (image + flip) and text embeddings (prompt + rare-token-stripped)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the recipe's)")
@@ -70,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt template for images without a caption file")
     p.add_argument("--rare", default=None, help="rare token for {rare}")
     p.add_argument("--cls", default=None, help="class noun for {cls}")
-    _add_overrides(p)
-    p = sub.add_parser("export", help="export the student (the method's sampler role) as a diffusers pipeline "
-                                      "folder (safetensors)")
+    _add_overrides(p, example="data.target.resolution=512")
+    p = _sub(sub, "export", "export the student (the method's sampler role) as a diffusers pipeline folder "
+                            "(safetensors)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="new folder")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
@@ -80,7 +106,45 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_train(config: Path | str, overrides: list[str]) -> int:
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def cmd_recipes() -> int:
+    from unidad_dist.config import shipped_recipes
+
+    recipes = shipped_recipes()
+    if not recipes:
+        raise UserError("no shipped recipes found next to the package; reinstall unidad_dist")
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        print(f"{name:{width}}  {recipe_purpose(path)}")
+    print(f"\n(in {next(iter(recipes.values())).parent}; use one as --config NAME, or copy it and edit)")
+    return 0
+
+
+def recipe_purpose(path: Path) -> str:
+    """A recipe's one-line purpose: the first sentence of its leading comment."""
+    words = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    return (text[:117] + "...") if len(text) > 120 else text or "(no description)"
+
+
+def cmd_status(args) -> int:
+    from unidad_dist.train.status import format_status, run_status
+
+    st = run_status(args.run, verify=args.verify)
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def cmd_train(config: Path | str, overrides: list[str], shown: str | None = None) -> int:
     from unidad_dist.config import load_config
     from unidad_dist.train.loop import train
 
@@ -90,15 +154,32 @@ def cmd_train(config: Path | str, overrides: list[str]) -> int:
     if summary.is_file() and int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {rdir}")
         print(summary.read_text())
+        print(next_steps(rdir, shown or config, overrides))
     return 0
 
 
+def next_steps(rdir: Path, config, overrides: list[str]) -> str:
+    """What to look at and what to run next, in a few lines (printed at the end of train and demo)."""
+    samples = rdir / "samples"
+    grids = [f for f in ("target_shots.png", "student_before.png", "student_after.png") if (samples / f).is_file()]
+    again = "unidad-dist demo" if config == "demo" else f"unidad-dist train --config {config}"
+    again += "".join(f" {o}" for o in overrides)
+    return "\n".join([
+        "next:",
+        f"  look at   {samples}/" + (f" ({', '.join(grids)})" if grids else ""),
+        f"  sample    unidad-dist sample --run {rdir} --num 16 --out {rdir}/samples/more.png",
+        f"  export    unidad-dist export --run {rdir} --out {rdir}/export   (a diffusers pipeline folder)",
+        f"  status    unidad-dist status --run {rdir}",
+        f"  resume    {again} train.iterations=<more>   (the same command continues from the last checkpoint)",
+    ])
+
+
 def cmd_config(args) -> int:
-    from unidad_dist.config import all_keys, dump_yaml, load_config, validate
+    from unidad_dist.config import dump_yaml, keys_markdown, keys_text, load_config, validate
 
     cfg = load_config(args.config, args.overrides, check=False)  # the recipe's method decides its sections
     if args.keys:
-        print("\n".join(all_keys(cfg.method)))
+        print(keys_markdown(cfg.method) if args.markdown else keys_text(cfg.method))
         return 0
     try:
         validate(cfg)
@@ -136,7 +217,8 @@ def cmd_sample(args) -> int:
         save_grid(pixels, out)
     else:
         save_images(pixels, out)
-    print(f"wrote {args.num} samples ({args.steps or method.sampling_info()['steps']} steps, {ckpt.name}) to {out}")
+    steps = args.steps or method.sampling_info()["steps"]
+    print(f"wrote {_n(args.num, 'sample')} ({_n(steps, 'step')}, {ckpt.name}) to {out}")
     return 0
 
 
@@ -180,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             return cmd_train(args.config, args.overrides)
         if args.cmd == "demo":
-            return cmd_train(_demo_recipe(), args.overrides)
+            return cmd_train(_demo_recipe(), args.overrides, shown="demo")
+        if args.cmd == "recipes":
+            return cmd_recipes()
+        if args.cmd == "status":
+            return cmd_status(args)
         if args.cmd == "config":
             return cmd_config(args)
         if args.cmd == "sample":
@@ -193,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             m = make_shards(args.out, images=args.images, prompts=args.prompts, config=args.config,
                             overrides=tuple(args.overrides), precompute=args.precompute, resolution=args.resolution,
                             per_shard=args.per_shard, prompt=args.prompt, rare=args.rare, cls=args.cls)
-            print(f"wrote {m['num_samples']} {m['kind']} samples in {len(m['shards'])} shards to {args.out}"
+            what = "image" if m["kind"] == "images" else "prompt"
+            print(f"wrote {_n(m['num_samples'], what)} in {_n(len(m['shards']), 'shard')} to {args.out}"
                   + (" (precomputed latents/embeddings)" if m["precomputed"] else ""))
             return 0
         if args.cmd == "plan":

@@ -17,8 +17,8 @@ from typing import ClassVar, Optional
 
 import yaml
 
-from unidad_dist.core.schema import (all_keys as _keys_of, choice, deep_merge, flatten, from_dict as _from_dict,
-                                     parse_overrides, parse_yaml, positive)
+from unidad_dist.core.schema import (all_keys as _keys_of, choice, deep_merge, describe_keys, flatten, from_dict as _from_dict,
+                                     parse_overrides, parse_yaml, positive, resolve_recipe_paths)
 from unidad_dist.core.sections import GENERIC_SECTIONS, PRECISIONS, PlacementConfig, RoleConfig, TrainableRoleConfig
 from unidad_dist.errors import UserError
 from unidad_dist.methods.base import Method, method_class
@@ -42,7 +42,9 @@ def config_class(method: type) -> type:
     own = dict(method.sections())
     roles = method.role_sections()
     placement = dataclasses.make_dataclass(
-        "PlacementConfig", [(r, Optional[list[int]], dataclasses.field(default=None)) for r in roles],
+        "PlacementConfig", [(r, Optional[list[int]], dataclasses.field(default=None, metadata={
+            "doc": f"split placement: the ranks holding {r} (default: the method's half of the ranks)"}))
+            for r in roles],
         bases=(own.pop("placement", PlacementConfig),))
     sections = {"run": GENERIC_SECTIONS["run"], "train": own.pop("train", GENERIC_SECTIONS["train"])}
     sections.update(own)
@@ -74,14 +76,67 @@ def all_keys(method: str | type = DEFAULT_METHOD) -> list[str]:
     return _keys_of(config_class(method_class(method) if isinstance(method, str) else method))
 
 
+def key_reference(method: str | type = DEFAULT_METHOD) -> list[dict]:
+    """Every key of a recipe of ``method``: {key, type, default, doc, path} (``config --keys``, the README)."""
+    return describe_keys(config_class(method_class(method) if isinstance(method, str) else method))
+
+
+def _fmt_default(value) -> str:
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def keys_text(method: str | type = DEFAULT_METHOD) -> str:
+    """``config --keys``: one line per key (key, type, default) and its meaning below it."""
+    lines = []
+    for k in key_reference(method):
+        lines.append(f"{k['key']}  ({k['type']}, default {_fmt_default(k['default'])}{', a path' if k['path'] else ''})")
+        lines.append(f"    {k['doc']}")
+    return "\n".join(lines)
+
+
+def keys_markdown(method: str | type = DEFAULT_METHOD) -> str:
+    """The README's reference of the keys (a test keeps it in sync): a markdown table."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in key_reference(method):
+        doc = k["doc"].replace("|", "\\|") + (" (a path: relative to the recipe file)" if k["path"] else "")
+        rows.append(f"| `{k['key']}` | {k['type']} | `{_fmt_default(k['default'])}` | {doc} |")
+    return "\n".join(rows)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: recipes/ of the repository (an editable install) or the copy packaged with
+    unidad_dist (a wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "recipes", here / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(shipped_recipes_dir().glob("*.yaml"))}
+
+
+def recipe_path(given: str | Path) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (``sd15_subject`` or ``sd15_subject.yaml``)
+    when no such file exists."""
+    p = Path(given).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if len(p.parts) == 1 and name in shipped:
+        return shipped[name]
+    raise UserError(f"recipe file '{given}' not found (looked for {p.resolve()}); pass an existing YAML file or the "
+                    f"name of a shipped recipe: {', '.join(shipped) or 'none found'} (`unidad-dist recipes`)")
+
+
 def load_recipe_dict(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe file '{path}' not found; pass an existing YAML file (see recipes/)")
+    p = recipe_path(path)
     try:
         text = p.read_text()
     except OSError as e:
@@ -96,12 +151,19 @@ def load_recipe_dict(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None,
                 check: bool = True):
+    """The config of recipe ``path`` (a file or a shipped recipe's name) with ``overrides`` (``key.sub=value``)
+    on top. Relative paths written in the recipe file (models, data, JSON files: the keys ``config --keys``
+    marks as paths) are relative to the recipe file's folder; those given as overrides, to the working
+    directory."""
     data = dict(base or {})
     if path is not None:
-        data = deep_merge(data, load_recipe_dict(path))
+        file = recipe_path(path)
+        recipe = load_recipe_dict(file)
+        recipe = resolve_recipe_paths(config_class(_method_of(recipe)), recipe, file.resolve().parent)
+        data = deep_merge(data, recipe)
         data.setdefault("run", {})
         if isinstance(data["run"], dict) and "name" not in data["run"]:
-            data["run"]["name"] = Path(path).stem
+            data["run"]["name"] = file.stem
     data = deep_merge(data, parse_overrides(overrides or []))
     cfg = from_dict(config_class(_method_of(data)), data)
     if check:

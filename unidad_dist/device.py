@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unidad_dist.core.io import cache_root
+
 CPU = torch.device("cpu")
 
 
@@ -82,8 +84,11 @@ def free_port() -> int:
 
 
 def prepare_deepspeed_env() -> None:
-    """Tell DeepSpeed which accelerator to use before it is imported (it otherwise guesses and warns)."""
+    """Before DeepSpeed is imported: tell it which accelerator to use (it otherwise guesses and warns), and
+    give any op it JIT-builds one cache whatever the entry point (make, the CLI, a launcher):
+    $TORCH_EXTENSIONS_DIR when set, else <cache root>/torch_extensions."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if accelerator_available() else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):

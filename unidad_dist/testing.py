@@ -2,7 +2,7 @@
 
 They are saved with ``save_pretrained`` and loaded back through the same code path as a user's real
 model folder (nothing is downloaded). The tokenizer is a character-level CLIP tokenizer built from files
-we write (local-clusters.md, "Tiny diffusers pipelines, offline").
+we write (docs/clusters.md, "Tiny diffusers pipelines, offline").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Deterministic random draws (algorithm.md §3, "Rule for every random draw").
+"""Deterministic random draws (docs/algorithm.md §3, "Rule for every random draw").
 
 * A draw that changes which network calls run (whether the student steps, the backward-simulation step k)
   depends on (seed, iteration, purpose) only, so every rank agrees without communication.

@@ -17,6 +17,11 @@ CHECKSUM = "xxh3_128"
 _DIGESTS: dict[str, str] = {}  # absolute path -> checksum of files this process wrote through HashingWriter
 
 
+
+def cache_root() -> Path:
+    """The project's cache ($UNIDAD_CACHE, default ~/.cache/unidad_dist): built-ins, DeepSpeed's JIT builds."""
+    return Path(os.environ.get("UNIDAD_CACHE", Path.home() / ".cache" / "unidad_dist")).expanduser()
+
 def _new_hash(algorithm: str = CHECKSUM):
     if algorithm == "xxh3_128":
         import xxhash

@@ -4,11 +4,16 @@ error messages that name the key and the fix. Which sections a recipe has is dec
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
+import functools
+import inspect
+import io
+import math
 import re
+import tokenize
 import types
 import typing
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
@@ -136,6 +141,117 @@ def all_keys(cls, prefix: str = "") -> list[str]:
             out.extend(all_keys(tp, full))
         else:
             out.append(full)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths: relative paths inside a recipe file are relative to the recipe file
+# --------------------------------------------------------------------------------------------------
+def path_field(default=None):
+    """A field holding a file or folder that is read (a model, data, a JSON file): a relative path written
+    in a recipe file resolves against the recipe file's folder (``resolve_recipe_paths``)."""
+    return dataclasses.field(default=default, metadata={"path": True})
+
+
+def _is_relative_path(value) -> bool:
+    return (isinstance(value, str) and value.strip() != "" and ":" not in value.split("/", 1)[0]
+            and not value.startswith(("/", "~", "{")))  # builtin:x, pipe:cmd, s3://..., /abs, ~/x stay
+
+
+def resolve_recipe_paths(cls, data: dict, base: Path) -> dict:
+    """``data`` (a recipe's dict for dataclass ``cls``) with every relative path field made absolute
+    against ``base``. Keys that are not fields are left for ``from_dict`` to report."""
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for k, v in data.items():
+        f = fields.get(k)
+        if f is None:
+            continue
+        if dataclasses.is_dataclass(hints[k]):
+            out[k] = resolve_recipe_paths(hints[k], v, base)
+        elif f.metadata.get("path") and _is_relative_path(v):
+            out[k] = str((base / v).resolve())
+    return out
+
+
+def path_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(path_keys(hints[f.name], full))
+        elif f.metadata.get("path"):
+            out.append(full)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What each key means: a field's metadata "doc", else the comment on its line (or the lines above it)
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _source_comments(cls) -> dict:
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):  # a class made at run time (config_class) has no source
+        return {}
+    out, pending, line_field = {}, [], {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            row = tok.start[0]
+            if row in line_field:
+                out.setdefault(line_field[row], text)
+            else:
+                pending.append(text)
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+            if pending:
+                out[tok.string] = " ".join(pending)
+            pending = []
+        elif tok.type == tokenize.NEWLINE:
+            pass
+        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            if tok.start[0] not in line_field:
+                pending = []
+    return out
+
+
+def field_doc(cls, name: str) -> str:
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.metadata.get("doc"):
+            return f.metadata["doc"]
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            doc = _source_comments(klass).get(name)
+            if doc:
+                return doc
+    return ""
+
+
+def _default_of(f) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def describe_keys(cls, prefix: str = "") -> list[dict]:
+    """Every key of ``cls``: {key, type, default, doc} (nested sections flattened to dotted keys)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_keys(tp, full))
+        else:
+            out.append({"key": full, "type": _type_name(tp), "default": _default_of(f), "doc": field_doc(cls, f.name),
+                        "path": bool(f.metadata.get("path"))})
     return out
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from unidad_dist.core.schema import path_field
+
 PRECISIONS = ("fp32", "bf16_autocast", "bf16", "fp16")  # fp16: CUDA only (DeepSpeed loss scaling)
 
 
 @dataclass
 class RunConfig:
-    name: str = "unidad"
-    dir: Optional[str] = None  # default: runs/<name>
-    seed: int = 0
+    name: str = "unidad"  # the run's name: its folder is runs/<name> unless run.dir is set
+    dir: Optional[str] = None  # the run folder (relative: to the working directory); default runs/<name>
+    seed: int = 0  # every random draw of the run derives from it (with the iteration, sample index, role)
     dist_timeout: float = 600.0  # seconds any collective may wait
     lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
     discard_damaged: bool = False  # a folder whose checkpoints all fail verification: move it aside, start over
@@ -26,7 +28,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000
+    iterations: int = 1000  # training iterations (may be raised on resume)
     batch_size: int = 1  # per rank and micro-batch
     nonfinite: str = "skip"  # a NaN/inf loss on any rank: "skip" that role's step on all ranks, or "stop" all
     max_nonfinite_skips: int = 10  # stop when one role's step is skipped this many iterations in a row
@@ -34,10 +36,10 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 2e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    eps: float = 1e-8
+    lr: float = 2e-6  # AdamW learning rate (constant after the warmup)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    eps: float = 1e-8  # AdamW epsilon
     warmup: int = 500  # linear warmup, counted in iterations (all roles follow the iteration counter)
     clip_grad_norm: float = 10.0  # <= 0 disables clipping
 
@@ -46,17 +48,18 @@ class OptimizerConfig:
 class LoraConfig:
     rank: int = 0  # 0: train every weight; > 0: train a peft LoRA adapter of this rank on the UNet
     alpha: Optional[float] = None  # None: = rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # LoRA dropout
+    # the UNet layers that get a LoRA adapter
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
 class RoleConfig:
     """What every role has: its network and how it is held."""
-    backbone: Optional[str] = None  # diffusers pipeline/model folder or builtin:<name>; None: the method's default
-    init: Optional[str] = None  # weights (folder, .safetensors, .bin); None: the backbone's, or a copy (method)
-    strict: bool = True
-    precision: str = "bf16_autocast"
+    backbone: Optional[str] = path_field()  # diffusers pipeline/model folder or builtin:<name>; None: the method's default
+    init: Optional[str] = path_field()  # weights (folder, .safetensors, .bin); None: the backbone's, or a copy (method)
+    strict: bool = True  # init: missing or unexpected weight names are an error (false: load what matches)
+    precision: str = "bf16_autocast"  # fp32 | bf16_autocast (fp32 weights) | bf16 | fp16 (DeepSpeed, CUDA only)
     zero_stage: int = 0  # trainable: DeepSpeed ZeRO stage 0-3; frozen: 0 replicated, 3 partitioned
     zero3_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay whole
 
@@ -65,36 +68,36 @@ class RoleConfig:
 class TrainableRoleConfig(RoleConfig):
     """A role that can train: its optimizer and engine options."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step of this role
     offload_optimizer: bool = False  # ZeRO optimizer states (and the fp32 master) in CPU memory
     activation_checkpointing: bool = False  # recompute the UNet blocks' activations in backward
-    deepspeed_config: Optional[str] = None  # JSON file whose fields override the generated config
+    deepspeed_config: Optional[str] = path_field()  # JSON file whose fields override the generated config
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class AlgorithmConfig:
     """A method's own section: ``name`` selects the method (a registered name, or ``module:Class``)."""
-    name: str = "unidad"
+    name: str = "unidad"  # the method: a registered name (unidad) or module:Class
 
 
 @dataclass
 class TargetDataConfig:
-    path: Optional[str] = None  # folder of target images, a make-shards folder (manifest.json), or builtin:<name>
-    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
+    path: Optional[str] = path_field()  # folder of target images, a make-shards folder (manifest.json), or builtin:<name>
+    shards: Optional[str] = path_field()  # where the manifest's shards are read from: brace pattern / pipe: URLs
     resolution: Optional[int] = None  # default: the backbone's sample size (x VAE factor)
-    prompt: str = "a {rare} {cls}"
-    rare_token: str = "sks"
-    class_name: str = ""
-    hflip: bool = True
+    prompt: str = "a {rare} {cls}"  # caption of a target image without its own caption file (text models)
+    rare_token: str = "sks"  # what {rare} becomes (the new concept's identifier)
+    class_name: str = ""  # what {cls} becomes (the class noun)
+    hflip: bool = True  # random horizontal flips of the target images
 
 
 @dataclass
 class SourceDataConfig:
-    prompts: list[str] = field(default_factory=lambda: ["a {rare} {cls}"])
-    prompt_file: Optional[str] = None
-    path: Optional[str] = None  # a make-shards prompt folder (manifest.json); replaces prompts / prompt_file
-    shards: Optional[str] = None  # where the manifest's shards are read from: brace pattern / pipe: URLs
+    prompts: list[str] = field(default_factory=lambda: ["a {rare} {cls}"])  # source prompts (text models)
+    prompt_file: Optional[str] = path_field()  # a text file, one source prompt per line; replaces prompts
+    path: Optional[str] = path_field()  # a make-shards prompt folder (manifest.json); replaces prompts / prompt_file
+    shards: Optional[str] = path_field()  # where the manifest's shards are read from: brace pattern / pipe: URLs
 
 
 @dataclass
@@ -110,29 +113,29 @@ class DataConfig:
 @dataclass
 class PlacementConfig:
     """``mode``; config.py adds one optional rank list per role of the method (split placement only)."""
-    mode: str = "colocated"  # colocated | split
+    mode: str = "colocated"  # colocated: every rank holds every role | split: two rank groups (README)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # 0: only the initial and the final checkpoint
-    keep: int = 2
+    keep: int = 2  # complete checkpoints kept (older ones are pruned)
     on_signal: bool = True  # a SIGTERM/SIGINT/SIGHUP stop writes a checkpoint at the iteration boundary
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 10
-    progress: bool = True
+    every: int = 10  # metrics.jsonl line every N iterations (and the last)
+    progress: bool = True  # a progress bar on rank 0 (false: none, e.g. in CI logs)
     sample_every: int = 0  # write a sample grid every N iterations (0: only before/after)
-    grid_size: int = 16
-    wandb: bool = False
-    wandb_project: str = "unidad_dist"
+    grid_size: int = 16  # images per sample grid
+    wandb: bool = False  # also log to wandb (rank 0; WANDB_MODE=offline works)
+    wandb_project: str = "unidad_dist"  # the wandb project
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 64
+    num_samples: int = 64  # samples of the before/after evaluation (proxies, grids)
     steps: Optional[int] = None  # None: the method's own (Uni-DAD: student.steps)
 
 

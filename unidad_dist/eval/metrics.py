@@ -1,7 +1,7 @@
 """Demo-scale metrics between student samples and the few target shots.
 
 These are *proxies*, named as such everywhere: the paper's FID / Intra-LPIPS need network weights
-that cannot be downloaded here (algorithm.md §7).
+that cannot be downloaded here (docs/algorithm.md §7).
 
 * ``proxy_distance``: Fréchet distance between Gaussians fitted to a fixed 21-d feature of samples and of
   shots, colour and structure:

@@ -1,4 +1,4 @@
-"""K-step student generation; training and sampling share this code (algorithm.md §3)."""
+"""K-step student generation; training and sampling share this code (docs/algorithm.md §3)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence

@@ -1,4 +1,4 @@
-"""Loss functions of Uni-DAD (algorithm.md §4). Pure functions of tensors; no module, no state."""
+"""Loss functions of Uni-DAD (docs/algorithm.md §4). Pure functions of tensors; no module, no state."""
 from __future__ import annotations
 
 import torch
@@ -36,5 +36,5 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def input_gradient_surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A scalar whose gradient w.r.t. x is ``grad``: injects a gradient computed elsewhere (the GAN
-    generator term via the fake teacher, design.md) into the student's graph."""
+    generator term via the fake teacher, docs/design.md) into the student's graph."""
     return (x.float() * grad.detach().float()).sum()

@@ -1,4 +1,4 @@
-"""Uni-DAD (algorithm.md): one run that distils a many-step source teacher into a K-step student and adapts
+"""Uni-DAD (docs/algorithm.md): one run that distils a many-step source teacher into a K-step student and adapts
 it to a target domain from a few shots.
 
 Roles: ``student`` (G, generator side), ``fake_teacher`` with its GAN heads (F, critic side),
@@ -54,10 +54,10 @@ class StudentConfig(TrainableRoleConfig):
     unroll: str = "backward_simulation"  # or "full"
     prediction: str = "teacher"  # "x0": the network's output is x̂0; "teacher": read as the backbone's type
     warm_start: int = 0  # regression steps on (noise -> teacher's DDIM sample) pairs; 0 = off
-    warm_start_pairs: int = 256
-    warm_start_teacher_steps: int = 25
-    warm_start_lr: float = 1e-3
-    warm_start_batch: int = 32
+    warm_start_pairs: int = 256  # warm start: (noise, teacher sample) pairs drawn once
+    warm_start_teacher_steps: int = 25  # warm start: DDIM steps of the teacher's samples
+    warm_start_lr: float = 1e-3  # warm start: learning rate
+    warm_start_batch: int = 32  # warm start: pairs per step
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -68,14 +68,14 @@ class FakeTeacherConfig(TrainableRoleConfig):
 
 @dataclass
 class GanHeadsConfig:
-    enabled: bool = True
+    enabled: bool = True  # the multi-head GAN on the fake teacher's encoder (false: DMD only)
     lambda_d: float = 0.05  # weight of the discriminator loss in the fake-teacher step
     lambda_g: float = 0.015  # weight of the generator loss in the student step
 
 
 @dataclass
 class SourceTeacherConfig(RoleConfig):
-    enabled: bool = True
+    enabled: bool = True  # false only with algorithm.a = 1 (the target teacher alone)
     cfg: float = 1.0  # classifier-free guidance scale (text models); 1 = no CFG
 
 
@@ -83,21 +83,21 @@ class SourceTeacherConfig(RoleConfig):
 class TargetTeacherConfig(TrainableRoleConfig):
     mode: str = "off"  # off | online | frozen (init: the target checkpoint; online: None = copy of the source)
     update_every: int = 1  # tt_every: step the online target teacher on iterations = 0 mod this
-    cfg: float = 1.0
-    cond_dropout: float = 0.1
+    cfg: float = 1.0  # its classifier-free guidance scale in the DMD loss (text models); 1 = no CFG
+    cond_dropout: float = 0.1  # online: fraction of its training captions dropped (needed for cfg > 1)
     student_feedback: float = 0.0  # OPAD-style: fraction of its batch that is detached student samples
-    feedback_start: int = 0
+    feedback_start: int = 0  # iteration from which student_feedback applies
     # Steps of its own denoising loss on the target shots before the first iteration (online mode; 0 = off),
     # so the target branch of the DMD loss points at the target domain from the start (beyond the paper).
     warm_start: int = 0
-    warm_start_lr: float = 5e-4
+    warm_start_lr: float = 5e-4  # learning rate of that warm start
 
 
 @dataclass
 class UniDADAlgorithmConfig(AlgorithmConfig):
     a: float | str = 0.0  # weight of the target-teacher DMD term; "auto" is reserved
-    t_min: int = 20
-    t_max: int = 980
+    t_min: int = 20  # smallest noise timestep of the DMD draw (fake-teacher and GAN draws use 0..T-1)
+    t_max: int = 980  # largest noise timestep of the DMD draw
     t_sampling: str = "uniform"  # uniform | karras_index (the DMD, fake-teacher and GAN noise levels)
 
 
@@ -274,7 +274,7 @@ class UniDAD(Method):
         self.T = self.schedule.T
         self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
         self.a = float(cfg.algorithm.a)
-        # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (algorithm.md §4, precision).
+        # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (docs/algorithm.md §4, precision).
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
         self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
         if self.karras is not None:
@@ -398,8 +398,8 @@ class UniDAD(Method):
 
     def gan_generator_input_grad(self, x, batch, d: SampleDraws):
         """The GAN generator term's gradient on x, taken through the fake teacher's activations; no
-        gradient can land in the fake teacher's or the heads' parameters (design.md)."""
-        # A fresh leaf copy of the *input*, not a module's parameter: the design.md input-gradient pattern.
+        gradient can land in the fake teacher's or the heads' parameters (docs/design.md)."""
+        # A fresh leaf copy of the *input*, not a module's parameter: the docs/design.md input-gradient pattern.
         x_in = x.detach().requires_grad_(True)
         t = self.draw_t(d, "student", "gan_t", 0, self.T)
         n = d.randn(self.m.sample_shape, "student", "gan_noise")
@@ -451,7 +451,7 @@ class UniDAD(Method):
 
     # -- one iteration ---------------------------------------------------------------------------
     def step(self, iteration: int) -> dict:
-        """One iteration (algorithm.md §5), micro-batch by micro-batch: the student's samples are made where
+        """One iteration (docs/algorithm.md §5), micro-batch by micro-batch: the student's samples are made where
         the student lives, the critic's feedback where the fake teacher lives; each role's loss is built and
         back-propagated where the role lives; then the roles that step this iteration take their step."""
         cfg, ex = self.cfg, self.ex
@@ -624,7 +624,7 @@ class UniDAD(Method):
 
     def warm_start(self, progress: bool = True) -> dict:
         """Regress the student onto (noise -> teacher's DDIM sample) pairs at each of its timesteps
-        (algorithm.md §3, "Student output and warm start"). Uses its own Adam; the student's training
+        (docs/algorithm.md §3, "Student output and warm start"). Uses its own Adam; the student's training
         optimizer starts fresh afterwards. Runs on the plain student, before its engine is built (so the
         engine's fp32 master copies start from the warm-started weights); every rank computes the same
         pairs and steps, and the engine broadcasts rank 0's weights when it is built."""

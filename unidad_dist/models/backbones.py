@@ -1,7 +1,7 @@
 """Backbones: resolve a user's diffusers folder, build UNets, load weights safely, run forwards and the
 encoder-only feature pass used by the GAN heads.
 
-Three forms are supported (algorithm.md §1): pixel-space ``UNet2DModel`` (unconditional),
+Three forms are supported (docs/algorithm.md §1): pixel-space ``UNet2DModel`` (unconditional),
 ``UNet2DConditionModel`` in SD1.5 form, and in SDXL form (``addition_embed_type="text_time"``). A
 backbone is given as a diffusers *pipeline* folder (``model_index.json``, ``unet/``, ``scheduler/``, and
 for text models ``text_encoder*/``, ``tokenizer*/``, ``vae/``) or a bare UNet folder with a

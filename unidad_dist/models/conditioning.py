@@ -94,7 +94,7 @@ class TextConditioner(nn.Module):
 
 class LatentCodec(nn.Module):
     """The frozen VAE: pixels in [-1, 1] <-> latents x scaling factor. Images already in [-1, 1] go in as
-    they are (algorithm.md §10.3)."""
+    they are (docs/algorithm.md §10.3)."""
 
     def __init__(self, spec: BackboneSpec, device: torch.device):
         super().__init__()

@@ -1,8 +1,8 @@
-"""Multi-head GAN discriminator on the fake teacher's encoder (algorithm.md §4, "Multi-head GAN").
+"""Multi-head GAN discriminator on the fake teacher's encoder (docs/algorithm.md §4, "Multi-head GAN").
 
 One head per tapped map (every down block and the mid block): Conv1x1(C -> 1, bias) + global average
 pool -> one scalar; the logit is the mean over heads. The heads are built at construction from the
-backbone config (never lazily from a dummy forward, algorithm.md §10.9).
+backbone config (never lazily from a dummy forward, docs/algorithm.md §10.9).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""VP noise schedule, conversion of ε/v/x0 predictions to x̂0, denoising targets and CFG (algorithm.md §2).
+"""VP noise schedule, conversion of ε/v/x0 predictions to x̂0, denoising targets and CFG (docs/algorithm.md §2).
 
 All conversions run in fp32: a prediction is cast to fp32 *before* it is turned into x̂0, because the
-division by √ᾱ_t amplifies any rounding error (algorithm.md §4, "Precision").
+division by √ᾱ_t amplifies any rounding error (docs/algorithm.md §4, "Precision").
 """
 from __future__ import annotations
 

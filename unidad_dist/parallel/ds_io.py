@@ -17,10 +17,20 @@ TAG = "state"  # one DeepSpeed tag per checkpoint folder: our own `latest` point
 UNIVERSAL_TAG = "universal"  # the same state converted by ds_to_universal, for a resume at another world size
 
 
+# DeepSpeed's CPU shared-memory comm op: its torch backend JIT-compiles it (g++, 35 s to minutes, per cache
+# location) in every init_distributed on a CPU accelerator, even for one rank, but only its inference
+# all-reduce (deepspeed.comm.inference_all_reduce) ever calls it; training never does.
+_UNUSED_OPS = ("deepspeed_shm_comm",)
+
+
 def import_deepspeed():
     dev.prepare_deepspeed_env()
     import deepspeed
+    import deepspeed.ops
     from deepspeed.utils import logger as ds_logger
+
+    for name in _UNUSED_OPS:  # build_shm_op() skips an op marked incompatible
+        deepspeed.ops.__compatible_ops__[name] = False
 
     ds_logger.setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls a torch collective under its deprecated name on every ZeRO step

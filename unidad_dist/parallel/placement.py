@@ -1,4 +1,4 @@
-"""Role -> rank-group placement (design.md "Split placement"), for the roles a method declares.
+"""Role -> rank-group placement (docs/design.md "Split placement"), for the roles a method declares.
 
 ``colocated``: every rank holds every role; each engine shards over all ranks.
 ``split``: a method's roles sit on two sides (``RoleSpec.side``; Uni-DAD: the student with the frozen
@@ -6,7 +6,7 @@ source teacher on one, the fake teacher with its GAN heads and the target teache
 its own rank group of the same size. Rank i of one group is paired with rank i of the other: both derive
 the same per-sample draws from (seed, iteration, global sample index, role, purpose), so only what the
 method hands to the exchange crosses (``parallel/exchange.py``). Each engine's ZeRO group is its side's
-rank group (DeepSpeed's ``mpu`` argument); ZeRO-3 does not work on rank subgroups (design.md), so split
+rank group (DeepSpeed's ``mpu`` argument); ZeRO-3 does not work on rank subgroups (docs/design.md), so split
 placement allows ZeRO 0-2 only.
 
 The first role declared on a side is its anchor: it takes the first (second) half of the ranks unless
@@ -98,7 +98,7 @@ def resolve_groups(cfg, world: int) -> dict[str, list[int]]:
         if getattr(cfg, role).zero_stage == 3:
             raise UserError(
                 f"{role}.zero_stage=3 with placement.mode=split: DeepSpeed's ZeRO-3 does not work on rank subgroups "
-                "(design.md); use ZeRO 0-2 in split placement, or placement.mode=colocated for ZeRO-3"
+                "(docs/design.md); use ZeRO 0-2 in split placement, or placement.mode=colocated for ZeRO-3"
             )
     return groups
 

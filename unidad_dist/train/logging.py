@@ -1,7 +1,10 @@
-"""Run outputs: metrics.jsonl, a progress bar and optional wandb (written by the main rank only)."""
+"""Run outputs: metrics.jsonl, a progress bar and optional wandb, and train.log (written by the main rank only)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -89,3 +92,76 @@ class RunLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+TRAIN_LOG = "train.log"
+
+
+class _Tee:
+    """A text stream that also hands each complete line to ``sink`` (a callable), dropping progress-bar frames
+    (a line that carries a carriage return or a terminal escape)."""
+
+    def __init__(self, stream, sink):
+        self._stream, self._sink, self._buf = stream, sink, ""
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        self._buf += text
+        if "\n" in self._buf:
+            *lines, self._buf = self._buf.split("\n")
+            for line in lines:
+                if "\r" not in line and "\x1b[" not in line:
+                    self._sink(line)
+        return n
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class TrainLog:
+    """While active, what this process prints (stdout and stderr) is also kept as plain text — the run's
+    train.log — without progress-bar frames. Lines are held in memory until ``commit()`` (the run was
+    accepted), then appended to ``path`` with a header line; a start refused before that writes nothing."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+        self._held: list[str] = []
+        self._saved = None
+        self.committed = False
+
+    def _line(self, line: str) -> None:
+        if self._file is None:
+            self._held.append(line)
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def commit(self) -> None:
+        if self.committed:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)} "
+                         f"(host {socket.gethostname()}, pid {os.getpid()}) ===\n")
+        for line in self._held:
+            self._file.write(line + "\n")
+        self._file.flush()
+        self._held = []
+        self.committed = True
+
+    def __enter__(self):
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self._line), _Tee(sys.stderr, self._line)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self._saved
+        if self._file is not None:
+            if exc[1] is not None and not isinstance(exc[1], (KeyboardInterrupt, SystemExit)):
+                self._file.write(f"error: {type(exc[1]).__name__}: {exc[1]}\n")
+            self._file.close()
+            self._file = None
+        return False

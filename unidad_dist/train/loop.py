@@ -8,6 +8,7 @@ methods add theirs through ``train(cfg, hooks=[...])`` without editing this file
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import signal
@@ -32,6 +33,7 @@ from unidad_dist.train import checkpoint
 from unidad_dist.train.build import Models, build
 from unidad_dist.train.faults import kill_point
 from unidad_dist.train.hooks import Hook, Hooks, default_hooks
+from unidad_dist.train.logging import TRAIN_LOG, TrainLog
 from unidad_dist.train.runlock import RunLock
 from unidad_dist.train.signals import SignalStop
 
@@ -91,12 +93,27 @@ def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
     with stop_signal.installed():
         lock = RunLock(rdir, cfg.run.lock_stale_s)
         lock.acquire(rt)
+        # rank 0's output goes to <run>/train.log too, from the moment the run is accepted (prepare passed):
+        # a start refused for bad input writes nothing into the folder
+        log = TrainLog(rdir / TRAIN_LOG) if rt.is_main else None
+        outcome = {"outcome": "failed"}
         try:
-            _train(cfg, rt, rdir, Hooks(default_hooks(lock) + [stop_signal] + list(hooks or [])), stop_signal)
+            with log or contextlib.nullcontext():
+                try:
+                    _train(cfg, rt, rdir, Hooks(default_hooks(lock) + [stop_signal] + list(hooks or [])),
+                           stop_signal, log)
+                    outcome = {"outcome": "finished" if stop_signal.stopped_at is None else "stopped",
+                               **({"signal": signal.Signals(stop_signal.signum).name}
+                                  if stop_signal.stopped_at is not None and stop_signal.signum else {})}
+                except BaseException as e:
+                    outcome = {"outcome": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+                    raise
         finally:
             lock.release()
             if rt.is_main and not existed and rdir.is_dir() and not any(rdir.iterdir()):
                 rdir.rmdir()  # a run that failed before writing anything leaves no folder behind
+            if log is not None and log.committed:
+                _record_outcome(rdir, outcome)
     if stop_signal.stopped_at is not None:
         signum = stop_signal.signum or signal.SIGTERM  # another rank received it
         saved = (f"checkpoint {checkpoint.ckpt_name(stop_signal.stopped_at)} written" if cfg.checkpoint.on_signal
@@ -107,10 +124,33 @@ def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
     return rdir
 
 
-def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop) -> Path:
+OUTCOME = "outcome.json"  # how the last process that held the run ended (`unidad-dist status`)
+
+
+def _record_outcome(rdir: Path, outcome: dict) -> None:
+    last = checkpoint.latest_complete(rdir)
+    try:
+        atomic_write_text(rdir / OUTCOME, json.dumps({**outcome, "time": time.time(), "checkpoint": last.name
+                                                      if last else None}, indent=2))
+    except OSError:
+        pass  # a full or read-only disk: the error that ended the run says so
+
+
+def say(rt: Runtime, text: str) -> None:
+    """One line per phase from rank 0, so a start that takes minutes is never silent."""
+    if rt.is_main:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
+           log: Optional[TrainLog] = None) -> Path:
     run = prepare(cfg, rt, rdir)
+    if log is not None:
+        log.commit()  # the run is accepted: what was printed so far, and from now on, goes to train.log
     try:
         start = restore_or_initialise(run, hooks)
+        if start < cfg.train.iterations:
+            say(rt, f"training: iterations {start + 1}-{cfg.train.iterations}")
         hooks.on_train_start(run, start)
         t0, last_saved, stop = time.time(), start, False
         # a stop asked for before the first iteration (while building, warm starting) stops here
@@ -154,11 +194,15 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
         changed = check_resume_compatible(yaml.safe_load((rdir / "config.yaml").read_text()), cfg)
         if changed and rt.is_main:
             print(f"resuming {rdir} with changed settings: {', '.join(changed)}")
+    say(rt, f"{'resuming' if resume_from else 'starting'} run {rdir} ({cfg.method.name}, {rt.world_size} "
+            f"rank{'s' if rt.world_size > 1 else ''} on {rt.device.type}, {rt.backend})")
     frozen = _check_frozen(cfg, rt, resume_from)
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
+    say(rt, f"building roles: {', '.join(s.name for s in cfg.method.roles(cfg))}, and the data")
     models = build(cfg, rt, placement=placement)  # each rank builds the roles it holds
     phases = {"build_s": time.time() - t0, **{f"builtin_{n}_s": s for n, s in builtin.BUILD_SECONDS.items()}}
+    say(rt, f"built in {phases['build_s']:.0f} s")
     method = cfg.method(cfg, models, rt)
     if rt.is_main:
         (rdir / "samples").mkdir(parents=True, exist_ok=True)
@@ -176,15 +220,20 @@ def restore_or_initialise(run: Run, hooks: Hook) -> int:
     rt, models = run.rt, run.models
     if run.resume_from is None:
         t0 = time.time()
+        say(rt, f"preparing {run.cfg.method.name} (its warm starts, if the recipe asks for any)")
         run.prepared = run.method.prepare()
         run.phases["prepare_s"] = time.time() - t0
     t0 = time.time()
+    say(rt, f"starting DeepSpeed engines: {', '.join(engines.engine_roles(run.cfg)) or 'none'}")
     engines.attach(models, run.cfg, rt)
     run.phases["engines_s"] = time.time() - t0
+    _write_engine_configs(run)
     if run.resume_from is None:
+        say(rt, "evaluating before training, writing checkpoint 0")
         hooks.on_fresh_start(run)
         run.save(0, hooks)
         return 0
+    say(rt, f"loading {run.resume_from}")
     start = _load_or_fall_back(run)
     saved_world = int(checkpoint.saved_state(run.resume_from)["world_size"])
     if saved_world != rt.world_size:
@@ -195,6 +244,16 @@ def restore_or_initialise(run: Run, hooks: Hook) -> int:
         print(f"resumed from {run.resume_from} (iteration {start}"
               + (f", written by {saved_world} ranks, now {rt.world_size})" if saved_world != rt.world_size else ")"))
     return start
+
+
+def _write_engine_configs(run: Run) -> None:
+    """``ds_config_<role>.json``: the DeepSpeed config each engine was started with (written by the role's
+    first rank), so a ``<role>.deepspeed_config`` override starts from what is really there."""
+    for name, role in run.models.roles.items():
+        config = getattr(role, "config", None)
+        placement = getattr(run.models, "placement", None)
+        if config is not None and (placement.leader(name) if placement is not None else run.rt.is_main):
+            atomic_write_text(run.dir / f"ds_config_{name}.json", json.dumps(config, indent=2, default=str) + "\n")
 
 
 def _load_or_fall_back(run: Run) -> int:
