@@ -100,6 +100,11 @@ def test_train_log_engine_configs_status_and_outcome(tmp_path, pipes, capsys):
     assert -1 not in at and at == sorted(at), list(zip(phases, at))
     for p in phases:  # the user saw them too, as they happened
         assert p in printed.out
+    # and, at the end, where to look and what to run next
+    assert f"look at   {rdir}/samples/ (target_shots.png, student_before.png, student_after.png)" in printed.out
+    for command in (f"unidad-dist sample --run {rdir}", f"unidad-dist export --run {rdir}",
+                    f"unidad-dist train --config {recipe} train.iterations=<more>"):
+        assert command in printed.out, command
     raw = (rdir / "train.log").read_bytes()  # bytes: text mode would turn a carriage return into a newline
     assert b"\r" not in raw and b"\x1b[" not in raw and b"it/s]" not in raw and b"s/it]" not in raw
     assert "\r" in printed.err and "it/s]" in printed.err  # the progress bar's frames stayed on the terminal
