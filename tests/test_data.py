@@ -45,6 +45,77 @@ def test_make_shards_images_round_trip_and_manifest(pipes, tmp_path):
     assert len(list(sh.iter_all(piped))) == 6
 
 
+def _members(out: Path, kind: str) -> list[dict]:
+    """Every sample's members (field -> bytes) of a shard folder, read back from its tar files."""
+    ss = sh.open_shards(str(out), None, kind, "t")
+    return [{k: v for k, v in s.items() if not k.startswith("__") and k != "url"}
+            for i in range(ss.num_shards) for s in ss.read_shard(i)]
+
+
+def _described(name: str, data: bytes) -> dict:
+    """A member described from its bytes, independently of the writer: PIL for images, safetensors' header
+    for tensors, UTF-8 for text."""
+    import io
+
+    from PIL import Image
+
+    if name == "txt":
+        data.decode("utf-8")  # raises if it is not
+        return {"type": "text", "encoding": "utf-8"}
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in load(data).items()}
+    with Image.open(io.BytesIO(data)) as im:
+        return {"type": "image", "format": im.format, "size": list(im.size), "mode": im.mode}
+
+
+@pytest.mark.parametrize("kind", ["images", "prompts", "precomputed_images", "precomputed_prompts"])
+def test_manifest_fields_describe_every_member(pipes, make_cfg, tmp_path, kind):
+    """manifest.json's fields name every member of every sample with its description (images: format, size
+    [w, h], mode; text: its encoding; precomputed tensors: shape and dtype), true of each sample."""
+    out = tmp_path / "shards"
+    prompts = _prompt_file(tmp_path, 5)
+    if kind.startswith("precomputed"):
+        import yaml
+
+        from unidad_dist.config import to_dict
+
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(to_dict(make_cfg("sd15"))))
+        src = {"images": str(pipes["shots"])} if kind.endswith("images") else {"prompts": str(prompts)}
+        m = make_shards(str(out), config=str(recipe), precompute=True, per_shard=4, **src)
+    elif kind == "images":
+        m = make_shards(str(out), images=str(pipes["shots"]), resolution=16, per_shard=4)
+    else:
+        m = make_shards(str(out), prompts=str(prompts), per_shard=4)
+    members = _members(out, m["kind"])
+    assert len(members) == m["num_samples"] > 0
+    written = json.loads((out / "manifest.json").read_text())["fields"]
+    assert written == m["fields"]
+    expected = {"images": {"png", "txt"}, "prompts": {"txt"},
+                "precomputed_images": {"png", "txt", "latents.safetensors", "emb.safetensors"},
+                "precomputed_prompts": {"txt", "emb.safetensors"}}[kind]
+    assert set(written) == expected
+    for sample in members:
+        assert set(sample) == expected
+        for name, data in sample.items():
+            assert written[name] == _described(name, data), name
+    if "png" in written:
+        assert written["png"] == {"type": "image", "format": "PNG", "size": [16, 16], "mode": "RGB"}
+        small = sh.image_to_png(torch.zeros(3, 8, 8))  # a member unlike the first: the manifest could not say
+        with pytest.raises(ValueError, match=r"sample 000000001: field .png. is .*size.: \[8, 8\]"):
+            sh.write_shards(tmp_path / "mixed", [{"png": members[0]["png"]}, {"png": small}], 4, {"kind": "images"})
+        assert not (tmp_path / "mixed").exists()
+    if kind == "precomputed_images":  # SD1.5 form: 4 latent channels
+        lat = written["latents.safetensors"]
+        assert set(lat) == {"latent", "latent_flip"} and lat["latent"]["dtype"] == "float32"
+        assert lat["latent"]["shape"][0] == 4 and lat["latent"] == lat["latent_flip"]
+    if kind == "precomputed_prompts":
+        assert {k.split(".")[0] for k in written["emb.safetensors"]} == {"cond", "cond_src"}
+
+
 def test_make_shards_bad_input_writes_nothing(pipes, tmp_path):
     out = tmp_path / "shards"
     out.mkdir()
@@ -56,6 +127,9 @@ def test_make_shards_bad_input_writes_nothing(pipes, tmp_path):
         make_shards(str(tmp_path / "o1"), resolution=16)
     with pytest.raises(UserError, match="--config"):
         make_shards(str(tmp_path / "o2"), images=str(pipes["shots"]), resolution=16, precompute=True)
+    with pytest.raises(UserError, match=r"overrides data.target.resolution=8 apply to the recipe given with --config"):
+        make_shards(str(tmp_path / "o2"), images=str(pipes["shots"]), resolution=16,
+                    overrides=("data.target.resolution=8",))  # without a recipe they would change nothing
     with pytest.raises(UserError, match="no prompt"):
         (tmp_path / "empty.txt").write_text("\n")
         make_shards(str(tmp_path / "o3"), prompts=str(tmp_path / "empty.txt"))

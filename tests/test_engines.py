@@ -104,6 +104,60 @@ def test_frozen_partitioned_target_teacher_unchanged(stages_run):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The logged grad_norm: the global norm before clipping, against a plain torch copy (tests/grad_norm_worker.py)
+# ---------------------------------------------------------------------------------------------------
+CLIP = 1e-3  # far below the gradients' norm: a norm taken after clipping would read ~1e-3
+GRAD_NORM_CASES = {
+    "zero0_fp32_clip": {"student.zero_stage": 0, "student.precision": "fp32"},  # the demo's set-up
+    "zero0_fp32_noclip_accum2": {"student.zero_stage": 0, "student.optimizer.clip_grad_norm": 0.0,
+                                 "student.grad_accum": 2},
+    "zero0_bf16_clip": {"student.zero_stage": 0, "student.precision": "bf16"},
+    "zero0_bf16_autocast_clip": {"student.zero_stage": 0, "student.precision": "bf16_autocast"},
+    "zero1_bf16_clip": {"student.zero_stage": 1, "student.precision": "bf16"},
+    "zero2_fp32_noclip_accum2": {"student.zero_stage": 2, "student.optimizer.clip_grad_norm": 0.0,
+                                 "student.grad_accum": 2},
+    "zero2_fp32_offload_clip": {"student.zero_stage": 2, "student.offload_optimizer": True},
+    "zero3_fp32_clip": {"student.zero_stage": 3},
+    "zero3_bf16_accum2_clip": {"student.zero_stage": 3, "student.precision": "bf16", "student.grad_accum": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def grad_norm_run(tmp_path_factory, pipes):
+    from unidad_dist.device import free_port
+
+    tmp = tmp_path_factory.mktemp("grad_norm")
+    cases = {name: {"student.optimizer.clip_grad_norm": CLIP, "student.zero3_persistence_threshold": 0, **over}
+             for name, over in GRAD_NORM_CASES.items()}
+    (tmp / "spec.json").write_text(json.dumps({"backbone": str(pipes["pixel"]), "shots": str(pipes["shots"]),
+                                               "cases": cases}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(HERE / "grad_norm_worker.py"), str(tmp / "spec.json"),
+           str(tmp / "out.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads((tmp / "out.json").read_text()), cases
+
+
+@pytest.mark.parametrize("case", list(GRAD_NORM_CASES))
+def test_logged_grad_norm_is_the_global_norm_before_clipping(grad_norm_run, case):
+    """On 2 ranks with different batches, every step logs grad_norm = torch.nn.utils.get_total_norm of the
+    gradients a plain torch copy of the network gets from the mean loss over both ranks' micro-batches: the
+    global norm (not a rank's shard), before clipping, after accumulation; the same on both ranks. (An fp32
+    engine at ZeRO-0 keeps no norm: it was logged as 0.0, then not at all.)"""
+    results, cases = grad_norm_run
+    r = results[case]
+    assert all("grad_norm" in k for k in r["keys"]), f"{case}: a step logged no grad_norm: {r['keys']}"
+    # bf16 weights: bf16 gradients, accumulated and reduced in another order than by hand (rounding 2^-9)
+    tol = 1e-3 if cases[case].get("student.precision") == "bf16" else 1e-5
+    for it, (got, want) in enumerate(zip(r["logged"], r["expected"])):
+        if cases[case]["student.optimizer.clip_grad_norm"] > 0:
+            assert want > 100 * CLIP  # clipping acts: a norm after it would be ~CLIP
+        assert abs(got - want) <= tol * want, f"{case} step {it}: logged {got}, gradients' norm {want}"
+    assert r["same_on_every_rank"], f"{case}: the ranks logged different norms"
+
+
+# ---------------------------------------------------------------------------------------------------
 # Generated configs and the user's DeepSpeed JSON
 # ---------------------------------------------------------------------------------------------------
 def test_generated_config_follows_the_recipe(make_cfg):
@@ -138,6 +192,12 @@ def test_user_json_overrides_free_fields_and_rejects_contradictions(make_cfg, tm
     cfg = make_cfg(**{"student.zero_stage": 2, "student.deepspeed_config": str(bad)})
     with pytest.raises(UserError, match=r"zero_optimization.stage=3 but the recipe gives 2 \(from student.zero_stage\)"):
         engine_config("student", cfg.student, cfg, 2, trainable=True)
+    nonorm = tmp_path / "nonorm.json"
+    nonorm.write_text(json.dumps({"zero_optimization": {"compute_grad_norm": False}}))
+    cfg = make_cfg(**{"student.zero_stage": 2, "student.optimizer.clip_grad_norm": 0.0,
+                      "student.deepspeed_config": str(nonorm)})
+    with pytest.raises(UserError, match=r"compute_grad_norm=False but the recipe gives True .*grad_norm"):
+        engine_config("student", cfg.student, cfg, 2, trainable=True)  # the logged norm needs it
     sched = tmp_path / "sched.json"
     sched.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
     cfg = make_cfg(**{"fake_teacher.deepspeed_config": str(sched)})

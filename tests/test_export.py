@@ -1,6 +1,7 @@
 """Export (issue 5 §7): a plain diffusers pipeline call on the exported folder gives the images of
 `unidad-dist sample` to 1e-5 for the same generator; LoRA students export adapter + merged weights; EMA."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -28,11 +29,34 @@ def _ours(tmp_path, run, n, seed, *extra):
     return load_file(str(f))["images"]
 
 
-def _pipeline_images(out, form, n, seed, prompt="a sks cat"):
+def _load(out):
+    """The exported pipeline, loaded as unidad_student.json's call_precision says (dtype; UNet autocast), and
+    the warnings (Python's and diffusers' logger's) that loading emitted."""
+    import logging
+
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(out))
     info = json.loads((out / "unidad_student.json").read_text())
+    prec = info["call_precision"]
+    kwargs = {} if prec["torch_dtype"] is None else {"torch_dtype": getattr(torch, prec["torch_dtype"])}
+    records: list = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = DiffusionPipeline.from_pretrained(str(out), **kwargs)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    if prec["unet_autocast"] is not None:  # the lines the JSON gives, as a user pastes them
+        exec(prec["code"], {"torch": torch, "pipe": pipe})
+    return pipe, info, [str(w.message) for w in caught] + [r.getMessage() for r in records]
+
+
+def _pipeline_images(out, form, n, seed, prompt="a sks cat", loaded=None):
+    pipe, info, _ = loaded or _load(out)
     g = torch.Generator().manual_seed(seed)
     if form == "pixel":
         img = pipe(batch_size=n, generator=g, output_type="np", **info["pipeline_call"]).images
@@ -56,7 +80,10 @@ def test_exported_pipeline_equals_unidad_sample(tmp_path, pipes, form, over):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     extra = ["--prompt", "a sks cat"] if form != "pixel" else []
     ours = _ours(tmp_path, run, 3, 7, *extra)
-    theirs, pipe = _pipeline_images(out, form, 3, 7)
+    loaded = _load(out)
+    assert loaded[2] == [], f"loading the export warned: {loaded[2]}"  # e.g. the steps_offset deprecation
+    assert info["call_precision"]["unet_autocast"] is None  # an fp32 student: a plain call
+    theirs, pipe = _pipeline_images(out, form, 3, 7, loaded=loaded)
     assert type(pipe).__name__ == info["pipeline"] and type(pipe.scheduler).__name__ == "LCMScheduler"
     pipe.scheduler.set_timesteps(info["steps"])
     assert pipe.scheduler.timesteps.tolist() == info["timesteps"]  # set_timesteps(K) gives the trained timesteps
@@ -66,6 +93,31 @@ def test_exported_pipeline_equals_unidad_sample(tmp_path, pipes, form, over):
         raw = _ours(tmp_path, run, 3, 7, "--raw")
         assert not torch.allclose(raw, ours, atol=1e-4)
         assert info["ema"] is True
+
+
+@pytest.mark.parametrize("form,over", [
+    ("pixel", {}),  # epsilon output: x̂0 at t = 999 divides by a small sqrt(alpha_bar), so errors show
+    ("sd15", {"student.steps": 3}),  # text encoder and VAE: they stay outside autocast
+])
+def test_bf16_autocast_student_export_reproduces_sample_as_the_json_says(tmp_path, pipes, form, over):
+    """A bf16_autocast student: `sample` runs its UNet under bf16 autocast. Loaded and called as
+    unidad_student.json's call_precision says (UNet under autocast, its output in fp32), the pipeline gives
+    sample's images to 1e-5; called plainly in fp32 it does not."""
+    run = _train(tmp_path, pipes[form], pipes["shots"], **{"student.precision": "bf16_autocast", **over})
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    prec = json.loads((out / "unidad_student.json").read_text())["call_precision"]
+    assert prec["student_precision"] == "bf16_autocast" and prec["unet_autocast"] == "bfloat16"
+    extra = ["--prompt", "a sks cat"] if form != "pixel" else []
+    ours = _ours(tmp_path, run, 3, 7, *extra)
+    loaded = _load(out)
+    assert loaded[2] == [], f"loading the export warned: {loaded[2]}"
+    theirs, pipe = _pipeline_images(out, form, 3, 7, loaded=loaded)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert ours.std() > 0.01
+    del pipe.unet.forward  # the lines undone: the plain fp32 call
+    plain, _ = _pipeline_images(out, form, 3, 7, loaded=(pipe, *loaded[1:]))
+    assert (plain - ours).abs().max() > 1e-3  # the precision matters here: the test above means something
 
 
 def test_lora_student_exports_adapter_and_merged_weights(tmp_path, pipes):

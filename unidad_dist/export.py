@@ -9,7 +9,9 @@ Layout of ``--out``::
                            (t_k = T-1 - k*floor(T/K) come out of set_timesteps(K) with
                            original_inference_steps = T), the student's output type (x0 -> "sample",
                            else the backbone's epsilon / v_prediction), no clipping, and c_skip = 0 /
-                           c_out = 1 (timestep_scaling large), i.e. x̂0 is re-noised with fresh noise
+                           c_out = 1 (timestep_scaling large), i.e. x̂0 is re-noised with fresh noise;
+                           steps_offset = 1 (LCMScheduler ignores it; Stable Diffusion pipelines rewrite any
+                           other value with a deprecation warning on every load)
     model_index.json       a full pipeline when the source teacher is a diffusers pipeline folder: its other
                            components (VAE, text encoders, tokenizers) are copied. SD1.5 form ->
                            StableDiffusionPipeline, SDXL form -> StableDiffusionXLPipeline (call them with
@@ -17,6 +19,15 @@ Layout of ``--out``::
                            guidance-embedding UNet), pixel -> DDPMPipeline; always num_inference_steps=K
     unet_lora/             LoRA students: the adapter alone (peft format, adapter_config.json)
     unidad_student.json    steps, timesteps, output type, checkpoint, EMA, how to call the pipeline
+                           (``pipeline_call``) and in which precision (``call_precision``, below)
+
+Precision: ``unidad-dist sample`` runs the student's UNet under bf16 autocast when the student trained with
+``precision: bf16_autocast`` (the default) and reads its output in fp32; the text encoders, VAE and scheduler
+run outside autocast. The pipeline reproduces its images (to 1e-5) when loaded without ``torch_dtype`` (the
+UNet is stored in fp32) and called with only the UNet under bf16 autocast, its output cast back to float32
+(``call_precision`` holds the lines), on the device type ``sample`` ran on. Called plainly in fp32, or with
+the whole call under autocast (which also casts the text encoders and VAE, and hands the scheduler a bf16
+output), it does not (3e-3 to 0.4 apart on the test models). Other students sample in fp32: call plainly.
 
 Students trained with an explicit ``student.timesteps`` list need ``timesteps=[...]`` in the pipeline call
 (text pipelines accept it); the list is in unidad_student.json.
@@ -47,8 +58,39 @@ def lcm_scheduler_config(schedule_config: dict, output: str, T: int) -> dict:
             "rescale_betas_zero_snr", "timestep_spacing")
     cfg = {k: base[k] for k in keep if k in base}
     cfg.update(prediction_type=output, clip_sample=False, thresholding=False, set_alpha_to_one=True,
-               original_inference_steps=T, timestep_scaling=TIMESTEP_SCALING)
+               original_inference_steps=T, timestep_scaling=TIMESTEP_SCALING,
+               steps_offset=1)  # unused by LCMScheduler; any other value makes SD pipelines warn on each load
     return dict(LCMScheduler.from_config(cfg).config)
+
+
+UNET_AUTOCAST_FORWARD = """\
+unet_forward = pipe.unet.forward
+def forward(*args, **kwargs):
+    with torch.autocast(pipe.device.type, dtype=torch.bfloat16):
+        out = unet_forward(*args, **kwargs)
+    return (out[0].float(),) if isinstance(out, tuple) else type(out)(sample=out.sample.float())
+pipe.unet.forward = forward
+"""
+
+
+def call_precision(student_precision: str) -> dict:
+    """How to load and call the exported pipeline so that it gives the images of ``unidad-dist sample``:
+    ``sample`` runs a ``bf16_autocast`` student's UNet under bf16 autocast and reads its output in fp32
+    (everything else in fp32); any other student samples in fp32."""
+    autocast = student_precision == "bf16_autocast"
+    load = ("load without torch_dtype (the exported UNet is float32; the other components then load as "
+            "`unidad-dist sample` loads them)")
+    out = {"student_precision": student_precision, "torch_dtype": None,
+           "unet_autocast": "bfloat16" if autocast else None, "unet_output_dtype": "float32"}
+    if autocast:
+        out["how"] = (f"{load}; run only the UNet under torch.autocast(<the pipeline's device type>, "
+                      "dtype=torch.bfloat16) and cast its output to float32 (the text encoders, VAE and scheduler "
+                      "outside autocast, as `sample` runs them), on the device type `sample` runs on: after "
+                      "loading, run the lines in `code` (with `import torch` and the pipeline as `pipe`)")
+        out["code"] = UNET_AUTOCAST_FORWARD
+    else:
+        out["how"] = f"{load} and call it without autocast"
+    return out
 
 
 def merged_unet_state(role_net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,6 +180,7 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
             "lora": {"rank": rc.lora.rank, "adapter": "unet_lora", "merged_into": "unet"} if lora else None,
             "pipeline": pipeline,
             "pipeline_call": call,
+            "call_precision": call_precision(rc.precision),
             "source_backbone": getattr(cfg, cfg.method.primary).backbone,
         }, indent=2))
     return out_p

@@ -1,14 +1,17 @@
 """``unidad-dist make-shards``: image folders and prompt lists -> WebDataset shards (+ precomputed encodings).
 
-    unidad-dist make-shards --images DIR --out DIR [--config RECIPE] [--precompute] [--resolution R]
-                            [--prompt "a {rare} {cls}"] [--rare sks] [--cls dog] [--per-shard 500]
-    unidad-dist make-shards --prompts FILE --out DIR --config RECIPE [--precompute]
+    unidad-dist make-shards --images DIR --out DIR [--config RECIPE [--precompute] [key=value ...]]
+                            [--resolution R] [--prompt "a {rare} {cls}"] [--rare sks] [--cls dog] [--per-shard 500]
+    unidad-dist make-shards --prompts FILE --out DIR [--config RECIPE [--precompute] [key=value ...]]
 
 With ``--config`` the resolution, prompt template, rare token and class come from the recipe's
 ``data.target`` (a flag wins), and ``--precompute`` stores what the recipe's frozen models compute:
 per image the VAE latents of the image and of its horizontal flip; per prompt the text embeddings of the
 prompt and of its rare-token-stripped form (SDXL: both encoders + pooled); the unconditional embedding
-beside the manifest. Training then skips the VAE and text encoders for these samples.
+beside the manifest. Training then skips the VAE and text encoders for these samples. ``key=value``
+overrides change that recipe (the keys read here: ``data.target.resolution``, ``.prompt``, ``.rare_token``,
+``.class_name`` and the primary role's ``backbone``, e.g. ``source_teacher.backbone``); without ``--config``
+they are an error. The manifest's ``fields`` describe every member (shards.py).
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def make_shards(out: str, images: Optional[str] = None, prompts: Optional[str] =
         cfg = load_config(config, list(overrides))
         primary = cfg.method.primary  # the role whose backbone holds the run's VAE and text encoders
         spec = resolve_backbone(getattr(cfg, primary).backbone, primary)
+    elif overrides:
+        raise UserError(f"the overrides {' '.join(overrides)} apply to the recipe given with --config; give "
+                        "--config RECIPE, or drop them (nothing was written)")
     elif precompute:
         raise UserError("--precompute needs --config RECIPE (the VAE and text encoders of its primary backbone, "
                         "e.g. source_teacher.backbone)")

@@ -6,7 +6,9 @@ A shard folder holds ``shard-000000.tar …`` and ``manifest.json``::
      "kind": "images" | "prompts",          # the target stream / the source stream
      "precomputed": true|false,             # latents + text embeddings from the recipe's frozen models
      "num_samples": N, "resolution": R,
-     "fields": {"png": {...}, "latents.safetensors": {"latent": {"shape": [...], "dtype": "float32"}, ...}},
+     "fields": {"png": {"type": "image", "format": "PNG", "size": [R, R], "mode": "RGB"},
+                "txt": {"type": "text", "encoding": "utf-8"},
+                "latents.safetensors": {"latent": {"shape": [...], "dtype": "float32"}, ...}, ...},
      "shards": [{"name": "shard-000000.tar", "samples": n, "sha256": "…"}, …],
      "uncond": {"file": "uncond.safetensors", "sha256": "…"}}   # text models, precomputed only
 
@@ -98,6 +100,23 @@ def _describe(tensors: dict) -> dict:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in flatten(tensors).items()}
 
 
+def describe_member(value) -> dict:
+    """A member's entry in the manifest's ``fields``: tensors -> each one's shape and dtype; text -> its
+    encoding; an image -> its format, size [width, height] and mode (read from its header); other bytes ->
+    their kind only."""
+    if isinstance(value, dict):
+        return _describe(value)
+    if isinstance(value, str):
+        return {"type": "text", "encoding": "utf-8"}
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(value)) as im:
+            return {"type": "image", "format": im.format, "size": list(im.size), "mode": im.mode}
+    except (UnidentifiedImageError, OSError, ValueError):
+        return {"type": "bytes"}
+
+
 # -- writing ---------------------------------------------------------------------------------
 def write_shards(out: Path, samples: Iterable[dict], per_shard: int, meta: dict) -> dict:
     """Write ``samples`` (dicts field -> bytes | str | tensor dict) as tar shards of ``per_shard`` samples
@@ -128,14 +147,14 @@ def write_shards(out: Path, samples: Iterable[dict], per_shard: int, meta: dict)
                 writer = wds.TarWriter(str(tmp / SHARD_PATTERN.format(len(shards))), encoder=False, mtime=0.0)
             rec = {"__key__": f"{total:09d}"}
             for k, v in sample.items():
+                desc = describe_member(v)
+                if fields.setdefault(k, desc) != desc:
+                    raise ValueError(f"sample {rec['__key__']}: field '{k}' is {desc}, but the first sample's is "
+                                     f"{fields[k]}; the manifest gives one description per field")
                 if isinstance(v, dict):
-                    fields.setdefault(k, _describe(v))
                     v = tensors_to_bytes(v)
                 elif isinstance(v, str):
-                    fields.setdefault(k, {})
                     v = v.encode()
-                else:
-                    fields.setdefault(k, {})
                 rec[k] = v
             writer.write(rec)
             count += 1

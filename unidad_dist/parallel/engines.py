@@ -1,4 +1,4 @@
-"""DeepSpeed engines for roles, applied from outside the models (design.md "DeepSpeed with four networks").
+"""DeepSpeed engines for roles, applied from outside the models (docs/design.md "DeepSpeed with four networks").
 
 * One engine per trainable role the method declares (Uni-DAD: the student; the fake teacher with its GAN
   heads, one module, so one engine and one optimizer; the online target teacher). ZeRO stage 0-3 per role.
@@ -32,7 +32,7 @@ from unidad_dist.parallel.ds_io import (TAG, UNIVERSAL_TAG, import_deepspeed, ma
 
 
 def warmup_lr(base_lr: float, warmup: int, iteration: int) -> float:
-    """Constant LR after a linear warmup counted in iterations (algorithm.md §5, §10.5)."""
+    """Constant LR after a linear warmup counted in iterations (docs/algorithm.md §5, §10.5)."""
     if warmup <= 0:
         return base_lr
     return base_lr * min(1.0, (iteration + 1) / warmup)
@@ -100,6 +100,8 @@ def recipe_fields(role: str, rc, cfg, dp_size: int, trainable: bool) -> dict:
         })
         if stage > 0:
             f["zero_optimization.offload_optimizer.device"] = dev.CPU.type if rc.offload_optimizer else "none"
+        if stage in (1, 2):  # DeepSpeed's switch to skip the norm there; every step logs it
+            f["zero_optimization.compute_grad_norm"] = True
     return f
 
 
@@ -170,6 +172,7 @@ RECIPE_KEY = {  # which recipe key a DeepSpeed field comes from, for the error m
     "optimizer.params.weight_decay": "{role}.optimizer.weight_decay",
     "gradient_clipping": "{role}.optimizer.clip_grad_norm",
     "zero_optimization.offload_optimizer.device": "{role}.offload_optimizer",
+    "zero_optimization.compute_grad_norm": "(true: every step logs {role}/grad_norm, the norm before clipping)",
     "checkpoint.tag_validation": "(Ignore: the check is a world all-reduce; the run keeps its own pointer)",
 }
 
@@ -258,20 +261,49 @@ class EngineRole(Role):
         lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, iteration)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        own_norm = None
-        if self.stage == 0 and not (self.engine.fp16_enabled() or self.engine.bfloat16_enabled()):
-            # An fp32 engine at stage 0 steps the client optimizer and keeps no norm (it clips without
-            # storing one); its grads are whole and unscaled here, so the norm before clipping is ours to take.
-            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
-            own_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        scale = self._grad_scale()
+        own_norm = self._whole_grad_norm() / scale if self.stage == 0 else None
         self.engine.step()
         self.last_lr = lr
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.module.parameters()):
                     e.lerp_(p.detach().float(), 1 - self.ema_decay)
-        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-        return {"lr": lr} if norm is None else {"grad_norm": float(norm), "lr": lr}  # no norm: none logged
+        return {"grad_norm": own_norm if own_norm is not None else self._zero_grad_norm(scale), "lr": lr}
+
+    # -- the logged gradient norm: the global 2-norm of the gradient the step applies, before clipping ----------
+    def _grad_scale(self) -> float:
+        """The factor the gradients carry before the step: the fp16 loss scale (DeepSpeed's fp16 optimizers,
+        or its GradScaler under its own torch_autocast at stage 0); 1 for fp32 and bf16."""
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None:
+            return float(scaler.get_scale())
+        return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
+
+    def _whole_grad_norm(self) -> float:
+        """Stage 0: every rank holds the whole gradient on the module, already averaged over the role's
+        ranks (DeepSpeed all-reduces it in the boundary backward). DeepSpeed keeps no norm for an fp32 engine
+        here (it clips without storing one: it was logged as 0.0), and its bf16/fp16 optimizer's norm is
+        that of the loss-scaled low-precision gradients; so it is ours to take, in fp32."""
+        grads = [p.grad.detach() for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
+        return float(torch.linalg.vector_norm(norms, 2))
+
+    def _zero_grad_norm(self, scale_before: float) -> float:
+        """Stages 1-3: the ZeRO optimizer's norm, computed at the step before clipping over the partitioned
+        gradients and all-reduced over the role's ranks (stage 1/2: ``scaled_global_norm``, kept on because
+        ``compute_grad_norm`` is a recipe field; stage 3: ``_get_norm_groups``). Stage 3 divides by the
+        loss scale after its update (fp16 only: a step that raises the scale would halve the norm), so undo that."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError(f"{self.name}: DeepSpeed kept no gradient norm at ZeRO stage {self.stage} "
+                               f"({type(self.engine.optimizer).__name__}); grad_norm cannot be logged")
+        norm = float(norm)
+        if self.stage == 3:
+            norm *= self._grad_scale() / scale_before
+        return norm
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
