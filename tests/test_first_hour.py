@@ -40,6 +40,16 @@ def test_relative_paths_in_a_recipe_resolve_against_the_recipe_file(tmp_path, pi
     # an override is the user's own typing: relative to the working directory, as given
     cfg = load_config(home / "recipes" / "r.yaml", ["data.target.path=mine"], check=False)
     assert cfg.data.target.path == "mine"
+    # a missing path given relative is named with where it was looked for
+    from unidad_dist.data.target import load_target_folder
+    from unidad_dist.models.backbones import resolve_backbone
+
+    with pytest.raises(UserError) as e:
+        resolve_backbone("models/nope", "source_teacher")
+    assert str(elsewhere / "models" / "nope") in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_target_folder("mine", 16)
+    assert str(elsewhere / "mine") in str(e.value)
     # builtin: names stay names
     cfg = load_config("demo", check=False)
     assert cfg.source_teacher.backbone == "builtin:demo_teacher"

@@ -89,7 +89,8 @@ def list_images(folder: Path) -> list[Path]:
 def load_target_folder(path: str, resolution: int) -> tuple[torch.Tensor, list[Optional[str]], list[Path]]:
     folder = resolve_path(path)
     if not folder.exists():
-        raise UserError(f"data.target.path '{path}' does not exist; point it at a folder of target images")
+        raise UserError(f"data.target.path '{path}' does not exist (looked for {folder.resolve()}); point it at a "
+                        "folder of target images")
     if not folder.is_dir():
         raise UserError(f"data.target.path '{path}' is not a folder; give the folder that holds the target images")
     files = list_images(folder)
@@ -257,7 +258,8 @@ class DataSource:
             if src.prompt_file:
                 pf = Path(src.prompt_file).expanduser()
                 if not pf.is_file():
-                    raise UserError(f"data.source.prompt_file '{pf}' not found; give a text file with one prompt per line")
+                    raise UserError(f"data.source.prompt_file '{pf}' not found (looked for {pf.resolve()}); give a "
+                                    "text file with one prompt per line")
                 prompts = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
                 if not prompts:
                     raise UserError(f"data.source.prompt_file '{pf}' holds no prompt; write one prompt per line")

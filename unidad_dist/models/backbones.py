@@ -95,7 +95,8 @@ def resolve_backbone(given: str, role: str) -> BackboneSpec:
     what = f"{role}.backbone"
     path = builtin.resolve(given) if given.startswith("builtin:") else Path(given).expanduser()
     if not path.exists():
-        raise UserError(f"{what}: folder '{given}' does not exist; give a diffusers pipeline or UNet folder")
+        raise UserError(f"{what}: folder '{given}' does not exist (looked for {path.resolve()}); give a diffusers "
+                        "pipeline or UNet folder")
     if not path.is_dir():
         raise UserError(f"{what}: '{given}' is a file; give a diffusers folder (weights files go in {role}.init)")
     root: Optional[Path] = None
@@ -186,7 +187,8 @@ def weights_file(folder: Path) -> Optional[Path]:
 def read_state_dict(init: str | Path, what: str) -> dict[str, torch.Tensor]:
     p = Path(init).expanduser()
     if not p.exists():
-        raise UserError(f"{what}: '{init}' does not exist; give a diffusers folder, .safetensors or .bin file")
+        raise UserError(f"{what}: '{init}' does not exist (looked for {p.resolve()}); give a diffusers folder, "
+                        ".safetensors or .bin file")
     if p.is_dir():
         f = weights_file(p)
         if f is None:
