@@ -105,7 +105,7 @@ def test_train_log_engine_configs_status_and_outcome(tmp_path, pipes, capsys):
     assert log.startswith("=== ")
     phases = ["starting run", "building roles: student, fake_teacher, source_teacher, target_teacher",
               "built in", "preparing unidad", "starting DeepSpeed engines: student, fake_teacher, target_teacher",
-              "evaluating before training", "training: iterations 1-2"]
+              "evaluating before training", "training: iterations 1-2", "trained to iteration 2"]
     at = [log.find(p) for p in phases]
     assert -1 not in at and at == sorted(at), list(zip(phases, at))
     for p in phases:  # the user saw them too, as they happened

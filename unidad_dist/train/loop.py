@@ -152,7 +152,7 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
         if start < cfg.train.iterations:
             say(rt, f"training: iterations {start + 1}-{cfg.train.iterations}")
         hooks.on_train_start(run, start)
-        t0, last_saved, stop = time.time(), start, False
+        t0, last_saved, stop, done = time.time(), start, False, start
         # a stop asked for before the first iteration (while building, warm starting) stops here
         if start < cfg.train.iterations and run.models.exchange.agree_world(stop_signal.signum is not None):
             stop_signal.stopped_at, stop = start, True
@@ -173,6 +173,8 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
                     stop_signal.stopped_at = done
                 break
         run.phases["train_s"] = time.time() - t0
+        say(rt, f"{'stopped at' if stop else 'trained to'} iteration {done} ({run.phases['train_s']:.0f} s of "
+                "training); writing the last checkpoint, evaluating, summarising")
         if not stop and last_saved != cfg.train.iterations and cfg.train.iterations > start:
             run.save(cfg.train.iterations, hooks)
         hooks.on_train_end(run, finished=not stop or last_saved == cfg.train.iterations)
