@@ -22,6 +22,8 @@ LAYERS = {  # module prefix -> layer (the longest matching prefix wins)
 LOCAL_IMPORTS_ALLOWED = {  # module -> why its imports of our own modules are inside functions
     "unidad_dist.cli": "CLI start-up: `--help` and bad-input errors must not wait for torch, DeepSpeed and "
                        "diffusers, which only the command that runs loads",
+    "unidad_dist.parallel.plan": "a plan whose network costs are cached answers without building a network, so "
+                                 "it imports the model builders (diffusers: ~3 s) only when it must",
 }
 
 

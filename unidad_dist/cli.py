@@ -81,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "plan", "memory and FLOPs per role and rank, from model configs (meta device)")
     p.add_argument("--config", required=True, help=RECIPE_HELP)
     p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
-    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB: say whether it fits")
+    p.add_argument("--gpu-memory", default=None,
+                   help="memory per GPU, e.g. 80GB: say whether it fits and, if not, the cheapest layout that does")
+    p.add_argument("--arch", default=None, metavar="NAME",
+                   help="shipped model config (configs/NAME: sd15, sdxl) for backbones whose folder does not exist "
+                        "here (default: inferred from the recipe's paths and name)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute every network cost afresh, neither reading nor writing the cost cache (default: "
+                        "reuse and keep them in <cache root>/plan; $UNIDAD_CACHE, default ~/.cache/unidad_dist)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_overrides(p)
     p = _sub(sub, "make-shards", "write WebDataset shards (+ manifest) from images or a prompt list")
@@ -163,7 +170,7 @@ def next_steps(rdir: Path, config, overrides: list[str]) -> str:
     samples = rdir / "samples"
     grids = [f for f in ("target_shots.png", "student_before.png", "student_after.png") if (samples / f).is_file()]
     again = "unidad-dist demo" if config == "demo" else f"unidad-dist train --config {config}"
-    again += "".join(f" {o}" for o in overrides)
+    again += "".join(f" {o}" for o in overrides if not o.startswith("train.iterations="))
     return "\n".join([
         "next:",
         f"  look at   {samples}/" + (f" ({', '.join(grids)})" if grids else ""),
@@ -226,14 +233,16 @@ def cmd_plan(args) -> int:
     import dataclasses
 
     from unidad_dist.config import load_config
-    from unidad_dist.parallel.plan import format_plan, make_plan, parse_bytes
+    from unidad_dist.parallel.plan import PlanCache, format_plan, make_plan, parse_bytes
 
     cfg = load_config(args.config, args.overrides)
-    mem = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    plan = make_plan(cfg, args.world_size, mem)
+    mem = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
+    cache = PlanCache(disk=not args.no_cache)  # --no-cache: this process computes every cost afresh
+    plan = make_plan(cfg, args.world_size, mem, arch=args.arch, cache=cache)
     if args.json:
         out = dataclasses.asdict(plan)
         out["fits"] = plan.fits
+        out["largest_rank_bytes"] = plan.largest_rank_bytes
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan))
