@@ -256,7 +256,9 @@ def cmd_export(args) -> int:
     info = json.loads((out / "unidad_student.json").read_text())
     what = f"a {info['pipeline']} folder" if info["pipeline"] else "the UNet + scheduler"
     print(f"exported {what} ({info['checkpoint']}, K={info['steps']}) to {out}; "
-          f"call it with {', '.join(f'{k}={v}' for k, v in info['pipeline_call'].items())}")
+          f"call it with {', '.join(f'{k}={v}' for k, v in info['pipeline_call'].items())}"
+          + ("; run its UNet under bf16 autocast to reproduce `sample` (call_precision in unidad_student.json)"
+             if (info.get("call_precision") or {}).get("unet_autocast") else ""))
     return 0
 
 
