@@ -7,7 +7,12 @@ from __future__ import annotations
 import json
 import sys
 
-ACCEPTANCE = "proxy_distance_after <= 0.5 * proxy_distance_before, copy_rate < 0.05, diversity >= 0.5"
+ACCEPTANCE = ("proxy_distance_after <= 0.5 * proxy_distance_before, copy_rate < 0.05, diversity >= 0.5, "
+              "noise_level <= noise_level_shots + 0.03")
+# The samples' noise (Haar HH estimate) may exceed the shots' by at most this: grainy squiggles in the target's
+# colours pass the proxy distance (measured: ratio 0.42 at noise 0.095 vs the shots' 0.000), and a clean
+# image is near 0 (the demo teacher's own samples: 0.005).
+NOISE_MARGIN = 0.03
 
 
 def check_summary(s: dict) -> list[str]:
@@ -21,6 +26,9 @@ def check_summary(s: dict) -> list[str]:
         problems.append(f"copy_rate {s['copy_rate']:.3f} >= 0.05")
     if not s["diversity"] >= 0.5:
         problems.append(f"diversity {s['diversity']:.3f} < 0.5")
+    noise, noise_shots = s.get("noise_level"), s.get("noise_level_shots")
+    if noise is not None and noise_shots is not None and not noise <= noise_shots + NOISE_MARGIN:
+        problems.append(f"noise_level {noise:.3f} > the shots' {noise_shots:.3f} + {NOISE_MARGIN} (grainy samples)")
     return problems
 
 
