@@ -91,6 +91,11 @@ def prepare_deepspeed_env() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
 
 
+# transformers imports DeepSpeed by itself on some paths (save_pretrained checks for ZeRO-3): every module that
+# runs networks imports this one first
+prepare_deepspeed_env()
+
+
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
     """bf16 autocast on whatever device we run on; a no-op context when disabled."""
     if not enabled:

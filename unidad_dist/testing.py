@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from unidad_dist.builtin import tiny_pixel_unet_config
+from unidad_dist.device import prepare_deepspeed_env
 
 
 def write_tokenizer(folder: Path, max_length: int = 16) -> Path:
@@ -65,6 +66,7 @@ def _text_config(hidden: int = 32, projection_dim: int = 32):
 def write_text_pipeline(folder: Path, form: str = "sd15", prediction_type: str = "epsilon", seed: int = 0,
                         latent_size: int = 8) -> Path:
     """A tiny SD1.5-form (one text encoder) or SDXL-form (two encoders, pooled, add_time_ids) pipeline."""
+    prepare_deepspeed_env()  # saving the text encoders makes transformers import DeepSpeed
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
