@@ -131,17 +131,20 @@ def from_dict(cls, data: dict, prefix: str = "", pool: Optional[list[str]] = Non
     return cls(**kwargs)
 
 
-def all_keys(cls, prefix: str = "") -> list[str]:
-    out = []
+def leaf_fields(cls, prefix: str = ""):
+    """(dotted key, owning dataclass, field, type) of every leaf key of ``cls``, nested sections flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         full = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(all_keys(tp, full))
+            yield from leaf_fields(tp, full)
         else:
-            out.append(full)
-    return out
+            yield full, cls, f, tp
+
+
+def all_keys(cls, prefix: str = "") -> list[str]:
+    return [key for key, *_ in leaf_fields(cls, prefix)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,18 +177,6 @@ def resolve_recipe_paths(cls, data: dict, base: Path) -> dict:
             out[k] = resolve_recipe_paths(hints[k], v, base)
         elif f.metadata.get("path") and _is_relative_path(v):
             out[k] = str((base / v).resolve())
-    return out
-
-
-def path_keys(cls, prefix: str = "") -> list[str]:
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        full = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.extend(path_keys(hints[f.name], full))
-        elif f.metadata.get("path"):
-            out.append(full)
     return out
 
 
@@ -242,17 +233,8 @@ def _default_of(f) -> Any:
 
 def describe_keys(cls, prefix: str = "") -> list[dict]:
     """Every key of ``cls``: {key, type, default, doc} (nested sections flattened to dotted keys)."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        full = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(describe_keys(tp, full))
-        else:
-            out.append({"key": full, "type": _type_name(tp), "default": _default_of(f), "doc": field_doc(cls, f.name),
-                        "path": bool(f.metadata.get("path"))})
-    return out
+    return [{"key": key, "type": _type_name(tp), "default": _default_of(f), "doc": field_doc(owner, f.name),
+             "path": bool(f.metadata.get("path"))} for key, owner, f, tp in leaf_fields(cls, prefix)]
 
 
 def unknown_key_message(key: str, pool: list[str]) -> str:

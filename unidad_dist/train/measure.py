@@ -127,16 +127,23 @@ def flop_counter():
     return FlopCounterMode(display=False)
 
 
-def measure_run(cfg, rt) -> dict:
-    """Build the recipe on this process (1 rank), run one plan period of iterations to warm the caches, then
-    measure one more: FLOPs of everything (flop counter), bytes saved for backward per role in its first
-    iteration, and each engine's model-state bytes right before its optimizer steps."""
+def built_and_warmed(cfg, rt):
+    """The recipe built on this rank behind its engines, after one plan period of iterations (Adam's moments
+    and caches exist): (models, method, period)."""
     models = build(cfg, rt)
     method = cfg.method(cfg, models, rt)
     engines.attach(models, cfg, rt)
     period = cfg.method.plan_period(cfg)
     for it in range(period):
         method.step(it)
+    return models, method, period
+
+
+def measure_run(cfg, rt) -> dict:
+    """Build the recipe on this process (1 rank), run one plan period of iterations to warm the caches, then
+    measure one more: FLOPs of everything (flop counter), bytes saved for backward per role in its first
+    iteration, and each engine's model-state bytes right before its optimizer steps."""
+    models, method, period = built_and_warmed(cfg, rt)
     saved: dict = {}
     with model_states_before_step(models.trainable_roles()) as states, flop_counter() as fc:
         for it in range(period):

@@ -21,10 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from unidad_dist.parallel import engines
 from unidad_dist.parallel.plan import PlanCache, make_plan
-from unidad_dist.train.build import build
-from unidad_dist.train.measure import model_state_bytes
+from unidad_dist.train.measure import built_and_warmed, model_state_bytes
 
 
 class _Held:
@@ -186,12 +184,7 @@ def measure_peaks(cfg, rt) -> dict:
     """Build the recipe on this rank, run one plan period to warm up (Adam's moments, caches), then measure
     the activation peaks per role and the model-state peaks per trainable role over one more, and the FLOPs
     over a third."""
-    models = build(cfg, rt)
-    method = cfg.method(cfg, models, rt)
-    engines.attach(models, cfg, rt)
-    period = cfg.method.plan_period(cfg)
-    for it in range(period):
-        method.step(it)
+    models, method, period = built_and_warmed(cfg, rt)
     with model_state_peaks(models.trainable_roles()) as states, activation_peaks(models) as acts:
         for it in range(period):
             method.step(it)
