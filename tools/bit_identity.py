@@ -9,7 +9,7 @@ built-in teacher. Run it before and after a change on the same machine and compa
     ... change ...
     python tools/bit_identity.py --out after.json --compare before.json
 
-``--cases a,b`` runs a subset. The losses' hash covers metrics.jsonl without its timing fields.
+``--cases a,b`` runs a subset. The losses' hash covers metrics.jsonl without its timing, memory and FLOPs fields.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING_KEYS = ("seconds_per_iteration",)
+TIMING_GROUPS = ("time/", "throughput/", "memory/", "perf/")  # speed, memory, FLOPs: not a result (train/perf.py)
 
 # name -> (form, ranks, overrides); form "demo" runs recipes/demo.yaml
 COMMON = {"train.iterations": 4, "train.fake_updates_per_student": 2, "checkpoint.every": 2,
@@ -63,7 +64,7 @@ def _sha(path: Path) -> str:
 def _losses_sha(metrics: Path) -> str:
     h = hashlib.sha256()
     for line in metrics.read_text().splitlines():
-        rec = {k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+        rec = {k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS and not k.startswith(TIMING_GROUPS)}
         h.update(json.dumps(rec, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -127,3 +127,23 @@ def set_accelerator_rng_state(state) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def queues_work(device: torch.device) -> bool:
+    """Whether the host only queues work for the device (CUDA): timing it then needs device events."""
+    return device.type == "cuda"
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name as its driver reports it (CUDA), else the device type ("cpu")."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def memory_peaks(device: torch.device) -> dict:
+    """The device allocator's peaks since the process started, in bytes ({} on a CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"max_allocated": torch.cuda.max_memory_allocated(device),
+            "max_reserved": torch.cuda.max_memory_reserved(device)}

@@ -129,8 +129,9 @@ class LoggingConfig:
     progress: bool = True  # a progress bar on rank 0 (false: none, e.g. in CI logs)
     sample_every: int = 0  # write a sample grid every N iterations (0: only before/after)
     grid_size: int = 16  # images per sample grid
-    wandb: bool = False  # also log to wandb (rank 0; WANDB_MODE=offline works)
-    wandb_project: str = "unidad_dist"  # the wandb project
+    wandb: bool = False  # also log to wandb (rank 0); only this key turns it on, WANDB_* variables configure it
+    # a new run's wandb project (null: $WANDB_PROJECT, else unidad_dist); a resumed run keeps its own
+    wandb_project: Optional[str] = None
 
 
 @dataclass

@@ -22,6 +22,10 @@ a fresh start, before the engines exist: e.g. a warm start), ``step(iteration)``
 ``sample(n, steps)``, ``grids()`` (extra "before" images), ``summary()`` (its fields of summary.json) and
 ``state_dict()`` / ``load_state_dict()`` (its own state, kept in every checkpoint).
 
+Its step marks its phases with ``self.timer.phase(name)`` (``core.timing``; names of its choosing, e.g. the
+data wait and each role's step), which metrics.jsonl reports as ``time/<name>_s``; ``step_roles`` times each
+role's optimizer step as that role's phase. Timing never synchronises the device nor draws a random number.
+
 The method never names a rank or calls a collective: ``models.exchange`` (from ``parallel/``) runs a
 piece of the step where a role lives and hands its tensors to the other side (``at``), and agrees on a
 flag over the ranks that step the same roles (``agree``). Colocated, ``at`` is a plain call.
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from unidad_dist.core.sections import AlgorithmConfig, RoleConfig, TrainableRoleConfig
+from unidad_dist.core.timing import PhaseTimer
 from unidad_dist.errors import UserError
 
 GRADS = ("none", "params", "input", "both")
@@ -137,6 +142,7 @@ class Method:
         self.seed = cfg.run.seed
         self.nonfinite_run: dict = defaultdict(int)  # consecutive iterations a role's step was skipped
         self.nonfinite_total: dict = defaultdict(int)
+        self.timer = PhaseTimer(rt.device)  # seconds by phase of its steps (``time/<phase>_s``)
 
     @property
     def ex(self):
@@ -210,7 +216,8 @@ class Method:
             print(f"warning: {where}; skipping its step (train.nonfinite=skip)")
 
     def step_roles(self, iteration: int, roles, skipped: set, logs: dict) -> None:
-        """The optimizer step of each role in ``roles`` held here (in order), or its skip."""
+        """The optimizer step of each role in ``roles`` held here (in order; timed as the role's phase), or its
+        skip."""
         for name in roles:
             if not self.ex.holds(name):
                 continue
@@ -228,7 +235,9 @@ class Method:
                                         "or resume from an earlier checkpoint")
                 continue
             self.nonfinite_run[name] = 0
-            for k, v in self.m.roles[name].step(iteration).items():
+            with self.timer.phase(name):
+                stepped = self.m.roles[name].step(iteration)
+            for k, v in stepped.items():
                 logs[f"{name}/{k}"] = v
 
 

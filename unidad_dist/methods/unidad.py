@@ -453,8 +453,13 @@ class UniDAD(Method):
     def step(self, iteration: int) -> dict:
         """One iteration (docs/algorithm.md §5), micro-batch by micro-batch: the student's samples are made where
         the student lives, the critic's feedback where the fake teacher lives; each role's loss is built and
-        back-propagated where the role lives; then the roles that step this iteration take their step."""
-        cfg, ex = self.cfg, self.ex
+        back-propagated where the role lives; then the roles that step this iteration take their step.
+
+        Phases (``time/<phase>_s``): ``data`` (the micro-batch's draws and data), ``student`` (its samples —
+        every iteration, the other roles train on them — and, when it updates, the critic's feedback, its loss,
+        backward and optimizer step), ``fake_teacher`` and ``target_teacher`` (loss, backward, optimizer step). In
+        split placement a rank waiting for the other side counts the wait in the phase that waits."""
+        cfg, ex, timer = self.cfg, self.ex, self.timer
         ip = self.iteration_plan(cfg, iteration)
         ga_g, ga_f, ga_t = ip.micro["student"], ip.micro["fake_teacher"], ip.micro["target_teacher"]
         n_micro, k_grad = ip.n_micro, ip.extra["k_grad"]
@@ -462,32 +467,37 @@ class UniDAD(Method):
         logs: dict = defaultdict(float)
         skipped: set = set()  # roles whose step this iteration is skipped (a non-finite loss on some rank)
         for micro in range(n_micro):
-            idx = global_indices(iteration, micro, n_micro, ex.dp_rank, ex.dp_size, cfg.train.batch_size)
-            d = SampleDraws(self.seed, iteration, idx, self.rt.device)
-            batch = self.m.data.batch(d)
+            with timer.phase("data"):
+                idx = global_indices(iteration, micro, n_micro, ex.dp_rank, ex.dp_size, cfg.train.batch_size)
+                d = SampleDraws(self.seed, iteration, idx, self.rt.device)
+                batch = self.m.data.batch(d)
 
             def make_x(grad=micro < ga_g, d=d, batch=batch):
                 with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                     return {"x": self.generate_train(d, batch, k_grad)}
 
-            x = ex.run_at("student", make_x, {"x": shape})["x"]
-            if micro < ga_g:
-                fb = ex.run_at("fake_teacher", lambda d=d, batch=batch, x=x: self.critic_feedback(x.detach(), batch, d),
-                               self.feedback_shapes(shape))
-                if ex.holds("student"):
-                    loss_g, lg = self.student_loss(x, batch, d, fb)
-                    self.backward("student", loss_g, iteration, micro, skipped)
-                    for k, v in lg.items():
-                        logs[f"student/{k}"] += v / ga_g
+            with timer.phase("student"):
+                x = ex.run_at("student", make_x, {"x": shape})["x"]
+                if micro < ga_g:
+                    fb = ex.run_at("fake_teacher",
+                                   lambda d=d, batch=batch, x=x: self.critic_feedback(x.detach(), batch, d),
+                                   self.feedback_shapes(shape))
+                    if ex.holds("student"):
+                        loss_g, lg = self.student_loss(x, batch, d, fb)
+                        self.backward("student", loss_g, iteration, micro, skipped)
+                        for k, v in lg.items():
+                            logs[f"student/{k}"] += v / ga_g
             x = x.detach()
             if micro < ga_f and ex.holds("fake_teacher"):
-                loss_f, lf = self.fake_loss(x, batch, d)
-                self.backward("fake_teacher", loss_f, iteration, micro, skipped)
+                with timer.phase("fake_teacher"):
+                    loss_f, lf = self.fake_loss(x, batch, d)
+                    self.backward("fake_teacher", loss_f, iteration, micro, skipped)
                 for k, v in lf.items():
                     logs[f"fake_teacher/{k}"] += v / ga_f
             if micro < ga_t and ex.holds("target_teacher"):
-                loss_t, lt = self.target_loss(x, batch, d, iteration)
-                self.backward("target_teacher", loss_t, iteration, micro, skipped)
+                with timer.phase("target_teacher"):
+                    loss_t, lt = self.target_loss(x, batch, d, iteration)
+                    self.backward("target_teacher", loss_t, iteration, micro, skipped)
                 for k, v in lt.items():
                     logs[f"target_teacher/{k}"] += v / ga_t
         self.step_roles(iteration, [r for r in ("student", "fake_teacher", "target_teacher") if ip.steps(r)],

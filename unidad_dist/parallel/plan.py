@@ -39,6 +39,8 @@
   teachers with CFG, GAN passes, fake/target updates, the update ratio and gradient accumulation) — the
   passes the step makes, read from the same iteration plan. A pass without gradient is the forward of a
   pass with one (FLOPs are linear in the batch), so it costs no meta pass of its own when the plan has one.
+  A training run reports the same count in metrics.jsonl (``perf/flops_per_iteration``, MFU): ``make_plan``
+  and ``IterationFlops`` share ``PassCosts`` and ``pass_flops``.
 
 Cost cache. A meta pass of an SDXL UNet takes seconds, so every pass cost (and each network's parameter
 sizes) is kept under ``<cache root>/plan/<sha256>.json`` ($UNIDAD_CACHE, ``builtin.cache_root``) and in
@@ -79,12 +81,14 @@ import hashlib
 import inspect
 import json
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -659,6 +663,33 @@ def _param_sizes(nets: _RoleNets, cache: PlanCache) -> list:
     return sizes
 
 
+def _role_nets(cfg, rs, spec, arch: Optional[str], notes: list) -> _RoleNets:
+    """A declared role's network: its own backbone when it names one, else the primary's (``spec``)."""
+    rc = getattr(cfg, rs.name)
+    given = getattr(rc, "backbone", None)
+    rspec = _resolve(given, rs.name, arch, cfg.run.name, notes) if given and rs.name != cfg.method.primary else spec
+    dtype = torch.bfloat16 if rc.precision in ("bf16", "fp16", "bf16_autocast") else torch.float32
+    return _RoleNets(cfg, rs, rspec, rs.trainable, dtype, rc.precision == "bf16_autocast")
+
+
+def _counts(sizes: list, trainable: bool) -> tuple[int, int]:
+    """(all parameters, trainable parameters) from ``_param_sizes``."""
+    return sum(n * (a + f) for n, a, f in sizes), (sum(n * a for n, a, f in sizes) if trainable else 0)
+
+
+def role_parameters(cfg, arch: Optional[str] = None, cache: Optional[PlanCache] = None,
+                    notes: Optional[list] = None) -> dict[str, tuple[int, int]]:
+    """(all, trainable) parameters of every role the recipe's method declares, as ``make_plan`` sizes them:
+    from the model configs on the meta device, kept in the cost cache (no weights are read). ``notes``
+    receives how a missing backbone folder was sized (see ``make_plan``'s ``arch``)."""
+    cache = cache if cache is not None else PlanCache()
+    notes = notes if notes is not None else []
+    primary = cfg.method.primary
+    spec = _resolve(getattr(cfg, primary).backbone, primary, arch, cfg.run.name, notes)
+    return {rs.name: _counts(_param_sizes(_role_nets(cfg, rs, spec, arch, notes), cache), rs.trainable)
+            for rs in cfg.method.roles(cfg)}
+
+
 def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Optional[str] = None,
               cache: Optional[PlanCache] = None) -> Plan:
     """Every role the recipe's method declares, sized from configs: parameters and model states (its ZeRO
@@ -686,14 +717,10 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
     nets: dict[str, _RoleNets] = {}
     for rs in method.roles(cfg):
         role, rc = rs.name, getattr(cfg, rs.name)
-        rgiven = getattr(rc, "backbone", None)
-        rspec = _resolve(rgiven, role, arch, cfg.run.name, notes) if rgiven and role != method.primary else spec
         trainable = rs.trainable
-        dtype = torch.bfloat16 if rc.precision in ("bf16", "fp16", "bf16_autocast") else torch.float32
-        nets[role] = _RoleNets(cfg, rs, rspec, trainable, dtype, rc.precision == "bf16_autocast")
+        nets[role] = _role_nets(cfg, rs, spec, arch, notes)
         sizes = _param_sizes(nets[role], cache)
-        n_all = sum(n * (a + f) for n, a, f in sizes)
-        n_train = sum(n * a for n, a, f in sizes) if trainable else 0
+        n_all, n_train = _counts(sizes, trainable)
         thr = rc.zero3_persistence_threshold
         ranks = groups[role]
         n = len(ranks)
@@ -712,47 +739,29 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
         notes_r = ["activation checkpointing on (held: blocks' inputs + the largest recomputed block)"] if ac else []
         roles[role] = RolePlan(role, ranks, n_all, n_train, rc.precision, stage, ms, host, 0.0, 0.0, ac, notes_r)
 
-    # the passes: those with gradient first (a pass without is the forward of one of them, batch-scaled)
-    costs: dict = {}
+    # the passes' costs (PassCosts); FLOPs: every pass (pass_flops, what IterationFlops counts at run time),
+    # averaged over the period
+    costs = PassCosts(nets, text, b, cache)
+    costs.need(schedules)
+    checkpointing = {role: r.activation_checkpointing for role, r in roles.items()}
+    for passes in schedules:
+        for role, f in pass_flops(costs, passes, checkpointing).items():
+            roles[role].flops_per_iteration += f / period
 
-    def direct(role, grad, disc, batch) -> PassCost:
-        key = nets[role].pass_key(grad, disc, batch, text)
-        hit = cache.get(key)
-        if hit is not None:
-            return PassCost(**hit)
-        c = pass_cost(nets[role].net(), nets[role].rspec, batch, text, grad, disc, nets[role].dtype,
-                      nets[role].autocast)
-        cache.put(key, dataclasses.asdict(c))
-        return c
-
-    wanted = sorted({(p.role, p.grad, p.discriminate, b * p.batch) for s in schedules for micro in s for p in micro},
-                    key=lambda k: (k[1] == "none", k))
-    for role, grad, disc, batch in wanted:
-        if grad != "none":
-            costs[(role, grad, disc, batch)] = direct(role, grad, disc, batch)
-            continue
-        same = nets[role].pass_key("none", disc, 0, text)
-        donors = [(c, k[3]) for k, c in costs.items()
-                  if k[1] != "none" and k[2] == disc and nets[k[0]].pass_key("none", disc, 0, text) == same]
-        costs[(role, grad, disc, batch)] = (donors[0][0].scaled(batch / donors[0][1]) if donors
-                                            else direct(role, grad, disc, batch))
-
-    # FLOPs: every pass, averaged over the period. Activations, per phase (the role whose step holds them)
-    # and micro-batch, from the graphs its passes build, in the order the method lists them (the order the
-    # step runs them). A graph holds its bytes from its forward until it is back-propagated, and with
-    # checkpointing one recomputed block more at a time while it is. The phase's own graphs go back in one
-    # backward, last built first, so when graph g recomputes, the graphs built after it are released:
-    # max over g of (held by the graphs up to g + g's largest recompute). An input-gradient graph (grad
-    # "input") is back-propagated by its torch.autograd.grad while the own graphs are all held. On a rank,
-    # only the graphs of the roles it holds; the largest micro-batch of any iteration.
+    # Activations, per phase (the role whose step holds them) and micro-batch, from the graphs its passes
+    # build, in the order the method lists them (the order the step runs them). A graph holds its bytes from
+    # its forward until it is back-propagated, and with checkpointing one recomputed block more at a time
+    # while it is. The phase's own graphs go back in one backward, last built first, so when graph g
+    # recomputes, the graphs built after it are released: max over g of (held by the graphs up to g + g's
+    # largest recompute). An input-gradient graph (grad "input") is back-propagated by its
+    # torch.autograd.grad while the own graphs are all held. On a rank, only the graphs of the roles it
+    # holds; the largest micro-batch of any iteration.
     graphs: dict = {}  # phase -> per micro-batch: [(role running the pass, input-gradient?, held, extra), ...]
     for passes in schedules:
         for micro in passes:
             here: dict = {}
             for p in micro:
-                c = costs[(p.role, p.grad, p.discriminate, b * p.batch)]
-                bwd, held, peak = c.held(roles[p.role].activation_checkpointing)
-                roles[p.role].flops_per_iteration += p.count * (c.fwd + bwd) / period
+                _, held, peak = costs.of(p).held(roles[p.role].activation_checkpointing)
                 if p.grad != "none":
                     graph = (p.role, p.grad == "input", held, peak - held)
                     here.setdefault(p.phase or p.role, []).extend([graph] * p.count)
@@ -794,6 +803,132 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
         plan.recommendation = recommend(cfg, world_size, gpu_memory, arch=arch, cache=cache)
     plan.passes_computed, plan.passes_cached = cache.computed - c0, cache.hits - h0
     return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs of an iteration (make_plan, and the run's perf/ metrics)
+# ------------------------------------------------------------------------------------------------
+class PassCosts:
+    """The cost of each kind of network pass (role, gradient kind, encoder-only, batch) a method's passes make,
+    from the roles' networks (``nets``: role -> _RoleNets) through the cost cache. Passes with gradient are
+    measured first: a pass without is the forward of one of them on the same network, batch-scaled (FLOPs are
+    linear in the batch), so it costs no meta pass of its own when there is one."""
+
+    def __init__(self, nets: dict, text: Optional[dict], batch: int, cache: PlanCache):
+        self.nets, self.text, self.batch, self.cache = nets, text, batch, cache
+        self.costs: dict = {}
+
+    def _key(self, p) -> tuple:
+        return p.role, p.grad, p.discriminate, self.batch * p.batch
+
+    def _direct(self, role, grad, disc, batch) -> PassCost:
+        net = self.nets[role]
+        key = net.pass_key(grad, disc, batch, self.text)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return PassCost(**hit)
+        c = pass_cost(net.net(), net.rspec, batch, self.text, grad, disc, net.dtype, net.autocast)
+        self.cache.put(key, dataclasses.asdict(c))
+        return c
+
+    def need(self, schedules) -> None:
+        """Cost every kind of pass in ``schedules`` (iterations, each a list of micro-batches of ``Pass``)."""
+        wanted = sorted({self._key(p) for s in schedules for micro in s for p in micro} - set(self.costs),
+                        key=lambda k: (k[1] == "none", k))
+        nets, text = self.nets, self.text
+        for role, grad, disc, batch in wanted:
+            if grad != "none":
+                self.costs[(role, grad, disc, batch)] = self._direct(role, grad, disc, batch)
+                continue
+            same = nets[role].pass_key("none", disc, 0, text)
+            donors = [(c, k[3]) for k, c in self.costs.items()
+                      if k[1] != "none" and k[2] == disc and nets[k[0]].pass_key("none", disc, 0, text) == same]
+            self.costs[(role, grad, disc, batch)] = (donors[0][0].scaled(batch / donors[0][1]) if donors
+                                                     else self._direct(role, grad, disc, batch))
+
+    def has(self, passes) -> bool:
+        """Every kind of pass in ``passes`` (one iteration's micro-batches) is costed already."""
+        return all(self._key(p) in self.costs for micro in passes for p in micro)
+
+    def of(self, p) -> PassCost:
+        return self.costs[self._key(p)]
+
+
+def pass_flops(costs: PassCosts, passes: list, checkpointing: dict) -> dict[str, float]:
+    """FLOPs of one iteration's passes (a list of micro-batches of ``Pass``), per role, on each rank holding the
+    role: count x (forward + backward), the backward with the recomputed forwards of a role with activation
+    checkpointing (``checkpointing``: role -> bool)."""
+    out: dict[str, float] = {}
+    for micro in passes:
+        for p in micro:
+            c = costs.of(p)
+            bwd = c.held(checkpointing[p.role])[0]
+            out[p.role] = out.get(p.role, 0.0) + p.count * (c.fwd + bwd)
+    return out
+
+
+class IterationFlops:
+    """The FLOPs of a recipe's iterations exactly as ``make_plan`` counts them (the same ``PassCosts`` and
+    ``pass_flops`` over the method's ``passes``), for any iteration: per role, per rank, for the whole job.
+    Built from configs on the meta device through the cost cache; it changes no random state of the process."""
+
+    def __init__(self, cfg, world_size: int, arch: Optional[str] = None, cache: Optional[PlanCache] = None):
+        from unidad_dist.parallel.placement import resolve_groups
+
+        self.cfg, self.method = cfg, cfg.method
+        self.groups = resolve_groups(cfg, world_size)
+        self.notes: list[str] = []
+        primary = self.method.primary
+        spec = _resolve(getattr(cfg, primary).backbone, primary, arch, cfg.run.name, self.notes)
+        self.text = _text_dims(spec)
+        roles = self.method.roles(cfg)
+        nets = {rs.name: _role_nets(cfg, rs, spec, arch, self.notes) for rs in roles}
+        self.checkpointing = {rs.name: bool(rs.trainable and getattr(getattr(cfg, rs.name), "activation_checkpointing",
+                                                                        False)) for rs in roles}
+        self.precision = {rs.name: getattr(cfg, rs.name).precision for rs in roles}
+        self.costs = PassCosts(nets, self.text, cfg.train.batch_size,
+                               cache if cache is not None else PlanCache())
+        self.period = self.method.plan_period(cfg)
+        with _rng_kept():
+            self.costs.need([self._passes(it) for it in range(self.period)])
+
+    def _passes(self, iteration: int) -> list:
+        return self.method.passes(self.cfg, iteration, self.text is not None)
+
+    def roles(self, iteration: int) -> dict[str, float]:
+        """FLOPs of ``iteration`` per role, on each rank holding the role."""
+        passes = self._passes(iteration)
+        if not self.costs.has(passes):
+            with _rng_kept():
+                self.costs.need([passes])
+        return pass_flops(self.costs, passes, self.checkpointing)
+
+    def ranks(self, iteration: int) -> dict[int, dict[str, float]]:
+        """FLOPs of ``iteration`` per rank, by role (the roles the rank holds)."""
+        per_role = self.roles(iteration)
+        out: dict[int, dict[str, float]] = {}
+        for role, f in per_role.items():
+            for r in self.groups[role]:
+                out.setdefault(r, {})[role] = f
+        return out
+
+    def total(self, iteration: int) -> float:
+        """FLOPs of ``iteration`` over every rank of the job."""
+        return sum(f * len(self.groups[role]) for role, f in self.roles(iteration).items())
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Nothing random should be drawn building meta networks; this makes sure the process's generators (torch's
+    CPU and CUDA ones, Python's, NumPy's) are as they were afterwards, whatever a library's constructor does."""
+    py, npy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 # ------------------------------------------------------------------------------------------------

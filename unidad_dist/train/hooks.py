@@ -13,9 +13,11 @@ Events, in the order a run meets them (every rank calls every hook; a hook decid
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,6 +25,7 @@ from unidad_dist.core.images import save_grid
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.train.logging import RunLogger
+from unidad_dist.train.perf import Perf
 
 
 class Hook:
@@ -95,20 +98,33 @@ class Heartbeat(Hook):
 
 class Metrics(Hook):
     """metrics.jsonl, the progress bar and wandb (main rank): every ``logging.every`` iterations and the last,
-    the method's logs of every side (a world collective in split placement) and the data streams' counters."""
+    the method's logs of every side (a world collective in split placement), the data streams' counters and the
+    window's speed, memory and utilisation (train/perf.py: time/, throughput/, memory/, perf/; a world gather)."""
 
-    def __init__(self):
+    def __init__(self, perf: Optional[Perf] = None):
         self.logger = None
+        self.perf = perf  # None: no time/, throughput/, memory/, perf/ keys
 
     def on_train_start(self, run, start) -> None:
+        if self.perf is not None:
+            self.perf.start(run)  # first: its FLOPs count stays out of the first window
         self.logger = RunLogger(run.dir, run.cfg, run.rt.is_main, run.cfg.train.iterations, start)
 
     def on_step_end(self, run, iteration, logs) -> None:
         self.logger.advance()
+        if self.perf is not None:
+            self.perf.step_end(iteration)
         if iteration % run.cfg.logging.every == 0 or iteration + 1 == run.cfg.train.iterations:
             logs = dict(logs)
             logs.update(run.models.data.logs())
-            self.logger.log(iteration, run.models.exchange.merge_logs(logs))
+            merged = dict(run.models.exchange.merge_logs(logs))
+            if self.perf is not None:
+                merged.update(self.perf.logs(run))
+            self.logger.log(iteration, merged)
+
+    def on_checkpoint(self, run, path, iteration) -> None:
+        if self.perf is not None:
+            self.perf.checkpoint(run.last_save_s)
 
     def close(self, run) -> None:
         if self.logger is not None:
@@ -126,15 +142,25 @@ class SampleGrids(Hook):
         every, done = run.cfg.logging.sample_every, iteration + 1
         if not every or done % every or not run.samples_here:
             return
-        x = run.method.sample(run.cfg.logging.grid_size)  # every such rank: a ZeRO-3 forward is a collective
+        perf = self.metrics.perf
+        with perf.timer.phase("eval") if perf is not None else contextlib.nullcontext():  # time/eval_s
+            x = run.method.sample(run.cfg.logging.grid_size)  # every such rank: a ZeRO-3 forward is a collective
+            if run.rt.is_main:
+                path = save_grid(run.models.to_pixels(x).cpu(), run.dir / "samples" / f"iter_{done:07d}.png")
         if run.rt.is_main:
-            path = save_grid(run.models.to_pixels(x).cpu(), run.dir / "samples" / f"iter_{done:07d}.png")
-            self.metrics.logger.image("samples", path)
+            self.metrics.logger.image("samples", path, iteration)
 
 
 class Evaluation(Hook):
     """The demo-scale proxies (eval/metrics.py) of the sampler before training and at the end, the grids
-    (target shots, the method's own, the sampler before/after) and summary.json (main rank writes)."""
+    (target shots, the method's own, the sampler before/after) and summary.json (main rank writes). With wandb:
+    the grids as ``eval/<grid>`` images (the "before" ones at step 0, the "after" one at step
+    ``train.iterations``), eval_before.json in the run's summary as ``eval_before/<key>``, summary.json as
+    ``eval/<key>``."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._grids: list[Path] = []  # the "before" grids this process wrote (a fresh start), for wandb
 
     def _evaluate(self, run) -> tuple[torch.Tensor, dict]:
         """Every rank that holds the sampler samples (a ZeRO-3 forward is a collective); rank 0 measures."""
@@ -154,9 +180,20 @@ class Evaluation(Hook):
             for name, x in grids.items():
                 save_grid(run.models.to_pixels(x).cpu(), samples / f"{name}.png")
             save_grid(pixels[:g], samples / f"{run.method.sampler}_before.png")
+            self._grids = [samples / "target_shots.png", *(samples / f"{name}.png" for name in grids),
+                           samples / f"{run.method.sampler}_before.png"]
             before.update(run.prepared)
             atomic_write_text(run.dir / "eval_before.json", json.dumps(before, indent=2))
         run.phases["eval_before_s"] = time.time() - t0
+
+    def on_train_start(self, run, start: int) -> None:
+        logger = self.metrics.logger
+        for path in self._grids:
+            logger.image(f"eval/{path.stem}", path, 0)
+        self._grids = []
+        before_file = run.dir / "eval_before.json"
+        if run.rt.is_main and before_file.is_file():
+            logger.summary(json.loads(before_file.read_text()), "eval_before/")
 
     def on_train_end(self, run, finished: bool) -> None:
         if not finished:
@@ -168,7 +205,8 @@ class Evaluation(Hook):
         if not run.rt.is_main:
             return
         cfg = run.cfg
-        save_grid(pixels[: cfg.logging.grid_size], run.dir / "samples" / f"{run.method.sampler}_after.png")
+        after_grid = save_grid(pixels[: cfg.logging.grid_size], run.dir / "samples" / f"{run.method.sampler}_after.png")
+        self.metrics.logger.image(f"eval/{after_grid.stem}", after_grid, cfg.train.iterations)
         before_file = run.dir / "eval_before.json"
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
         run.phases["eval_after_s"] = time.time() - t0
@@ -196,8 +234,9 @@ class Evaluation(Hook):
         if before.get("proxy_distance"):
             summary["proxy_distance_ratio"] = after["proxy_distance"] / before["proxy_distance"]
         atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
+        self.metrics.logger.summary(summary, "eval/")
 
 
 def default_hooks(lock) -> list[Hook]:
-    metrics = Metrics()
-    return [Heartbeat(lock), metrics, SampleGrids(metrics), Evaluation()]
+    metrics = Metrics(Perf())
+    return [Heartbeat(lock), metrics, SampleGrids(metrics), Evaluation(metrics)]

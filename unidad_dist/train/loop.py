@@ -58,6 +58,7 @@ class Run:
     t_start: float
     phases: dict = field(default_factory=dict)  # wall time by phase (summary.json)
     prepared: dict = field(default_factory=dict)  # what the method's prepare measured
+    last_save_s: float = 0.0  # wall seconds of the latest checkpoint's save (time/checkpoint_s)
 
     @property
     def samples_here(self) -> bool:
@@ -65,6 +66,7 @@ class Run:
         return self.models.holds(self.method.sampler)
 
     def save(self, iteration: int, hooks: Hook) -> Path:
+        t0 = time.perf_counter()
         try:
             path = checkpoint.save(self.dir, self.models, iteration, self.rt, self.method, self.cfg.checkpoint.keep,
                                    frozen=self.frozen)
@@ -77,6 +79,7 @@ class Run:
                 f"state is safe: {'checkpoint ' + last.name if last else 'no checkpoint'} is intact and nothing "
                 "published was changed — free space (or make the folder writable) and run the same command again "
                 "to resume") from None
+        self.last_save_s = time.perf_counter() - t0
         hooks.on_checkpoint(self, path, iteration)
         return path
 
