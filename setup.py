@@ -41,6 +41,7 @@ setup(
         "pillow>=10.0",
         "numpy>=1.26",
         "filelock>=3.12",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "ray": ["ray[default,train]>=2.40"],

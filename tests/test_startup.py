@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-COMMANDS = ["train", "demo", "config", "sample", "launch", "plan", "make-shards", "export", "recipes", "status"]
+COMMANDS = ["train", "demo", "config", "sample", "launch", "plan", "make-shards", "export", "recipes", "status",
+            "report"]
 
 
 def test_help_of_every_command_loads_no_heavy_library():

@@ -1,4 +1,5 @@
-"""``unidad-dist`` command line: train, demo, config, recipes, status, sample, launch, plan, make-shards, export.
+"""``unidad-dist`` command line: train, demo, config, recipes, status, report, sample, launch, plan, make-shards,
+export.
 
 Only argparse is imported at start: each command imports what it uses, so `--help` and bad-input errors answer
 at once."""
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--verify", action="store_true", help="check the checkpoints' checksums (reads every file)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = _sub(sub, "report", "a run's summary table (recipe, roles and sizes, placement, progress, wall time, speed, "
+                            "last losses, proxies, checkpoints) and report.png (curves and sample grids over time); "
+                            "live or finished")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--out", default=None, help="the figure's path (default: <run>/report.png)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only; write no figure")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = _sub(sub, "sample", "sample the student (the method's sampler role) of a run")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: as trained)")
@@ -148,6 +156,20 @@ def cmd_status(args) -> int:
 
     st = run_status(args.run, verify=args.verify)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Exit 0 whenever the folder is a run, also one with no metrics yet (the table says so); 2 when it is not."""
+    from unidad_dist.train.report import format_report, report
+
+    rep, path = report(args.run, out=args.out, plot=not args.no_plot)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(format_report(rep))
+    if not args.no_plot:
+        print(f"figure     {path}" if path else "figure     none written: no metrics, proxies or sample grids yet")
     return 0
 
 
@@ -278,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_recipes()
         if args.cmd == "status":
             return cmd_status(args)
+        if args.cmd == "report":
+            return cmd_report(args)
         if args.cmd == "config":
             return cmd_config(args)
         if args.cmd == "sample":

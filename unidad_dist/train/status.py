@@ -27,37 +27,75 @@ def _files_present(ckpt: Path) -> bool:
     return all((ckpt / name).is_file() for name in files)
 
 
-def _metrics(rdir: Path) -> list[dict]:
-    f = rdir / "metrics.jsonl"
-    out = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a kill
-    return out
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(rdir: Path) -> tuple[list[dict], int]:
+    """The records of a run's metrics.jsonl, in the file's order, and how many lines could not be read: one cut
+    by a kill, the line a live run is writing, anything that is not a JSON object of numbers with an integer
+    ``iteration``. Never raises on the file's contents."""
+    f = Path(rdir) / METRICS
+    try:
+        text = f.read_bytes().decode("utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return [], 0
+    out, skipped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("iteration"), int) \
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in rec.values()):
+            skipped += 1
+            continue
+        out.append(rec)
+    return out, skipped
+
+
+def recent_median(records: list[dict], key: str, last: int = 10) -> float | None:
+    """The median of ``key`` over the last ``last`` records (None when none holds it)."""
+    recent = [x[key] for x in records[-last:] if key in x]
+    return statistics.median(recent) if recent else None
+
+
+def skipped_note(skipped: int) -> str:
+    return (f"skipped {skipped} unreadable line{'' if skipped == 1 else 's'} of {METRICS} (cut by a kill, or being "
+            "written)") if skipped else ""
+
+
+def read_run_config(rdir: Path) -> dict:
+    """A run folder's config.yaml as a dict; a folder without a readable one is not a run (one clear error)."""
+    cfg_file = Path(rdir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"'{rdir}' is not a run folder (no config.yaml); pass the run.dir of a training run")
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"'{cfg_file}' cannot be read ({type(e).__name__}); it is not a run folder written by "
+                        "unidad-dist, or the file was damaged: pass the run.dir of a training run") from None
+    if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+        raise UserError(f"'{cfg_file}' is not a resolved recipe; pass the run.dir of a training run")
+    return cfg
 
 
 def run_status(rdir: str | Path, verify: bool = False) -> dict:
     rdir = Path(rdir)
-    cfg_file = rdir / "config.yaml"
-    if not cfg_file.is_file():
-        raise UserError(f"'{rdir}' is not a run folder (no config.yaml); pass the run.dir of a training run")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    cfg = read_run_config(rdir)
     total = int(cfg.get("train", {}).get("iterations", 0))
-    lines = _metrics(rdir)
+    lines, skipped = read_metrics(rdir)
     done = max([x.get("iteration", -1) + 1 for x in lines], default=0)
     ok = checkpoint.is_complete if verify else _files_present
     ckpts = [c for c in reversed(checkpoint.all_checkpoints(rdir)) if ok(c)]
     latest = ckpts[0] if ckpts else None
     latest_it = int(latest.name.split("_")[1]) if latest else None
     done = max(done, latest_it or 0)
-    recent = [x["seconds_per_iteration"] for x in lines[-10:] if "seconds_per_iteration" in x]
-    spi = statistics.median(recent) if recent else None
+    spi = recent_median(lines, "seconds_per_iteration")
     out = {"run": str(rdir), "iterations_done": done, "iterations": total,
            "latest_checkpoint": latest.name if latest else None, "checkpoint_verified": verify,
-           "seconds_per_iteration": spi,
+           "seconds_per_iteration": spi, "metrics_lines_skipped": skipped,
            "eta_s": spi * (total - done) if spi is not None and done < total else (0.0 if done >= total else None)}
     lock = rdir / LOCK
     holder = None
@@ -122,4 +160,6 @@ def format_status(st: dict) -> str:
         lines.append("lock       none (no process is writing this run)")
     if st["train_log"]:
         lines.append(f"log        {st['train_log']}")
+    if st.get("metrics_lines_skipped"):
+        lines.append(f"metrics    {skipped_note(st['metrics_lines_skipped'])}")
     return "\n".join(lines)
