@@ -1,4 +1,7 @@
+import ast
+import inspect
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,45 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs (the demo acceptance); run in CI with --run-slow")
+    config.addinivalue_line("markers", "multirank: starts ranks in other processes (set automatically: see "
+                                       "starts_ranks); `-m 'not multirank'` is the 1-rank subset")
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+def starts_ranks(fn, seen=None) -> bool:
+    """Whether a test function (or fixture) starts ranks in other processes: its source, or that of a function of
+    tests/ it names (followed through the names it uses, imported helpers included), mentions ``nproc`` — the
+    rank count of `unidad-dist launch local --nproc` and `torch.distributed.run --nproc_per_node`. Such a test
+    needs a process group of several ranks (on one GPU, NCCL refuses two ranks of one device), so the 1-rank
+    subset (benchmarks/gpu_check.py) leaves it out."""
+    seen = set() if seen is None else seen
+    fn = inspect.unwrap(fn)
+    if not inspect.isfunction(fn) or fn in seen:
+        return False
+    seen.add(fn)
+    try:
+        if TESTS not in Path(inspect.getsourcefile(fn)).resolve().parents:
+            return False
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return False
+    if "nproc" in src:
+        return True
+    names = {n.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name)}
+    return any(starts_ranks(fn.__globals__.get(n), seen) for n in sorted(names))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects on the marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs = [getattr(item, "function", None)] + [d.func for name in getattr(item, "fixturenames", ())
+                                                     for d in fixtures.get(name, ())]
+        seen: set = set()
+        if any(starts_ranks(f, seen) for f in funcs if f is not None):
+            item.add_marker(pytest.mark.multirank)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")
