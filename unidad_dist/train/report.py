@@ -171,6 +171,61 @@ def _grids(rdir: Path, sampler: Optional[str]) -> list[tuple[str, Path]]:
     return head + over_time + tail
 
 
+def _roles(cfg, raw: dict, world: Optional[int], records: list[dict], rep: dict, notes: list[str]) -> dict:
+    """Each role's size, precision, ZeRO stage and ranks (from the recipe), or only its name (from the
+    metrics' keys) when the recipe does not load; sets rep["placement"]."""
+    if cfg is None:
+        rep["placement"] = (raw.get("placement") or {}).get("mode")
+        return {r: {} for r in _roles_from_keys(records)}
+    groups = None
+    if world is not None:
+        try:
+            groups = resolve_groups(cfg, world)
+        except UserError as e:
+            notes.append(f"placement for {world} ranks: {e}")
+    sizes = {}
+    try:
+        sizes = role_parameters(cfg, notes=notes)
+    except Exception as e:  # noqa: BLE001 - sizing is optional: the rest of the report stands without it
+        notes.append(f"role sizes unavailable ({_first_line(e)})")
+    rep["placement"] = cfg.placement.mode
+    roles = {}
+    for spec in cfg.method.roles(cfg):
+        rc = getattr(cfg, spec.name)
+        stage = rc.zero_stage if (spec.trainable or rc.zero_stage == 3) else None
+        total, trainable = sizes.get(spec.name, (None, None))
+        roles[spec.name] = {"trainable": spec.trainable, "params": total, "trainable_params": trainable,
+                            "precision": rc.precision, "zero_stage": stage, "ema": spec.ema or None,
+                            "ranks": groups.get(spec.name) if groups else None}
+    return roles
+
+
+def _last_values(rep: dict, records: list[dict], roles: list[str]) -> None:
+    """The last logged value of each key: per role (losses, lr, grad norm) and per group."""
+    keys = group_keys(records, roles)
+    last = {}
+    for role, ks in keys["roles"].items():
+        last[role] = {k.split("/", 1)[1]: v for k, (_, v) in last_values(
+            records, ks["losses"] + ks["lr"] + ks["grad_norm"] + ks["skipped_nonfinite"]).items()}
+    rep["last_iteration_logged"] = records[-1]["iteration"] if records else None
+    rep["last_per_role"] = last
+    for g in GROUPS + ("other",):
+        rep[f"last_{g}"] = {k: v for k, (_, v) in last_values(records, keys[g]).items()}
+    rep["samples_per_s"] = recent_median(records, "throughput/samples_per_s")
+
+
+def _timings(rep: dict, summary: Optional[dict], records: list[dict]) -> None:
+    """Wall time by phase (summary.json) and the training seconds the metrics account for."""
+    phases = (summary or {}).get("wall_time_s")
+    rep["wall_time_s"] = {k: v for k, v in phases.items() if _number(v)} if isinstance(phases, dict) else None
+    trained, prev = 0.0, -1
+    for rec in records:
+        if _number(rec.get("seconds_per_iteration")):
+            trained += rec["seconds_per_iteration"] * max(1, rec["iteration"] - prev)
+        prev = rec["iteration"]
+    rep["train_s_from_metrics"] = trained if records else None
+
+
 def collect(rdir: str | Path) -> tuple[dict, list[dict]]:
     """What the report says about a run folder (JSON-able), and its metrics records (for the figure)."""
     rdir = Path(rdir)
@@ -203,53 +258,14 @@ def collect(rdir: str | Path) -> tuple[dict, list[dict]]:
     rep["world_size"] = world
     rep["world_size_from"] = latest if world is not None else None
 
-    roles: dict = {}
-    if cfg is not None:
-        groups = None
-        if world is not None:
-            try:
-                groups = resolve_groups(cfg, world)
-            except UserError as e:
-                notes.append(f"placement for {world} ranks: {e}")
-        sizes = {}
-        try:
-            sizes = role_parameters(cfg, notes=notes)
-        except Exception as e:  # noqa: BLE001 - sizing is optional: the rest of the report stands without it
-            notes.append(f"role sizes unavailable ({_first_line(e)})")
-        rep["placement"] = cfg.placement.mode
-        for spec in cfg.method.roles(cfg):
-            rc = getattr(cfg, spec.name)
-            stage = rc.zero_stage if (spec.trainable or rc.zero_stage == 3) else None
-            total, trainable = sizes.get(spec.name, (None, None))
-            roles[spec.name] = {"trainable": spec.trainable, "params": total, "trainable_params": trainable,
-                                "precision": rc.precision, "zero_stage": stage, "ema": spec.ema or None,
-                                "ranks": groups.get(spec.name) if groups else None}
-    else:
-        rep["placement"] = (raw.get("placement") or {}).get("mode")
-        roles = {r: {} for r in _roles_from_keys(records)}
+    roles = _roles(cfg, raw, world, records, rep, notes)
     rep["roles"] = roles
 
-    keys = group_keys(records, list(roles))
-    last = {}
-    for role, ks in keys["roles"].items():
-        last[role] = {k.split("/", 1)[1]: v for k, (_, v) in last_values(
-            records, ks["losses"] + ks["lr"] + ks["grad_norm"] + ks["skipped_nonfinite"]).items()}
-    rep["last_iteration_logged"] = records[-1]["iteration"] if records else None
-    rep["last_per_role"] = last
-    for g in GROUPS + ("other",):
-        rep[f"last_{g}"] = {k: v for k, (_, v) in last_values(records, keys[g]).items()}
-    rep["samples_per_s"] = recent_median(records, "throughput/samples_per_s")
+    _last_values(rep, records, list(roles))
 
     summary = _json(rdir / "summary.json")
     before = _json(rdir / "eval_before.json")
-    phases = (summary or {}).get("wall_time_s")
-    rep["wall_time_s"] = {k: v for k, v in phases.items() if _number(v)} if isinstance(phases, dict) else None
-    trained, prev = 0.0, -1
-    for rec in records:
-        if _number(rec.get("seconds_per_iteration")):
-            trained += rec["seconds_per_iteration"] * max(1, rec["iteration"] - prev)
-        prev = rec["iteration"]
-    rep["train_s_from_metrics"] = trained if records else None
+    _timings(rep, summary, records)
     rep["proxies"], rep["summary_values"] = _proxies(before, summary)
     if summary is not None and summary.get("iterations") != st["iterations"]:
         notes.append(f"summary.json (wall time, proxies after) is from the end of an earlier train.iterations="
