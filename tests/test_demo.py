@@ -12,7 +12,7 @@ from unidad_dist import builtin
 from unidad_dist.cli import main
 from tools.check_demo import check_summary
 
-DOMAIN = "orange_discs_light"  # held out: one filled shape of one colour on a light background (the case)
+DOMAIN = "red_triangles_light"  # held out: one filled shape of one colour on a light background (the case)
 
 
 def _train(run_dir, shots, *over):
