@@ -30,8 +30,9 @@ class DevicePeak:
 
 # (pattern on the reported name, case-insensitive; first match wins, so variants come before their family)
 PEAKS: list[tuple[str, DevicePeak]] = [
-    # NVIDIA B200 (HGX B200 datasheet, 8 GPUs: FP16/BF16 36 PF, TF32 18 PF with sparsity, FP32 600 TF) per GPU
-    (r"\bB200\b", DevicePeak("B200", 2250.0, 2250.0, 1125.0, 75.0)),
+    # NVIDIA B200, HGX (1,000 W) — the datasheet's per-GPU column: FP16/BF16 4.5 PF*, TF32 2.2 PF*, FP32 75 TF
+    # (checked 2026-12 against the HGX B200 specification table; GB200's 1,200 W part is faster: not this row)
+    (r"\bB200\b", DevicePeak("B200", 2250.0, 2250.0, 1100.0, 75.0)),
     # NVIDIA H200 NVL datasheet: BF16/FP16 1,671 TF*, TF32 835 TF* (* sparsity), FP32 60 TF
     (r"\bH200\b.*\bNVL\b", DevicePeak("H200 NVL", 835.5, 835.5, 417.5, 60.0)),
     # NVIDIA H200 (SXM) datasheet: BF16/FP16 1,979 TF*, TF32 989 TF*, FP32 67 TF; GH200 datasheet: the same
