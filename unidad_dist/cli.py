@@ -6,6 +6,7 @@ at once."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -81,10 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-seed", type=int, default=None,
                    help="draw the noise from torch.Generator().manual_seed(N) in one batch, as a diffusers "
                         "pipeline called with that generator does (an exported pipeline gives the same images)")
-    p = _sub(sub, "launch", "start several ranks of the same train loop")
-    p.add_argument("where", choices=["local"], help="local: N processes on this host")
+    p = _sub(sub, "launch", "start the ranks of the same train loop: on this host, or as a SLURM job")
+    where = p.add_subparsers(dest="where", required=True)
+    p = _sub(where, "local", "N processes on this host")
     p.add_argument("--nproc", type=int, required=True, help="number of ranks")
     p.add_argument("--config", required=True, help=RECIPE_HELP)
+    _add_overrides(p)
+    p = _sub(where, "slurm", "a SLURM job through submitit: one rank per GPU; on the time limit or a preemption "
+                             "every rank checkpoints, the job requeues and resumes")
+    p.add_argument("--config", required=True, help=RECIPE_HELP)
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (one rank each); 0 on CPU nodes")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node on CPU nodes")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--time", type=int, default=60, help="time limit per job start, minutes")
+    p.add_argument("--account", default=None, help="SLURM account")
+    p.add_argument("--qos", default=None, help="SLURM quality of service")
+    p.add_argument("--mem", default=None, help="memory per node, as sbatch --mem takes it (e.g. 64G; 0 = all)")
+    p.add_argument("--constraint", default=None, help="node features (sbatch --constraint)")
+    p.add_argument("--max-requeues", type=int, default=3,
+                   help="requeues after a time limit or preemption; then the job ends stopped (the same command "
+                        "resumes)")
+    p.add_argument("--signal", default="USR2", help="the signal SLURM sends before the time limit")
+    p.add_argument("--signal-delay", type=int, default=90, help="seconds before the time limit it is sent")
+    p.add_argument("--job-name", default=None, help="job name (default: unidad-<run.name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each task's command; "
+                                                          "submit nothing")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and run folder and return")
     _add_overrides(p)
     p = _sub(sub, "plan", "memory and FLOPs per role and rank, from model configs (meta device)")
     p.add_argument("--config", required=True, help=RECIPE_HELP)
@@ -320,10 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "plan":
             return cmd_plan(args)
-        if args.cmd == "launch":
+        if args.cmd == "launch" and args.where == "local":
             from unidad_dist.launch.local import launch_local
 
             return launch_local(args.nproc, args.config, args.overrides)
+        if args.cmd == "launch" and args.where == "slurm":
+            from unidad_dist.launch.slurm import SlurmOptions, launch_slurm
+
+            opts = SlurmOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SlurmOptions)})
+            return launch_slurm(args.config, args.overrides, opts)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@
 * ``UNIDAD_KILL_AT=<rank>:<point>`` SIGKILLs that rank at that point;
 * ``UNIDAD_SIGTERM_PARENT_AT=<rank>:<point>`` makes that rank send SIGTERM to its parent process (the
   launcher) at that point, as ``kill``, SLURM or Kubernetes would: the launcher's forwarding is exercised;
-* ``UNIDAD_SIGTERM_SELF_AT=<rank>:<point>`` sends SIGTERM to that rank itself.
+* ``UNIDAD_SIGTERM_SELF_AT=<rank>:<point>`` sends SIGTERM to that rank itself;
+* ``UNIDAD_SCANCEL_AT=<rank>:<point>:<signal>`` makes that rank ask SLURM to send the signal to every task of
+  its job (``scancel --signal``), as a preemption or a near time limit does — in the job's first start only
+  (SLURM_RESTART_COUNT unset or 0), so the requeued job runs through.
 
 Points: ``iter:N`` (before iteration N runs) and ``ckpt:N`` (while checkpoint N is being written: the
 engine states are on disk in its temporary folder, nothing is published yet). They let a test act at an
@@ -17,6 +20,7 @@ import signal
 ENV = "UNIDAD_KILL_AT"
 ENV_SIGTERM_PARENT = "UNIDAD_SIGTERM_PARENT_AT"
 ENV_SIGTERM_SELF = "UNIDAD_SIGTERM_SELF_AT"
+ENV_SCANCEL = "UNIDAD_SCANCEL_AT"
 
 
 def kill_point(rank: int, point: str) -> None:
@@ -27,3 +31,9 @@ def kill_point(rank: int, point: str) -> None:
         os.kill(os.getppid(), signal.SIGTERM)
     if os.environ.get(ENV_SIGTERM_SELF) == here:
         os.kill(os.getpid(), signal.SIGTERM)
+    scancel = os.environ.get(ENV_SCANCEL, "")
+    if scancel.rpartition(":")[0] == here and os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0"):
+        import subprocess
+
+        subprocess.run(["scancel", f"--signal={scancel.rpartition(':')[2]}", os.environ["SLURM_JOB_ID"]],
+                       check=True, timeout=60)

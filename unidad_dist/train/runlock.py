@@ -77,10 +77,8 @@ class RunLock:
                 mtime = st.st_mtime if info else 0.0
                 why = _stale_reason(info, mtime, self.stale_s)
                 if why is None:
-                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", mtime)))
-                    return False, (f"run folder {self.path.parent} is in use by host {info.get('host')} pid "
-                                   f"{info.get('pid')} job {info.get('job') or '-'} (since {since}); wait for it to "
-                                   f"finish, or if that process is dead remove {self.path}")
+                    return False, _in_use(self.path, info, mtime) + f"; wait for it to finish, or if that process is "\
+                                                                    f"dead remove {self.path}"
                 if self._remove_stale(st):
                     print(f"taking over {self.path}: {why}")
                 continue
@@ -134,3 +132,25 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def live_writer(run_dir: Path, stale_s: float) -> Optional[str]:
+    """Why a new writer would be refused now (a live process holds ``<run>/run.lock``), or None. A launcher asks
+    before it submits a job, so a busy run folder is refused at once rather than when the job starts."""
+    path = Path(run_dir) / LOCK
+    try:
+        st = path.stat()
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable: a writer died while creating it; the job's own start takes it over
+    if _stale_reason(info, st.st_mtime, stale_s) is not None:
+        return None
+    return _in_use(path, info, st.st_mtime) + "; wait for it to finish, or give another run.dir="
+
+
+def _in_use(path: Path, info: dict, mtime: float) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", mtime)))
+    return (f"run folder {path.parent} is in use by host {info.get('host')} pid {info.get('pid')} job "
+            f"{info.get('job') or '-'} (since {since})")

@@ -6,9 +6,12 @@ rank's flag stops all), write a checkpoint there when ``checkpoint.on_signal`` (
 lock and exit with 128 + the signal's number, as a process killed by it would. Rerunning the same command
 resumes. A second signal while stopping interrupts at once (the last complete checkpoint stays valid).
 Handlers are installed only in the main thread (Python delivers signals there) and restored afterwards.
+A launcher adds signals through ``UNIDAD_STOP_SIGNALS`` (names, comma-separated): ``launch slurm`` adds the one
+SLURM sends before a time limit or a preemption (USR2 by default), so every rank stops with a checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -18,6 +21,25 @@ from contextlib import contextmanager
 from unidad_dist.train.hooks import Hook
 
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None)
+STOP_SIGNALS_ENV = "UNIDAD_STOP_SIGNALS"
+
+
+def signal_by_name(name: str) -> signal.Signals:
+    """``USR2``, ``SIGUSR2`` or a number -> the signal; ValueError naming the known ones otherwise."""
+    name = name.strip().upper()
+    if name.isdigit():
+        return signal.Signals(int(name))
+    try:
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except KeyError:
+        known = ", ".join(s.name[3:] for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
+        raise ValueError(f"unknown signal {name!r}; e.g. {known}") from None
+
+
+def stop_signals() -> tuple:
+    """SIGNALS plus those a launcher named in UNIDAD_STOP_SIGNALS."""
+    extra = [signal_by_name(n) for n in os.environ.get(STOP_SIGNALS_ENV, "").split(",") if n.strip()]
+    return tuple(dict.fromkeys([*SIGNALS, *extra]))
 
 
 class SignalStop(Hook):
@@ -44,7 +66,7 @@ class SignalStop(Hook):
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        old = {s: signal.signal(s, self._handle) for s in stop_signals()}
         try:
             yield self
         finally:

@@ -1,0 +1,177 @@
+"""`unidad-dist launch slurm` (issue 15 §1): the dry run and bad input everywhere; against a real local SLURM
+(`bash tools/slurm_local.sh start`, which .ci/run does) a 2-task job that SLURM signals mid-run stops every
+rank with one checkpoint, requeues, resumes and ends with weights bit-identical to an uninterrupted job
+of the same recipe; with --max-requeues 0 it ends stopped and the same command resumes it. Without a SLURM here the cluster test is skipped with the reason."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_signals import ITERS, _recipe as signals_recipe
+from unidad_dist.cli import main
+
+
+
+def _slurm_up() -> str | None:
+    """None when a SLURM controller answers with a usable node here, else why not."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no SLURM client here (bash tools/slurm_local.sh start installs and starts one)"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer (no slurmctld running: bash tools/slurm_local.sh start)"
+    if r.returncode != 0 or not {"idle", "mixed", "allocated"} & set(r.stdout.split()):
+        return f"no usable SLURM node (sinfo: {r.stdout.strip() or r.stderr.strip()})"
+    return None
+
+
+def _recipe(tmp_path, pipes, name, **extra):
+    return signals_recipe(tmp_path, pipes, name, **{"run.dist_timeout": 60.0, **extra})
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UNIDAD_", "SLURM_", "SUBMITIT_"))}
+    env.update(extra)
+    return env
+
+
+def test_dry_run_prints_the_job_and_submits_nothing(tmp_path, pipes, capsys, monkeypatch):
+    recipe = _recipe(tmp_path, pipes, "dry")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch needed: nothing is submitted
+    assert main(["launch", "slurm", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "4", "--time", "30",
+                 "--partition", "gpu", "--account", "proj", "--signal-delay", "120", "--mem", "64G",
+                 "--dry-run", "train.iterations=3"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --time=30", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --mem=64G", "2 node(s) x 4 task(s) = 8 ranks"):
+        assert line in out, (line, out)
+    assert f"unidad-dist train --config {recipe} train.iterations=3" in out
+    assert not (tmp_path / "dry" / "slurm").exists() or not list((tmp_path / "dry" / "slurm").glob("*.pkl"))
+    # another signal: SLURM sends it, and submitit's own handler (before the loop starts) watches the same one
+    assert main(["launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2", "--signal", "USR1",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --signal=USR1@90" in out and "export SUBMITIT_PREEMPT_SIGNAL=USR1" in out, out
+    assert "UNIDAD_STOP_SIGNALS=USR1" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one rank per GPU"),
+    ([], "give --tasks-per-node"),
+    (["--tasks-per-node", "2", "--signal", "NOPE"], "unknown signal 'NOPE'"),
+    (["--tasks-per-node", "2", "--time", "1", "--signal-delay", "90"], "--signal-delay 90 s is not shorter"),
+    (["--tasks-per-node", "2", "--max-requeues", "-1"], "--max-requeues >= 0"),
+])
+def test_bad_options_are_refused_before_anything_is_submitted(tmp_path, pipes, capsys, args, message):
+    recipe = _recipe(tmp_path, pipes, "bad")
+    assert main(["launch", "slurm", "--config", str(recipe), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_busy_run_folder_or_no_sbatch_is_refused_before_submitting(tmp_path, pipes, capsys, monkeypatch):
+    recipe = _recipe(tmp_path, pipes, "busy")
+    (tmp_path / "busy").mkdir()
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "job": None, "started": time.time()}
+    (tmp_path / "busy" / "run.lock").write_text(json.dumps(lock))  # a live writer: this very process
+    assert main(["launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by host" in err and "nothing submitted" in err, err
+    (tmp_path / "busy" / "run.lock").unlink()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2"]) == 2
+    assert "sbatch, squeue, scontrol not found on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "busy" / "slurm").exists()
+
+
+def _release_requeued(job_ids: set, stop: threading.Event) -> None:
+    """SLURM holds a requeued job ~2 minutes (BeginTime); release it at once, as an operator would."""
+    while not stop.is_set():
+        r = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            jid, state, reason = (line.split() + ["", "", ""])[:3]
+            if state == "PENDING" and reason == "BeginTime":
+                job_ids.add(jid)
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+        stop.wait(1.0)
+
+
+@pytest.mark.slow
+def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_path, pipes):
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    from safetensors.torch import load_file
+
+    from test_resume_kill import _same
+    from unidad_dist.train import checkpoint
+    from unidad_dist.train.checkpoint import role_weights
+
+    straight, slurm = _recipe(tmp_path, pipes, "straight"), _recipe(tmp_path, pipes, "slurm")
+    # the uninterrupted reference is a SLURM job too: `launch local` (ranks started by `python -m unidad_dist`,
+    # not in submitit's process) ends 2.5e-7 away after 8 iterations, deterministically on either side
+    r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(straight),
+                        "--tasks-per-node", "2", "--time", "10"], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path, env=_clean_env())
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "launch slurm: job" in r.stdout and "finished" in r.stdout
+
+    # rank 1 asks SLURM to signal the whole job before iteration 2, as a preemption or a near time limit does
+    requeued: set = set()
+    stop = threading.Event()
+    releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
+    releaser.start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(slurm),
+                            "--tasks-per-node", "2", "--time", "10", "--max-requeues", "1"],
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                           env=_clean_env(UNIDAD_SCANCEL_AT="1:iter:2:USR2"))
+    finally:
+        stop.set()
+        releaser.join()
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    out = r.stdout
+    assert "received SIGUSR2" in out and "requeued job" in out and "resumed from" in out, out[-3000:]
+    assert len(requeued) == 1, requeued
+    at = int(out.split("stopped at iteration ")[1].split()[0])
+    assert 2 <= at < ITERS, at
+    ckpt = tmp_path / "slurm" / "checkpoints" / checkpoint.ckpt_name(at)
+    assert f"resumed from {ckpt}" in out
+    assert not (tmp_path / "slurm" / "run.lock").exists()
+    assert json.loads((tmp_path / "slurm" / "outcome.json").read_text())["outcome"] == "finished"
+    a = tmp_path / "straight" / "checkpoints" / checkpoint.ckpt_name(ITERS)
+    b = tmp_path / "slurm" / "checkpoints" / checkpoint.ckpt_name(ITERS)
+    for role in ("student", "fake_teacher", "target_teacher"):
+        _same(role_weights(a, role), role_weights(b, role), role)
+    for name in ("straight", "slurm"):
+        assert main(["export", "--run", str(tmp_path / name), "--out", str(tmp_path / f"export_{name}")]) == 0
+    _same(load_file(str(tmp_path / "export_straight" / "unet" / "diffusion_pytorch_model.safetensors")),
+          load_file(str(tmp_path / "export_slurm" / "unet" / "diffusion_pytorch_model.safetensors")), "export")
+
+
+@pytest.mark.slow
+def test_max_requeues_ends_the_job_stopped_and_the_same_command_resumes(tmp_path, pipes):
+    """With --max-requeues 0 the signalled job is not requeued: it ends stopped (exit 128 + USR2) with its
+    checkpoint, and submitting the same command again finishes the run."""
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    recipe = _recipe(tmp_path, pipes, "capped")
+    cmd = [sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2",
+           "--time", "10", "--max-requeues", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=_clean_env(UNIDAD_SCANCEL_AT="1:iter:2:USR2"))
+    assert r.returncode == 128 + signal.SIGUSR2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "after 0 requeue(s) (--max-requeues 0)" in r.stderr, r.stderr[-2000:]
+    assert json.loads((tmp_path / "capped" / "outcome.json").read_text())["outcome"] == "stopped"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_clean_env())
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "resumed from" in r.stdout and "finished" in r.stdout

@@ -1,0 +1,301 @@
+"""``unidad-dist launch slurm --config FILE [overrides] --nodes N --gpus-per-node G ...``: the train loop on a
+SLURM allocation, through submitit.
+
+* One task per GPU (``--tasks-per-node`` on CPU clusters); each task takes RANK / WORLD_SIZE / LOCAL_RANK /
+  MASTER_ADDR / MASTER_PORT from submitit's ``TorchDistributedEnvironment`` and its device by local rank
+  (``device.pick_device``: local rank modulo the GPUs it sees, so it is right whether SLURM shows a task every
+  GPU of its node or only its own), then runs ``unidad-dist train`` — the loop every launcher ends in.
+* submitit's folder (the sbatch script, each task's stdout/stderr, the pickled call and its result) is
+  ``<run>/slurm/``.
+* Time limit and preemption: SLURM sends ``--signal`` (USR2) ``--signal-delay`` seconds before it kills the job
+  (``#SBATCH --signal=USR2@90``), to every task. Each rank's train loop treats it as a stop request
+  (train/signals.py): all ranks agree at the next iteration boundary, write one collective checkpoint and exit;
+  then global rank 0 requeues the job (``scontrol requeue``), which restarts it (SLURM holds a requeued job for
+  about two minutes first) and the loop resumes from that checkpoint. At most ``--max-requeues`` requeues
+  (counted by SLURM_RESTART_COUNT); after that the job ends "stopped", and the same command resumes it. A signal
+  that arrives before training started (while building) goes to submitit's own handler, which requeues too.
+* By default the command waits, prints rank 0's ``<run>/train.log`` as it grows, and returns the job's exit
+  status (0 finished, 1 failed, 128 + the signal when it ended stopped); ``--no-wait`` prints the job id and
+  the run folder and returns. ``--dry-run`` prints the sbatch script and each task's command; nothing is
+  submitted.
+
+Sweeps (job arrays), the sbatch templates and Ray are not part of this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from unidad_dist.config import load_config, run_dir
+from unidad_dist.errors import StoppedBySignal, UserError
+from unidad_dist.train.logging import TRAIN_LOG
+from unidad_dist.train.loop import train
+from unidad_dist.train.runlock import live_writer
+from unidad_dist.train.signals import STOP_SIGNALS_ENV, signal_by_name
+
+SUBMITIT_FOLDER = "slurm"  # under the run folder
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "SPECIAL_EXIT", "REVOKED"}
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    time: int = 60  # minutes
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    mem: Optional[str] = None  # SLURM's --mem: "64G", "0" (all of the node's)
+    constraint: Optional[str] = None
+    max_requeues: int = 3
+    signal: str = "USR2"
+    signal_delay: int = 90  # seconds before the time limit
+    job_name: Optional[str] = None
+    dry_run: bool = False
+    no_wait: bool = False
+
+
+class SlurmTask:
+    """What each task of the job runs (pickled by submitit, called on the compute node)."""
+
+    def __init__(self, config: str, overrides: list[str], max_requeues: int, signal_name: str, run_dir: str):
+        self.config, self.overrides = config, list(overrides)
+        self.max_requeues, self.signal_name, self.run_dir = max_requeues, signal_name, run_dir
+
+    def _say(self, text: str) -> None:
+        """A line in the task's log and in the run's train.log (which the waiting launcher prints)."""
+        print(text, flush=True)
+        try:
+            with open(Path(self.run_dir) / TRAIN_LOG, "a", encoding="utf-8") as f:
+                f.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+        except OSError:
+            pass
+
+    def argv(self) -> list[str]:
+        return ["train", "--config", self.config, *self.overrides]
+
+    def __call__(self) -> dict:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ[STOP_SIGNALS_ENV] = self.signal_name  # the time-limit / preemption signal stops the loop
+        if "OMP_NUM_THREADS" not in os.environ:  # the task's CPUs, not every core of the node per rank
+            per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(
+                max(1, int(os.environ.get("SLURM_CPUS_ON_NODE", str(os.cpu_count() or 1))) // per_node))
+            os.environ["OMP_NUM_THREADS"] = cpus
+        code = self._train()
+        if code == 0:
+            return {"outcome": "finished", "rank": env.global_rank}
+        signum = signal_by_name(self.signal_name)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if code == 128 + signum:
+            if restarts < self.max_requeues:
+                if env.global_rank == 0:
+                    subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
+                    self._say(f"launch slurm: stopped by {signum.name} with a checkpoint; requeued job {env.job_id} "
+                              f"(requeue {restarts + 1} of at most {self.max_requeues}); it resumes when SLURM "
+                              "starts it again")
+                raise SystemExit(code)  # no result file: the job is not over, it restarts and resumes
+            raise RuntimeError(f"stopped by {signum.name} after {restarts} requeue(s) (--max-requeues "
+                               f"{self.max_requeues}); the checkpoint is written, the same command resumes the run")
+        if code > 128:
+            raise RuntimeError(f"stopped by signal {code - 128} (not the job's {signum.name}); the same command "
+                               "resumes the run")
+        raise RuntimeError(f"unidad-dist train exited with code {code} (rank {env.global_rank}); its output is in "
+                           "the task's log under <run>/slurm/")
+
+    def _train(self) -> int:
+        """``unidad-dist train`` in this process: 0, 2 (bad input) or 128 + the signal that stopped it."""
+        try:
+            cfg = load_config(self.config, self.overrides)
+            rdir = train(cfg)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        except StoppedBySignal as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(str(e), file=sys.stderr, flush=True)
+            return 128 + e.signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run folder: {rdir}", flush=True)
+        return 0
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on rank 0 when the signal arrives before the loop installed its own handler
+        (while importing and building): requeue as is; the loop resumes from the run folder."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.config, self.overrides, self.max_requeues,
+                                                            self.signal_name, self.run_dir))
+
+
+def _tasks_per_node(o: SlurmOptions) -> int:
+    if o.gpus_per_node < 0 or o.nodes < 1:
+        raise UserError(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {o.nodes}, {o.gpus_per_node})")
+    if o.gpus_per_node > 0:
+        if o.tasks_per_node not in (None, o.gpus_per_node):
+            raise UserError(f"--tasks-per-node {o.tasks_per_node} with --gpus-per-node {o.gpus_per_node}: the "
+                            "framework runs one rank per GPU; leave --tasks-per-node out on GPU nodes")
+        return o.gpus_per_node
+    if not o.tasks_per_node or o.tasks_per_node < 1:
+        raise UserError("on CPU nodes (--gpus-per-node 0) give --tasks-per-node N (ranks per node)")
+    return o.tasks_per_node
+
+
+def _executor_parameters(o: SlurmOptions, tasks: int, name: str) -> dict:
+    try:
+        sig = signal_by_name(o.signal)
+    except ValueError as e:
+        raise UserError(f"--signal: {e}") from None
+    if o.time < 1 or o.signal_delay < 0 or o.max_requeues < 0:
+        raise UserError(f"--time must be >= 1 minute, --signal-delay and --max-requeues >= 0 (got {o.time}, "
+                        f"{o.signal_delay}, {o.max_requeues})")
+    if o.signal_delay >= o.time * 60:
+        raise UserError(f"--signal-delay {o.signal_delay} s is not shorter than --time {o.time} min: the signal "
+                        "would come before the job starts; shorten it")
+    # submitit.SlurmExecutor's names (sbatch's, with underscores)
+    p: dict = {"nodes": o.nodes, "ntasks_per_node": tasks, "time": o.time, "job_name": name,
+               "signal_delay_s": o.signal_delay}
+    for key, value in (("gpus_per_node", o.gpus_per_node), ("cpus_per_task", o.cpus_per_task),
+                       ("partition", o.partition), ("account", o.account), ("qos", o.qos),
+                       ("constraint", o.constraint)):
+        if value:
+            p[key] = value
+    extra: dict = {}
+    if o.mem:
+        extra["mem"] = o.mem
+    short = sig.name[3:]
+    if short != "USR2":  # submitit's default; its own handler (before the loop starts) must watch the same one
+        extra["signal"] = f"{short}@{o.signal_delay}"
+        p["setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={short}"]
+    if extra:
+        p["additional_parameters"] = extra
+    return p
+
+
+def _squeue_state(job_id: str) -> Optional[str]:
+    """The job's state as squeue shows it, or None once it has left the queue."""
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = r.stdout.strip().splitlines()
+    return state[0].strip() if r.returncode == 0 and state else None
+
+
+def _follow(path: Path, pos: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            chunk = f.read()
+    except FileNotFoundError:
+        return pos
+    if chunk:
+        sys.stdout.write(chunk.decode("utf-8", "replace"))
+        sys.stdout.flush()
+    return pos + len(chunk)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: float = 2.0) -> int:
+    cfg = load_config(config, overrides)  # bad input fails here, before anything is submitted
+    tasks = _tasks_per_node(o)
+    rdir = run_dir(cfg).resolve()
+    name = o.job_name or f"unidad-{cfg.run.name}"
+    params = _executor_parameters(o, tasks, name)
+    busy = live_writer(rdir, cfg.run.lock_stale_s)
+    if busy:
+        raise UserError(busy + "; nothing submitted")
+    config_path = str(Path(config).resolve()) if Path(config).is_file() else config  # a shipped recipe's name
+    task = SlurmTask(config_path, overrides, o.max_requeues, o.signal, str(rdir))
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("launch slurm needs submitit: pip install 'unidad_dist[slurm]' (or pip install "
+                        "submitit)") from None
+    if not o.dry_run:
+        missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
+        if missing:
+            raise UserError(f"launch slurm: {', '.join(missing)} not found on PATH; run it on a SLURM login node "
+                            "(or use `launch local`)")
+    folder = rdir / SUBMITIT_FOLDER
+    world = o.nodes * tasks
+    command = shlex.join(["unidad-dist", *task.argv()])
+    if o.dry_run:  # the script submitit would write, without needing SLURM here
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        submit = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        print(f"launch slurm (dry run, nothing submitted): {o.nodes} node(s) x {tasks} task(s) = {world} ranks, "
+              f"run folder {rdir}, submitit folder {folder}")
+        print("sbatch script:\n" + _make_sbatch_string(command=submit, folder=folder, **params))
+        print(f"each task: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM (submitit), "
+              f"UNIDAD_STOP_SIGNALS={signal_by_name(o.signal).name[3:]}, then\n  {command}")
+        return 0
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues)
+    executor.update_parameters(**params)
+    rdir.mkdir(parents=True, exist_ok=True)
+    try:
+        job = executor.submit(task)
+    except subprocess.CalledProcessError as e:  # sbatch refused it: its own words
+        out = (e.output or b"") if isinstance(e.output, bytes) else (e.output or "").encode()
+        raise UserError(f"sbatch refused the job: {out.decode(errors='replace').strip() or e}") from None
+    except Exception as e:  # submitit wraps sbatch's failures in its own errors
+        raise UserError(f"sbatch refused the job: {e}") from None
+    print(f"launch slurm: submitted job {job.job_id} ({o.nodes} node(s) x {tasks} task(s) = {world} ranks); run "
+          f"folder {rdir}; task logs {folder}", flush=True)
+    if o.no_wait:
+        print(f"follow it with `unidad-dist status --run {rdir}` or `tail -f {rdir / 'train.log'}`")
+        return 0
+    return wait(job, rdir, o, poll_s)
+
+
+def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
+    """Stream rank 0's train.log until the job leaves the queue (through requeues); its exit status."""
+    from submitit.core.utils import pickle_load
+
+
+    log = rdir / TRAIN_LOG
+    pos = log.stat().st_size if log.is_file() else 0
+    result = job.paths.result_pickle if job.num_tasks == 1 else job.task(0).paths.result_pickle
+    last_state = None
+    while True:
+        pos = _follow(log, pos)
+        state = _squeue_state(str(job.job_id))
+        if state != last_state and state not in (None, "RUNNING", "COMPLETING"):
+            print(f"launch slurm: job {job.job_id} {state}", flush=True)
+        last_state = state
+        if state is None or state in TERMINAL:  # a requeued job is PENDING / REQUEUED meanwhile, not gone
+            break
+        time.sleep(poll_s)
+    for _ in range(20):  # a shared filesystem may show the result a moment later
+        if result.exists():
+            break
+        time.sleep(0.5)
+    _follow(log, pos)
+    if not result.exists():
+        err = job.task(0).paths.stderr if job.num_tasks > 1 else job.paths.stderr
+        print(f"launch slurm: job {job.job_id} ended ({last_state or 'gone'}) without a result; rank 0's stderr "
+              f"({err}) ends:\n{_tail(err)}", file=sys.stderr)
+        return 1
+    outcome, value = pickle_load(result)
+    if outcome == "success":
+        print(f"launch slurm: job {job.job_id} finished; run folder {rdir}")
+        return 0
+    text = str(value).strip().splitlines()
+    print(f"launch slurm: job {job.job_id} did not finish: {text[-1] if text else value}", file=sys.stderr)
+    return 128 + signal_by_name(o.signal) if "stopped by" in (text[-1] if text else "") else 1
