@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,85 @@ def test_max_requeues_ends_the_job_stopped_and_the_same_command_resumes(tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_clean_env())
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "resumed from" in r.stdout and "finished" in r.stdout
+
+
+def _edited_template(tmp_path, out) -> str:
+    """slurm/torchrun.sbatch with its #SBATCH lines edited for this machine, as its header asks a user to."""
+    text = (Path(__file__).resolve().parent.parent / "slurm" / "torchrun.sbatch").read_text()
+    for old, new in (("--nodes=2", "--nodes=1"), ("--cpus-per-task=64", "--cpus-per-task=2"),
+                     ("--time=04:00:00", "--time=10"), ("--output=%x-%j.out", f"--output={out}")):
+        assert f"#SBATCH {old}" in text, old
+        text = text.replace(f"#SBATCH {old}", f"#SBATCH {new}")
+    assert "#SBATCH --gpus-per-node=8\n" in text
+    text = text.replace("#SBATCH --gpus-per-node=8\n", "")  # a CPU node
+    path = tmp_path / "torchrun.sbatch"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_the_torchrun_sbatch_template_trains_a_recipe_on_2_ranks(tmp_path, pipes):
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    recipe = _recipe(tmp_path, pipes, "template")
+    out = tmp_path / "job.out"
+    env = _clean_env(RECIPE=str(recipe), GPUS_PER_NODE="2", RDZV_PORT=str(_free_port()),
+                     ACTIVATE=f"export PATH={Path(sys.executable).parent}:$PATH")
+    r = subprocess.run(["sbatch", "--wait", _edited_template(tmp_path, out)], capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path, env=env)
+    log = out.read_text() if out.is_file() else ""
+    assert r.returncode == 0, (r.stdout, r.stderr, log[-3000:])
+    assert "1 node(s) x 2 rank(s)" in log and "training exited with code 0" in log, log[-3000:]
+    assert "2 ranks on cpu, gloo" in log, log[-3000:]
+    assert json.loads((tmp_path / "template" / "outcome.json").read_text())["outcome"] == "finished"
+    assert (tmp_path / "template" / "checkpoints" / f"iter_{ITERS:07d}").is_dir()
+
+
+def _free_port() -> int:
+    from unidad_dist.device import free_port
+
+    return free_port()
+
+
+@pytest.mark.slow
+def test_the_torchrun_template_requeues_on_its_signal_and_resumes(tmp_path, pipes):
+    """USR2 to the batch script (as SLURM sends it before the time limit) once training runs: every rank stops
+    with a checkpoint, the job requeues itself, and the restarted job resumes and finishes."""
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    recipe = _recipe(tmp_path, pipes, "requeue", **{"train.iterations": 24})
+    out = tmp_path / "job.out"
+    env = _clean_env(RECIPE=str(recipe), GPUS_PER_NODE="2", RDZV_PORT=str(_free_port()), MAX_REQUEUES="1",
+                     ACTIVATE=f"export PATH={Path(sys.executable).parent}:$PATH")
+    r = subprocess.run(["sbatch", "--parsable", _edited_template(tmp_path, out)], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    log = tmp_path / "requeue" / "train.log"
+    requeued: set = set()
+    stop = threading.Event()
+    releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
+    releaser.start()
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (log.is_file() and "training: iterations 1-" in log.read_text()):
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
+        while time.time() < deadline:
+            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
+            if not state.strip() or state.strip() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        releaser.join()
+    text = out.read_text()
+    assert "asking every rank to stop" in text and "requeueing (requeue 1 of at most 1)" in text, text[-3000:]
+    assert "training exited with code 0" in text, text[-3000:]
+    assert requeued == {job}
+    run_log = log.read_text()
+    at = int(run_log.split("stopped at iteration ")[1].split()[0])
+    assert 1 <= at < 24 and f"resumed from {tmp_path / 'requeue' / 'checkpoints' / f'iter_{at:07d}'}" in run_log
+    assert json.loads((tmp_path / "requeue" / "outcome.json").read_text())["outcome"] == "finished"
