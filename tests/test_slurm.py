@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from test_signals import ITERS, _recipe as signals_recipe
 from unidad_dist.cli import main
@@ -258,3 +259,42 @@ def test_the_torchrun_template_requeues_on_its_signal_and_resumes(tmp_path, pipe
     at = int(run_log.split("stopped at iteration ")[1].split()[0])
     assert 1 <= at < 24 and f"resumed from {tmp_path / 'requeue' / 'checkpoints' / f'iter_{at:07d}'}" in run_log
     assert json.loads((tmp_path / "requeue" / "outcome.json").read_text())["outcome"] == "finished"
+
+
+def test_a_sweep_dry_run_lists_one_run_per_point_in_one_job_array(tmp_path, pipes, capsys, monkeypatch):
+    recipe = _recipe(tmp_path, pipes, "sweep")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2", "--dry-run",
+                 "--sweep", "algorithm.a=0,0.5", "--sweep", "train.iterations=2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%4" in out and "a job array of 4 runs" in out, out
+    for a in ("0", "0.5"):
+        for n in ("2", "3"):
+            assert f"algorithm.a={a} train.iterations={n} run.dir={tmp_path / 'sweep' / f'a={a}_iterations={n}'}" in out
+    for bad, message in ((["--sweep", "algorithm.nope=0,1"], "unknown config key 'algorithm.nope'"),
+                         (["--sweep", "algorithm.a=0,zz"], "--sweep point a=zz: algorithm.a must be a number"),
+                         (["--sweep", "algorithm.a"], "give key=value1,value2"),
+                         (["--sweep", "algorithm.a=0", "--sweep", "algorithm.a=1"], "names algorithm.a twice")):
+        assert main(["launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2", *bad]) == 2
+        assert message in capsys.readouterr().err, bad
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_each_point_in_its_own_folder_and_summarises(tmp_path, pipes):
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    recipe = _recipe(tmp_path, pipes, "sweep", **{"train.iterations": 2, "checkpoint.every": 0})
+    r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(recipe),
+                        "--tasks-per-node", "2", "--time", "10", "--sweep", "algorithm.a=0,0.5"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_clean_env())
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [row["point"] for row in rows] == [{"algorithm.a": "0"}, {"algorithm.a": "0.5"}]
+    for row, a in zip(rows, (0.0, 0.5)):
+        run = tmp_path / "sweep" / f"a={row['point']['algorithm.a']}"
+        assert row["run"] == str(run) and row["exit"] == 0 and row["outcome"] == "finished", row
+        assert yaml.safe_load((run / "config.yaml").read_text())["algorithm"]["a"] == a
+        assert json.loads((run / "outcome.json").read_text())["outcome"] == "finished"
+    assert "sweep of 2 runs ended" in r.stdout

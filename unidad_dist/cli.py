@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", default="USR2", help="the signal SLURM sends before the time limit")
     p.add_argument("--signal-delay", type=int, default=90, help="seconds before the time limit it is sent")
     p.add_argument("--job-name", default=None, help="job name (default: unidad-<run.name>)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one run per value (several --sweep: per combination), as one job array; each run's folder "
+                        "is <run.dir>/<key=value_...>; waits for all and prints (and writes sweep.json) how each ended")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each task's command; "
                                                           "submit nothing")
     p.add_argument("--no-wait", action="store_true", help="print the job id and run folder and return")

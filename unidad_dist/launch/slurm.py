@@ -19,11 +19,14 @@ SLURM allocation, through submitit.
   the run folder and returns. ``--dry-run`` prints the sbatch script and each task's command; nothing is
   submitted.
 
-Sweeps (job arrays), the sbatch templates and Ray are not part of this module.
+* ``--sweep key=v1,v2`` (repeatable: the product): one job array, one run per point in
+  ``<run.dir>/<key=value_...>`` (each point's values checked before anything is submitted); the command waits
+  for all, then prints and writes ``<run.dir>/sweep.json``: each point's outcome and proxies.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -61,6 +64,7 @@ class SlurmOptions:
     signal: str = "USR2"
     signal_delay: int = 90  # seconds before the time limit
     job_name: Optional[str] = None
+    sweep: list = dataclasses.field(default_factory=list)  # "key=v1,v2,..." each; several make the product
     dry_run: bool = False
     no_wait: bool = False
 
@@ -218,11 +222,23 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     rdir = run_dir(cfg).resolve()
     name = o.job_name or f"unidad-{cfg.run.name}"
     params = _executor_parameters(o, tasks, name)
-    busy = live_writer(rdir, cfg.run.lock_stale_s)
-    if busy:
-        raise UserError(busy + "; nothing submitted")
     config_path = str(Path(config).resolve()) if Path(config).is_file() else config  # a shipped recipe's name
-    task = SlurmTask(config_path, overrides, o.max_requeues, o.signal, str(rdir))
+    runs = [([], overrides, rdir)]  # (point, overrides, run folder)
+    if o.sweep:
+        runs = []
+        for point in sweep_points(o.sweep):
+            run = rdir / point_name(point)
+            over = [*overrides, *(f"{k}={v}" for k, v in point), f"run.dir={run}"]
+            try:
+                load_config(config, over)  # every point's values are checked before anything is submitted
+            except UserError as e:
+                raise UserError(f"--sweep point {point_name(point)}: {e}; nothing submitted") from None
+            runs.append((point, over, run))
+    for _, _, run in runs:
+        busy = live_writer(run, cfg.run.lock_stale_s)
+        if busy:
+            raise UserError(busy + "; nothing submitted")
+    calls = [SlurmTask(config_path, over, o.max_requeues, o.signal, str(run)) for _, over, run in runs]
     try:
         import submitit
     except ImportError:
@@ -235,27 +251,41 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
                             "(or use `launch local`)")
     folder = rdir / SUBMITIT_FOLDER
     world = o.nodes * tasks
-    command = shlex.join(["unidad-dist", *task.argv()])
     if o.dry_run:  # the script submitit would write, without needing SLURM here
         from submitit.slurm.slurm import _make_sbatch_string
 
         submit = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-        print(f"launch slurm (dry run, nothing submitted): {o.nodes} node(s) x {tasks} task(s) = {world} ranks, "
-              f"run folder {rdir}, submitit folder {folder}")
-        print("sbatch script:\n" + _make_sbatch_string(command=submit, folder=folder, **params))
+        array = {"map_count": len(runs)} if o.sweep else {}
+        print(f"launch slurm (dry run, nothing submitted): {o.nodes} node(s) x {tasks} task(s) = {world} ranks"
+              + (f" per run, a job array of {len(runs)} runs" if o.sweep else f", run folder {rdir}")
+              + f", submitit folder {folder}")
+        print("sbatch script:\n" + _make_sbatch_string(command=submit, folder=folder, **params, **array))
         print(f"each task: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM (submitit), "
-              f"UNIDAD_STOP_SIGNALS={signal_by_name(o.signal).name[3:]}, then\n  {command}")
+              f"UNIDAD_STOP_SIGNALS={signal_by_name(o.signal).name[3:]}, then")
+        for call in calls:
+            print(f"  {shlex.join(['unidad-dist', *call.argv()])}")
         return 0
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues)
     executor.update_parameters(**params)
     rdir.mkdir(parents=True, exist_ok=True)
     try:
-        job = executor.submit(task)
+        if o.sweep:
+            with executor.batch():
+                jobs = [executor.submit(call) for call in calls]
+        else:
+            jobs = [executor.submit(calls[0])]
     except subprocess.CalledProcessError as e:  # sbatch refused it: its own words
         out = (e.output or b"") if isinstance(e.output, bytes) else (e.output or "").encode()
         raise UserError(f"sbatch refused the job: {out.decode(errors='replace').strip() or e}") from None
     except Exception as e:  # submitit wraps sbatch's failures in its own errors
         raise UserError(f"sbatch refused the job: {e}") from None
+    if o.sweep:
+        print(f"launch slurm: submitted job array {str(jobs[0].job_id).split('_')[0]} ({len(jobs)} runs of "
+              f"{o.nodes} node(s) x {tasks} task(s)); run folders under {rdir}; task logs {folder}", flush=True)
+        for job, (_, _, run) in zip(jobs, runs):
+            print(f"  job {job.job_id}: {run}")
+        return 0 if o.no_wait else wait_sweep(jobs, [(p, r) for p, _, r in runs], rdir, o, poll_s)
+    job = jobs[0]
     print(f"launch slurm: submitted job {job.job_id} ({o.nodes} node(s) x {tasks} task(s) = {world} ranks); run "
           f"folder {rdir}; task logs {folder}", flush=True)
     if o.no_wait:
@@ -264,14 +294,36 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     return wait(job, rdir, o, poll_s)
 
 
-def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
-    """Stream rank 0's train.log until the job leaves the queue (through requeues); its exit status."""
+def _result(job) -> tuple[Optional[str], object]:
+    """(outcome, value) from rank 0's result file — ("success", ...) or ("error", traceback) — or (None, None)."""
     from submitit.core.utils import pickle_load
 
+    result = job.paths.result_pickle if job.num_tasks == 1 else job.task(0).paths.result_pickle
+    for _ in range(20):  # a shared filesystem may show the result a moment later
+        if result.exists():
+            return pickle_load(result)
+        time.sleep(0.5)
+    return None, None
 
+
+def _status(job, o: SlurmOptions, last_state: Optional[str]) -> tuple[int, str]:
+    """The finished job's exit status and one line saying how it ended."""
+    outcome, value = _result(job)
+    if outcome is None:
+        err = job.task(0).paths.stderr if job.num_tasks > 1 else job.paths.stderr
+        return 1, (f"ended ({last_state or 'gone'}) without a result; rank 0's stderr ({err}) ends:\n"
+                   f"{_tail(err)}")
+    if outcome == "success":
+        return 0, "finished"
+    text = str(value).strip().splitlines()
+    last = text[-1] if text else str(value)
+    return (128 + signal_by_name(o.signal) if "stopped by" in last else 1), f"did not finish: {last}"
+
+
+def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
+    """Stream rank 0's train.log until the job leaves the queue (through requeues); its exit status."""
     log = rdir / TRAIN_LOG
     pos = log.stat().st_size if log.is_file() else 0
-    result = job.paths.result_pickle if job.num_tasks == 1 else job.task(0).paths.result_pickle
     last_state = None
     while True:
         pos = _follow(log, pos)
@@ -282,20 +334,76 @@ def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
         if state is None or state in TERMINAL:  # a requeued job is PENDING / REQUEUED meanwhile, not gone
             break
         time.sleep(poll_s)
-    for _ in range(20):  # a shared filesystem may show the result a moment later
-        if result.exists():
-            break
-        time.sleep(0.5)
+    code, how = _status(job, o, last_state)
     _follow(log, pos)
-    if not result.exists():
-        err = job.task(0).paths.stderr if job.num_tasks > 1 else job.paths.stderr
-        print(f"launch slurm: job {job.job_id} ended ({last_state or 'gone'}) without a result; rank 0's stderr "
-              f"({err}) ends:\n{_tail(err)}", file=sys.stderr)
-        return 1
-    outcome, value = pickle_load(result)
-    if outcome == "success":
-        print(f"launch slurm: job {job.job_id} finished; run folder {rdir}")
-        return 0
-    text = str(value).strip().splitlines()
-    print(f"launch slurm: job {job.job_id} did not finish: {text[-1] if text else value}", file=sys.stderr)
-    return 128 + signal_by_name(o.signal) if "stopped by" in (text[-1] if text else "") else 1
+    print(f"launch slurm: job {job.job_id} {how}" + (f"; run folder {rdir}" if code == 0 else ""),
+          file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    return code
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps: one job array, one run folder per point
+# --------------------------------------------------------------------------------------------------
+SWEEP_FILE = "sweep.json"
+
+
+def sweep_points(sweeps: list[str]) -> list[list[tuple[str, str]]]:
+    """``["algorithm.a=0,0.5", "train.iterations=2,3"]`` -> the product, as lists of (key, value)."""
+    import itertools
+
+    axes = []
+    for item in sweeps:
+        key, eq, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",")]
+        if not eq or not key.strip() or not all(vals):
+            raise UserError(f"--sweep {item!r}: give key=value1,value2,... (e.g. --sweep algorithm.a=0,0.5,0.75)")
+        if any(k == key.strip() for k, _ in axes):
+            raise UserError(f"--sweep names {key.strip()} twice; give its values once, comma-separated")
+        axes.append((key.strip(), vals))
+    return [list(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def point_name(point: list[tuple[str, str]]) -> str:
+    """A run folder's name after its values: the keys' last parts (whole keys where two share one)."""
+    last = [k.rsplit(".", 1)[-1] for k, _ in point]
+    names = [k if last.count(k.rsplit(".", 1)[-1]) > 1 else k.rsplit(".", 1)[-1] for k, _ in point]
+    safe = lambda v: "".join(c if c.isalnum() or c in ".-+" else "_" for c in v)  # noqa: E731
+    return "_".join(f"{n}={safe(v)}" for n, (_, v) in zip(names, point))
+
+
+def wait_sweep(jobs: list, points: list, base: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
+    """Wait for every job of the array; print and write (<base>/sweep.json) how each point ended."""
+    last: dict = {}
+    pending = {j.job_id for j in jobs}
+    while pending:
+        for j in jobs:
+            if j.job_id not in pending:
+                continue
+            state = _squeue_state(str(j.job_id))
+            if state != last.get(j.job_id) and state not in (None, "COMPLETING"):
+                print(f"launch slurm: job {j.job_id} {state}", flush=True)
+            last[j.job_id] = state
+            if state is None or state in TERMINAL:
+                pending.discard(j.job_id)
+        if pending:
+            time.sleep(poll_s)
+    rows, worst = [], 0
+    for j, (point, rdir) in zip(jobs, points):
+        code, how = _status(j, o, last.get(j.job_id))
+        worst = worst or code
+        summary = {}
+        if (rdir / "summary.json").is_file():
+            try:
+                summary = json.loads((rdir / "summary.json").read_text())
+            except (OSError, ValueError):
+                summary = {}
+        rows.append({"job": str(j.job_id), "point": dict(point), "run": str(rdir), "exit": code,
+                     "outcome": how.splitlines()[0],
+                     **{k: summary[k] for k in ("proxy_distance_ratio", "copy_rate", "diversity") if k in summary}})
+    atomic = base / SWEEP_FILE
+    atomic.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"launch slurm: sweep of {len(rows)} runs ended ({atomic}):")
+    for r in rows:
+        extra = "".join(f" {k} {r[k]:.3f}" for k in ("proxy_distance_ratio", "copy_rate", "diversity") if k in r)
+        print(f"  {point_name(list(r['point'].items())):40} {r['outcome'][:60]}{extra}  {r['run']}")
+    return worst
