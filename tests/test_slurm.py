@@ -298,3 +298,19 @@ def test_a_sweep_runs_each_point_in_its_own_folder_and_summarises(tmp_path, pipe
         assert yaml.safe_load((run / "config.yaml").read_text())["algorithm"]["a"] == a
         assert json.loads((run / "outcome.json").read_text())["outcome"] == "finished"
     assert "sweep of 2 runs ended" in r.stdout
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--tasks-per-node", "2", "--partition", "nope"], "invalid partition specified: nope"),
+    (["--tasks-per-node", "64"], "Requested node configuration is not available"),
+    (["--gpus-per-node", "2"], "Invalid generic resource (gres) specification"),  # a node without GPUs
+])
+def test_a_request_the_cluster_cannot_meet_is_refused_with_sbatchs_words(tmp_path, pipes, capsys, args, said):
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    recipe = _recipe(tmp_path, pipes, "refused")
+    assert main(["launch", "slurm", "--config", str(recipe), *args]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch refused the job" in err and said in err and "nothing submitted" in err, err
+    assert not (tmp_path / "refused").exists()

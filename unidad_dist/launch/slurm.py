@@ -189,6 +189,24 @@ def _executor_parameters(o: SlurmOptions, tasks: int, name: str) -> dict:
     return p
 
 
+def _test_only(params: dict, array: Optional[int]) -> None:
+    """``sbatch --test-only`` on the job's parameters: an unknown partition or account, more tasks, CPUs or GPUs
+    than a node has, ... are refused with sbatch's own words before anything is written or submitted (sbatch
+    would otherwise queue a job that can never start)."""
+    import tempfile
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "check.sh"
+        script.write_text(_make_sbatch_string(command="true", folder=tmp, **params,
+                                              **({"map_count": array} if array else {})))
+        r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        said = " / ".join(line.strip() for line in (r.stderr + r.stdout).splitlines() if line.strip())
+        raise UserError(f"sbatch refused the job: {said or f'exit {r.returncode}'}; nothing submitted")
+
+
 def _squeue_state(job_id: str) -> Optional[str]:
     """The job's state as squeue shows it, or None once it has left the queue."""
     r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
@@ -265,6 +283,7 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
         for call in calls:
             print(f"  {shlex.join(['unidad-dist', *call.argv()])}")
         return 0
+    _test_only(params, len(runs) if o.sweep else None)  # a request the cluster cannot meet: refused here
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues)
     executor.update_parameters(**params)
     rdir.mkdir(parents=True, exist_ok=True)
