@@ -6,6 +6,7 @@ The offline files are read with a small reader of the ``.wandb`` transaction log
 whole record a ``wandb_internal_pb2.Record``): wandb 0.31 ships no Python reader of its own.
 """
 import json
+import re
 import shutil
 import struct
 import sys
@@ -118,7 +119,10 @@ def test_offline_run_is_continued_after_a_move_with_the_records_of_metrics_jsonl
     assert not (tmp_path / "wandb_dir").exists() or not any((tmp_path / "wandb_dir").iterdir())
 
     folders = sorted((moved / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith("-" + state["id"]) for f in folders), folders
+    # wandb names a folder offline-run-<second>-<id>, with -1, -2, ... when that name exists (both runs can start
+    # within one second)
+    named = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{state['id']}(-\d+)?")
+    assert len(folders) == 2 and all(named.fullmatch(f.name) for f in folders), folders
     first, second = (read_offline_run(f) for f in folders)
     for run, where in ((first, rdir), (second, moved)):
         assert run["run"].run_id == state["id"] and run["run"].project == state["project"]

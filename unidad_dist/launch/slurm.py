@@ -99,6 +99,9 @@ class SlurmTask:
             cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(
                 max(1, int(os.environ.get("SLURM_CPUS_ON_NODE", str(os.cpu_count() or 1))) // per_node))
             os.environ["OMP_NUM_THREADS"] = cpus
+            import torch  # already imported with this module: the variable alone would come too late
+
+            torch.set_num_threads(int(cpus))
         code = self._train()
         if code == 0:
             return {"outcome": "finished", "rank": env.global_rank}
