@@ -54,12 +54,7 @@ def _launch(recipe, env_extra=None):
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resumes_bit_identically(tmp_path, pipes):
-    from safetensors.torch import load_file
-
-    from test_resume_kill import _same
-    from unidad_dist.cli import main
     from unidad_dist.train import checkpoint
-    from unidad_dist.train.checkpoint import role_weights
 
     straight, stopped = _recipe(tmp_path, pipes, "straight"), _recipe(tmp_path, pipes, "stopped")
     p = _launch(straight)
@@ -89,14 +84,26 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resumes_
     out, err = p.communicate(timeout=400)
     assert p.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'stopped' / 'checkpoints' / checkpoint.ckpt_name(at)}" in out
-    a = tmp_path / "straight" / "checkpoints" / checkpoint.ckpt_name(ITERS)
-    b = tmp_path / "stopped" / "checkpoints" / checkpoint.ckpt_name(ITERS)
+    assert_same_weights_and_export(tmp_path, "straight", "stopped")
+
+
+def assert_same_weights_and_export(tmp_path, a_name: str, b_name: str) -> None:
+    """Two runs under tmp_path end with the same trained roles (at ITERS) and the same exported student, bit for bit."""
+    from safetensors.torch import load_file
+
+    from test_resume_kill import _same
+    from unidad_dist.cli import main
+    from unidad_dist.train import checkpoint
+    from unidad_dist.train.checkpoint import role_weights
+
+    a = tmp_path / a_name / "checkpoints" / checkpoint.ckpt_name(ITERS)
+    b = tmp_path / b_name / "checkpoints" / checkpoint.ckpt_name(ITERS)
     for role in ("student", "fake_teacher", "target_teacher"):
         _same(role_weights(a, role), role_weights(b, role), role)
-    for name in ("straight", "stopped"):
+    for name in (a_name, b_name):
         assert main(["export", "--run", str(tmp_path / name), "--out", str(tmp_path / f"export_{name}")]) == 0
-    _same(load_file(str(tmp_path / "export_straight" / "unet" / "diffusion_pytorch_model.safetensors")),
-          load_file(str(tmp_path / "export_stopped" / "unet" / "diffusion_pytorch_model.safetensors")), "export")
+    _same(load_file(str(tmp_path / f"export_{a_name}" / "unet" / "diffusion_pytorch_model.safetensors")),
+          load_file(str(tmp_path / f"export_{b_name}" / "unet" / "diffusion_pytorch_model.safetensors")), "export")
 
 
 def test_one_process_stops_at_the_boundary_with_or_without_a_checkpoint(tmp_path, pipes):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_signals import ITERS, _recipe as signals_recipe
+from test_signals import ITERS, _recipe as signals_recipe, assert_same_weights_and_export
 from unidad_dist.cli import main
 
 
@@ -111,11 +111,7 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
     why = _slurm_up()
     if why:
         pytest.skip(why)
-    from safetensors.torch import load_file
-
-    from test_resume_kill import _same
     from unidad_dist.train import checkpoint
-    from unidad_dist.train.checkpoint import role_weights
 
     straight, slurm = _recipe(tmp_path, pipes, "straight"), _recipe(tmp_path, pipes, "slurm")
     # the uninterrupted reference comes from another launcher: the same weights whoever started the ranks (with
@@ -147,14 +143,7 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
     assert f"resumed from {ckpt}" in out
     assert not (tmp_path / "slurm" / "run.lock").exists()
     assert json.loads((tmp_path / "slurm" / "outcome.json").read_text())["outcome"] == "finished"
-    a = tmp_path / "straight" / "checkpoints" / checkpoint.ckpt_name(ITERS)
-    b = tmp_path / "slurm" / "checkpoints" / checkpoint.ckpt_name(ITERS)
-    for role in ("student", "fake_teacher", "target_teacher"):
-        _same(role_weights(a, role), role_weights(b, role), role)
-    for name in ("straight", "slurm"):
-        assert main(["export", "--run", str(tmp_path / name), "--out", str(tmp_path / f"export_{name}")]) == 0
-    _same(load_file(str(tmp_path / "export_straight" / "unet" / "diffusion_pytorch_model.safetensors")),
-          load_file(str(tmp_path / "export_slurm" / "unet" / "diffusion_pytorch_model.safetensors")), "export")
+    assert_same_weights_and_export(tmp_path, "straight", "slurm")
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ import time
 from unidad_dist.config import load_config
 from unidad_dist.device import free_port
 from unidad_dist.errors import UserError
+from unidad_dist.train.signals import SIGNALS
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None)
+STOP_SIGNALS = SIGNALS  # what the ranks stop on, forwarded to them
 
 
 def _die_with_launcher() -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from unidad_dist.config import load_config, run_dir
+from unidad_dist.core.io import atomic_write_text
 from unidad_dist.errors import StoppedBySignal, UserError
 from unidad_dist.train.logging import TRAIN_LOG
 from unidad_dist.train.loop import train
@@ -243,22 +244,12 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     rdir = run_dir(cfg).resolve()
     name = o.job_name or f"unidad-{cfg.run.name}"
     params = _executor_parameters(o, tasks, name)
-    config_path = str(Path(config).resolve()) if Path(config).is_file() else config  # a shipped recipe's name
-    runs = [([], overrides, rdir)]  # (point, overrides, run folder)
-    if o.sweep:
-        runs = []
-        for point in sweep_points(o.sweep):
-            run = rdir / point_name(point)
-            over = [*overrides, *(f"{k}={v}" for k, v in point), f"run.dir={run}"]
-            try:
-                load_config(config, over)  # every point's values are checked before anything is submitted
-            except UserError as e:
-                raise UserError(f"--sweep point {point_name(point)}: {e}; nothing submitted") from None
-            runs.append((point, over, run))
+    runs = _runs(config, overrides, rdir, o.sweep)
     for _, _, run in runs:
         busy = live_writer(run, cfg.run.lock_stale_s)
         if busy:
             raise UserError(busy + "; nothing submitted")
+    config_path = str(Path(config).resolve()) if Path(config).is_file() else config  # a shipped recipe's name
     calls = [SlurmTask(config_path, over, o.max_requeues, o.signal, str(run)) for _, over, run in runs]
     try:
         import submitit
@@ -272,19 +263,8 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
                             "(or use `launch local`)")
     folder = rdir / SUBMITIT_FOLDER
     world = o.nodes * tasks
-    if o.dry_run:  # the script submitit would write, without needing SLURM here
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        submit = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-        array = {"map_count": len(runs)} if o.sweep else {}
-        print(f"launch slurm (dry run, nothing submitted): {o.nodes} node(s) x {tasks} task(s) = {world} ranks"
-              + (f" per run, a job array of {len(runs)} runs" if o.sweep else f", run folder {rdir}")
-              + f", submitit folder {folder}")
-        print("sbatch script:\n" + _make_sbatch_string(command=submit, folder=folder, **params, **array))
-        print(f"each task: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM (submitit), "
-              f"UNIDAD_STOP_SIGNALS={signal_by_name(o.signal).name[3:]}, then")
-        for call in calls:
-            print(f"  {shlex.join(['unidad-dist', *call.argv()])}")
+    if o.dry_run:
+        _dry_run(params, calls, folder, rdir, o, tasks, sweep=bool(o.sweep))
         return 0
     _test_only(params, len(runs) if o.sweep else None)  # a request the cluster cannot meet: refused here
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues)
@@ -316,6 +296,61 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     return wait(job, rdir, o, poll_s)
 
 
+def _runs(config: str, overrides: list[str], rdir: Path, sweep: list[str]) -> list[tuple[list, list[str], Path]]:
+    """(point, overrides, run folder) of each run: the recipe's own, or one per sweep point (each checked)."""
+    if not sweep:
+        return [([], overrides, rdir)]
+    runs = []
+    for point in sweep_points(sweep):
+        run = rdir / point_name(point)
+        over = [*overrides, *(f"{k}={v}" for k, v in point), f"run.dir={run}"]
+        try:
+            load_config(config, over)  # every point's values are checked before anything is submitted
+        except UserError as e:
+            raise UserError(f"--sweep point {point_name(point)}: {e}; nothing submitted") from None
+        runs.append((point, over, run))
+    return runs
+
+
+def _dry_run(params: dict, calls: list, folder: Path, rdir: Path, o: SlurmOptions, tasks: int, sweep: bool) -> None:
+    """Print the sbatch script submitit would write and each run's command, without needing SLURM here."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    submit = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    array = {"map_count": len(calls)} if sweep else {}
+    print(f"launch slurm (dry run, nothing submitted): {o.nodes} node(s) x {tasks} task(s) = {o.nodes * tasks} ranks"
+          + (f" per run, a job array of {len(calls)} runs" if sweep else f", run folder {rdir}")
+          + f", submitit folder {folder}")
+    print("sbatch script:\n" + _make_sbatch_string(command=submit, folder=folder, **params, **array))
+    print(f"each task: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM (submitit), "
+          f"UNIDAD_STOP_SIGNALS={signal_by_name(o.signal).name[3:]}, then")
+    for call in calls:
+        print(f"  {shlex.join(['unidad-dist', *call.argv()])}")
+
+
+def _watch(jobs: list, poll_s: float, hide: tuple = (), tick=None) -> dict:
+    """Poll squeue until every job has left the queue or ended (a requeued job is PENDING / REQUEUED meanwhile,
+    not gone), printing each change of state except those in ``hide``; ``tick()`` runs at every poll. The
+    last state seen per job id."""
+    last: dict = {}
+    pending = {j.job_id for j in jobs}
+    while pending:
+        if tick is not None:
+            tick()
+        for j in jobs:
+            if j.job_id not in pending:
+                continue
+            state = _squeue_state(str(j.job_id))
+            if state != last.get(j.job_id) and state not in (None, "COMPLETING", *hide):
+                print(f"launch slurm: job {j.job_id} {state}", flush=True)
+            last[j.job_id] = state
+            if state is None or state in TERMINAL:
+                pending.discard(j.job_id)
+        if pending:
+            time.sleep(poll_s)
+    return last
+
+
 def _result(job) -> tuple[Optional[str], object]:
     """(outcome, value) from rank 0's result file — ("success", ...) or ("error", traceback) — or (None, None)."""
     from submitit.core.utils import pickle_load
@@ -345,19 +380,14 @@ def _status(job, o: SlurmOptions, last_state: Optional[str]) -> tuple[int, str]:
 def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
     """Stream rank 0's train.log until the job leaves the queue (through requeues); its exit status."""
     log = rdir / TRAIN_LOG
-    pos = log.stat().st_size if log.is_file() else 0
-    last_state = None
-    while True:
-        pos = _follow(log, pos)
-        state = _squeue_state(str(job.job_id))
-        if state != last_state and state not in (None, "RUNNING", "COMPLETING"):
-            print(f"launch slurm: job {job.job_id} {state}", flush=True)
-        last_state = state
-        if state is None or state in TERMINAL:  # a requeued job is PENDING / REQUEUED meanwhile, not gone
-            break
-        time.sleep(poll_s)
+    pos = [log.stat().st_size if log.is_file() else 0]
+
+    def follow() -> None:
+        pos[0] = _follow(log, pos[0])
+
+    last_state = _watch([job], poll_s, hide=("RUNNING",), tick=follow).get(job.job_id)  # the log shows it runs
     code, how = _status(job, o, last_state)
-    _follow(log, pos)
+    follow()
     print(f"launch slurm: job {job.job_id} {how}" + (f"; run folder {rdir}" if code == 0 else ""),
           file=sys.stdout if code == 0 else sys.stderr, flush=True)
     return code
@@ -395,20 +425,7 @@ def point_name(point: list[tuple[str, str]]) -> str:
 
 def wait_sweep(jobs: list, points: list, base: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
     """Wait for every job of the array; print and write (<base>/sweep.json) how each point ended."""
-    last: dict = {}
-    pending = {j.job_id for j in jobs}
-    while pending:
-        for j in jobs:
-            if j.job_id not in pending:
-                continue
-            state = _squeue_state(str(j.job_id))
-            if state != last.get(j.job_id) and state not in (None, "COMPLETING"):
-                print(f"launch slurm: job {j.job_id} {state}", flush=True)
-            last[j.job_id] = state
-            if state is None or state in TERMINAL:
-                pending.discard(j.job_id)
-        if pending:
-            time.sleep(poll_s)
+    last = _watch(jobs, poll_s)
     rows, worst = [], 0
     for j, (point, rdir) in zip(jobs, points):
         code, how = _status(j, o, last.get(j.job_id))
@@ -422,9 +439,8 @@ def wait_sweep(jobs: list, points: list, base: Path, o: SlurmOptions, poll_s: fl
         rows.append({"job": str(j.job_id), "point": dict(point), "run": str(rdir), "exit": code,
                      "outcome": how.splitlines()[0],
                      **{k: summary[k] for k in ("proxy_distance_ratio", "copy_rate", "diversity") if k in summary}})
-    atomic = base / SWEEP_FILE
-    atomic.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"launch slurm: sweep of {len(rows)} runs ended ({atomic}):")
+    atomic_write_text(base / SWEEP_FILE, json.dumps(rows, indent=2) + "\n")
+    print(f"launch slurm: sweep of {len(rows)} runs ended ({base / SWEEP_FILE}):")
     for r in rows:
         extra = "".join(f" {k} {r[k]:.3f}" for k in ("proxy_distance_ratio", "copy_rate", "diversity") if k in r)
         print(f"  {point_name(list(r['point'].items())):40} {r['outcome'][:60]}{extra}  {r['run']}")
