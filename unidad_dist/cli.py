@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-seed", type=int, default=None,
                    help="draw the noise from torch.Generator().manual_seed(N) in one batch, as a diffusers "
                         "pipeline called with that generator does (an exported pipeline gives the same images)")
-    p = _sub(sub, "launch", "start the ranks of the same train loop: on this host, or as a SLURM job")
+    p = _sub(sub, "launch", "start the ranks of the same train loop: on this host, as a SLURM job, or on a Ray cluster")
     where = p.add_subparsers(dest="where", required=True)
     p = _sub(where, "local", "N processes on this host")
     p.add_argument("--nproc", type=int, required=True, help="number of ranks")
@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each task's command; "
                                                           "submit nothing")
     p.add_argument("--no-wait", action="store_true", help="print the job id and run folder and return")
+    _add_overrides(p)
+    p = _sub(where, "ray", "Ray Train workers on a Ray cluster: one rank per worker; a failed worker restarts the "
+                           "group, which resumes from the latest checkpoint")
+    p.add_argument("--config", required=True, help=RECIPE_HELP)
+    p.add_argument("--num-workers", type=int, required=True, help="number of workers (ranks)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker: 1 on GPU clusters, 0 on CPUs")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (its torch threads)")
+    p.add_argument("--address", default=None,
+                   help="auto (the cluster this node belongs to), local (a private cluster on this machine for this "
+                        "command) or HOST:PORT of the head node (default: $RAY_ADDRESS, else auto)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="worker-group restarts after a worker dies (-1: unlimited); each resumes from the latest "
+                        "checkpoint")
     _add_overrides(p)
     p = _sub(sub, "plan", "memory and FLOPs per role and rank, from model configs (meta device)")
     p.add_argument("--config", required=True, help=RECIPE_HELP)
@@ -357,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
 
             opts = SlurmOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SlurmOptions)})
             return launch_slurm(args.config, args.overrides, opts)
+        if args.cmd == "launch" and args.where == "ray":
+            from unidad_dist.launch.ray_train import RayOptions, launch_ray
+
+            opts = RayOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RayOptions)})
+            return launch_ray(args.config, args.overrides, opts)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

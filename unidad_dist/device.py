@@ -47,17 +47,23 @@ def pick_device(local_rank: int = 0) -> torch.device:
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    return backend_for_gpus(device.type == "cuda")
 
 
-def runtime_from_env(dist_timeout_s: float = 600.0) -> Runtime:
+def backend_for_gpus(use_gpus: bool) -> str:
+    """The process group's backend for ranks on GPUs or on CPUs (a launcher that starts the group itself)."""
+    return "nccl" if use_gpus else "gloo"
+
+
+def runtime_from_env(dist_timeout_s: float = 600.0, device: torch.device | None = None) -> Runtime:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, DeepSpeed launcher, submitit, Ray all set them) and,
     when more than one rank is present, initialise the default process group with the backend that
-    fits the device."""
+    fits the device (unless the launcher already did). ``device``: the one the launcher assigned (Ray Train's),
+    else the local rank's."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(local_rank)
+    device = device if device is not None else pick_device(local_rank)
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

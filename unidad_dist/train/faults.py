@@ -8,6 +8,9 @@
   its job (``scancel --signal``), as a preemption or a near time limit does — in the job's first start only
   (SLURM_RESTART_COUNT unset or 0), so the requeued job runs through.
 
+``UNIDAD_FAULT_ONCE=<file>`` makes each of them happen once: the first time, the file is created; while it exists,
+the point passes (a restarted worker group reaches the same point again and must run through).
+
 Points: ``iter:N`` (before iteration N runs) and ``ckpt:N`` (while checkpoint N is being written: the
 engine states are on disk in its temporary folder, nothing is published yet). They let a test act at an
 exact, seeded place instead of racing a timer.
@@ -21,10 +24,25 @@ ENV = "UNIDAD_KILL_AT"
 ENV_SIGTERM_PARENT = "UNIDAD_SIGTERM_PARENT_AT"
 ENV_SIGTERM_SELF = "UNIDAD_SIGTERM_SELF_AT"
 ENV_SCANCEL = "UNIDAD_SCANCEL_AT"
+ENV_ONCE = "UNIDAD_FAULT_ONCE"
+
+
+def _first_time() -> bool:
+    once = os.environ.get(ENV_ONCE)
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def kill_point(rank: int, point: str) -> None:
     here = f"{rank}:{point}"
+    if here not in {os.environ.get(v, "") for v in (ENV, ENV_SIGTERM_PARENT, ENV_SIGTERM_SELF)} | {
+            os.environ.get(ENV_SCANCEL, "").rpartition(":")[0]} or not _first_time():
+        return
     if os.environ.get(ENV) == here:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(ENV_SIGTERM_PARENT) == here:

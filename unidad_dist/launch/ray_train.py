@@ -1,0 +1,197 @@
+"""``unidad-dist launch ray --config FILE [overrides] --num-workers N ...``: the train loop on a Ray cluster,
+through Ray Train.
+
+* A ``TorchTrainer`` whose N workers each run ``unidad-dist train``'s loop (``_worker``: the same ``train(cfg)``
+  every launcher ends in). Ray Train starts the process group (gloo on CPU workers, NCCL on GPU workers) and
+  sets RANK / WORLD_SIZE / LOCAL_RANK; each worker's device is the one Ray Train assigned it
+  (``ray.train.torch.get_device()``), not an index the launcher guesses.
+* ``RunConfig(storage_path=<run folder's parent>, name=<run folder's name>)``: Ray's own files land in the run
+  folder. Each published checkpoint is reported from every worker (``ray.train.report``, the same number of
+  times on each, through the loop's ``on_checkpoint`` hook) with the checkpoint folder, which holds every rank's
+  part (its ZeRO partitions, RNG, data positions); Ray records it where it is, without a copy.
+* ``FailureConfig(max_failures)``: when a worker dies (a SIGKILL, a lost node), Ray Train stops the group and
+  starts a new one, whose loop resumes from the run folder's latest complete checkpoint exactly as any other
+  launcher's does (the lock of the dead group is taken over: it carries this launch's id).
+* The command waits; rank 0's progress comes through Ray's log forwarding and goes to ``<run>/train.log``;
+  metrics, grids and summary.json are the loop's, as with any launcher. Exit status 0 when the run finished,
+  1 when it failed after ``--max-failures`` restarts (the same command resumes it).
+
+``--address``: ``auto`` joins the cluster this node belongs to (``ray start`` ran here, or RAY_ADDRESS),
+``local`` starts a private one-node cluster for this command, ``HOST:PORT`` a head node's GCS address.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from unidad_dist.config import load_config, run_dir
+from unidad_dist.device import backend_for_gpus
+from unidad_dist.errors import UserError
+from unidad_dist.train.hooks import Hook
+from unidad_dist.train.runlock import LAUNCH_ID_ENV, live_writer
+
+RAY_EXTRA = "pip install 'unidad_dist[ray]' (or pip install 'ray[default,train]')"
+
+
+@dataclasses.dataclass
+class RayOptions:
+    num_workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    address: Optional[str] = None  # auto | local | HOST:PORT; None: $RAY_ADDRESS, else auto
+    max_failures: int = 3
+
+
+class RayReport(Hook):
+    """Reports each published checkpoint to Ray Train from every worker (a barrier: every rank reaches it the
+    same number of times, as every rank takes part in every save), with rank 0's latest step logs."""
+
+    def __init__(self):
+        self.last: dict = {}
+
+    def on_step_end(self, run, iteration: int, logs: dict) -> None:
+        self.last = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+
+    def on_checkpoint(self, run, path: Path, iteration: int) -> None:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        ray.train.report({"iteration": iteration, **self.last}, checkpoint=ray.train.Checkpoint(str(path)),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _worker(spec: dict) -> None:
+    """What each Ray Train worker runs: the train loop on the recipe, resuming from the run folder."""
+    import ray.train.torch
+    import torch
+
+    from unidad_dist.device import runtime_from_env
+    from unidad_dist.train.loop import train
+
+    os.environ[LAUNCH_ID_ENV] = spec["launch_id"]  # a restarted group takes over the dead group's run lock
+    threads = max(1, int(spec["cpus_per_worker"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)  # the worker's CPUs, not every core of its node
+    if os.path.isdir(spec["cwd"]):
+        os.chdir(spec["cwd"])  # relative paths in overrides and run.dir are the launching shell's
+    cfg = load_config(spec["config"], spec["overrides"])
+    rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
+    train(cfg, rt, hooks=[RayReport()])
+
+
+def _reachable(address: str) -> Optional[str]:
+    """Why the cluster at ``address`` (auto or HOST:PORT) cannot be reached, or None. Checked with a short TCP
+    connect first: ``ray.init`` itself retries an unreachable GCS for many minutes."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        where = canonicalize_bootstrap_address(address)
+    except Exception as e:  # an unparsable address, a stale cluster file
+        return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    if where is None:
+        return "no running cluster found on this node"
+    host, _, port = where.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return None
+    except (OSError, ValueError) as e:
+        return f"{where}: {e.strerror or e}" if isinstance(e, OSError) else f"{where}: {e}"
+
+
+def _connect(address: Optional[str]):
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    # Ray Train's print patch would send every line rank 0 prints (already in train.log and on stdout) once more
+    # through its logger: off, on every worker of this job
+    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": "warning",
+                    "runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
+    try:
+        why = None if address == "local" else _reachable(address)
+        if why:
+            raise ConnectionError(why)
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = ("no running Ray cluster was found on this node: start one (`ray start --head`), give its "
+                "address (--address HOST:PORT), or run on this machine alone with --address local"
+                if address == "auto" else "check the head node's address and port (`ray status` on the head node "
+                "prints it) and that this machine can reach it")
+        raise UserError(f"cannot connect to the Ray cluster at {address!r} ({str(e).splitlines()[0][:300]}); "
+                        f"{hint}; nothing started") from None
+    return ray
+
+
+def _check_resources(ray, o: RayOptions) -> None:
+    total = ray.cluster_resources()
+    need = {"CPU": o.num_workers * o.cpus_per_worker, "GPU": o.num_workers * o.gpus_per_worker}
+    short = [f"{need[k]:g} {k} ({o.num_workers} worker(s) x {v:g}) but it has {total.get(k, 0):g}"
+             for k, v in (("CPU", o.cpus_per_worker), ("GPU", o.gpus_per_worker)) if need[k] > total.get(k, 0)]
+    if short:
+        fix = ("give fewer --num-workers, a smaller --cpus-per-worker / --gpus-per-worker, or add nodes"
+               if total.get("GPU", 0) or not o.gpus_per_worker else
+               "this cluster has no GPUs: run with --gpus-per-worker 0 (CPU workers) or join a GPU cluster")
+        raise UserError(f"the Ray cluster cannot place the workers: they need {'; '.join(short)}; {fix}; nothing "
+                        "started")
+
+
+def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
+    cfg = load_config(config, overrides)  # bad input fails here, before anything starts
+    if o.num_workers < 1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0 or o.max_failures < -1:
+        raise UserError(f"--num-workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0 and "
+                        f"--max-failures >= -1 (-1: unlimited) (got {o.num_workers}, {o.cpus_per_worker:g}, "
+                        f"{o.gpus_per_worker:g}, {o.max_failures})")
+    if o.gpus_per_worker and o.gpus_per_worker != int(o.gpus_per_worker):
+        raise UserError(f"--gpus-per-worker {o.gpus_per_worker:g}: each rank needs whole GPUs (one rank per GPU: 1)")
+    rdir = run_dir(cfg).resolve()
+    busy = live_writer(rdir, cfg.run.lock_stale_s)
+    if busy:
+        raise UserError(busy + "; nothing started")
+    try:
+        import ray  # noqa: F401
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        raise UserError(f"launch ray needs Ray Train: {RAY_EXTRA}") from None
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = _connect(o.address)
+    try:
+        _check_resources(ray, o)
+        spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
+                "overrides": list(overrides), "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
+                "launch_id": f"ray:{uuid.uuid4().hex[:12]}"}
+        resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            _worker, train_loop_config=spec,
+            scaling_config=ScalingConfig(num_workers=o.num_workers, use_gpu=bool(o.gpus_per_worker),
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend=backend_for_gpus(bool(o.gpus_per_worker)),
+                                     timeout_s=int(cfg.run.dist_timeout)),
+            run_config=RunConfig(name=rdir.name, storage_path=str(rdir.parent),
+                                 failure_config=FailureConfig(max_failures=o.max_failures)))
+        print(f"launch ray: {o.num_workers} worker(s) x {o.cpus_per_worker:g} CPU"
+              + (f" + {o.gpus_per_worker:g} GPU" if o.gpus_per_worker else "")
+              + f" on the Ray cluster; run folder {rdir}; at most {o.max_failures} restart(s) after a worker "
+              "failure", flush=True)
+        t0 = time.time()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray Train's TrainingFailedError after max_failures restarts
+            print(f"launch ray: the run failed after at most {o.max_failures} restart(s): "
+                  f"{str(e).strip().splitlines()[-1][:2000] if str(e).strip() else type(e).__name__}; the "
+                  f"checkpoints in {rdir / 'checkpoints'} stay valid; the same command resumes the run",
+                  file=sys.stderr, flush=True)
+            return 1
+        if getattr(result, "error", None) is not None:
+            print(f"launch ray: the run failed: {result.error}", file=sys.stderr, flush=True)
+            return 1
+        print(f"launch ray: finished in {time.time() - t0:.0f} s; run folder {rdir}", flush=True)
+        return 0
+    finally:
+        ray.shutdown()
