@@ -12,6 +12,7 @@ import time
 import pytest
 
 from test_signals import ITERS, _recipe as signals_recipe, assert_same_weights_and_export
+from test_wandb import assert_one_wandb_run
 from unidad_dist.cli import main
 
 
@@ -76,7 +77,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(tmp_path, p
         pytest.skip(_ray_missing())
     from unidad_dist.train import checkpoint
 
-    straight, ray_run = _recipe(tmp_path, pipes, "straight"), _recipe(tmp_path, pipes, "ray")
+    straight = _recipe(tmp_path, pipes, "straight")
+    ray_run = _recipe(tmp_path, pipes, "ray", **{"logging.wandb": True})  # offline: the same wandb run throughout
     r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "local", "--nproc", "2", "--config",
                         str(straight)], capture_output=True, text=True, timeout=600, env=_clean_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -86,7 +88,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(tmp_path, p
     r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", str(ray_run),
                         "--num-workers", "2", "--address", "local", "--max-failures", "1"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                       env=_clean_env(UNIDAD_KILL_AT="1:iter:6", UNIDAD_FAULT_ONCE=str(tmp_path / "killed")))
+                       env=_clean_env(UNIDAD_KILL_AT="1:iter:6", UNIDAD_FAULT_ONCE=str(tmp_path / "killed"),
+                                      WANDB_MODE="offline", WANDB_SILENT="true"))
     seconds = time.time() - t0
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
@@ -102,5 +105,6 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(tmp_path, p
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == f"checkpoints/{checkpoint.ckpt_name(ITERS)}"
     assert not list((tmp_path / "ray").glob("checkpoint_*/"))
     assert out.count("resumed from") == 1, out[-5000:]  # rank 0's lines once each (Ray's print patch is off)
+    assert_one_wandb_run(tmp_path / "ray", starts=2)
     assert_same_weights_and_export(tmp_path, "straight", "ray")
     print(f"ray kill-and-restart run: {seconds:.0f} s")

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from test_signals import ITERS, _recipe as signals_recipe, assert_same_weights_and_export
+from test_wandb import assert_one_wandb_run
 from unidad_dist.cli import main
 
 
@@ -113,7 +114,8 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
         pytest.skip(why)
     from unidad_dist.train import checkpoint
 
-    straight, slurm = _recipe(tmp_path, pipes, "straight"), _recipe(tmp_path, pipes, "slurm")
+    straight = _recipe(tmp_path, pipes, "straight")
+    slurm = _recipe(tmp_path, pipes, "slurm", **{"logging.wandb": True})  # offline: one wandb run throughout
     # the uninterrupted reference comes from another launcher: the same weights whoever started the ranks (with
     # the task's thread count unset, SLURM's ranks ran with another one and ended 2.5e-7 away)
     r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "local", "--nproc", "2", "--config",
@@ -129,7 +131,8 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
         r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(slurm),
                             "--tasks-per-node", "2", "--time", "10", "--max-requeues", "1"],
                            capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                           env=_clean_env(UNIDAD_SCANCEL_AT="1:iter:2:USR2"))
+                           env=_clean_env(UNIDAD_SCANCEL_AT="1:iter:2:USR2", WANDB_MODE="offline",
+                                          WANDB_SILENT="true"))
     finally:
         stop.set()
         releaser.join()
@@ -143,6 +146,7 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
     assert f"resumed from {ckpt}" in out
     assert not (tmp_path / "slurm" / "run.lock").exists()
     assert json.loads((tmp_path / "slurm" / "outcome.json").read_text())["outcome"] == "finished"
+    assert_one_wandb_run(tmp_path / "slurm", starts=2)
     assert_same_weights_and_export(tmp_path, "straight", "slurm")
 
 
@@ -166,16 +170,16 @@ def test_max_requeues_ends_the_job_stopped_and_the_same_command_resumes(tmp_path
     assert "resumed from" in r.stdout and "finished" in r.stdout
 
 
-def _edited_template(tmp_path, out) -> str:
-    """slurm/torchrun.sbatch with its #SBATCH lines edited for this machine, as its header asks a user to."""
-    text = (Path(__file__).resolve().parent.parent / "slurm" / "torchrun.sbatch").read_text()
+def _edited_template(tmp_path, out, name: str = "torchrun.sbatch") -> str:
+    """A template in slurm/ with its #SBATCH lines edited for this machine, as its header asks a user to."""
+    text = (Path(__file__).resolve().parent.parent / "slurm" / name).read_text()
     for old, new in (("--nodes=2", "--nodes=1"), ("--cpus-per-task=64", "--cpus-per-task=2"),
                      ("--time=04:00:00", "--time=10"), ("--output=%x-%j.out", f"--output={out}")):
         assert f"#SBATCH {old}" in text, old
         text = text.replace(f"#SBATCH {old}", f"#SBATCH {new}")
     assert "#SBATCH --gpus-per-node=8\n" in text
     text = text.replace("#SBATCH --gpus-per-node=8\n", "")  # a CPU node
-    path = tmp_path / "torchrun.sbatch"
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
 
@@ -301,3 +305,28 @@ def test_a_request_the_cluster_cannot_meet_is_refused_with_sbatchs_words(tmp_pat
     err = capsys.readouterr().err
     assert "sbatch refused the job" in err and said in err and "nothing submitted" in err, err
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_the_ray_sbatch_template_starts_ray_and_trains_a_recipe_on_2_workers(tmp_path, pipes):
+    """slurm/ray.sbatch: a Ray head on the (single) node by srun, then `launch ray --address` with 2 workers."""
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    pytest.importorskip("ray.train.torch", reason="Ray Train is not installed (pip install 'unidad_dist[ray]')")
+    recipe = _recipe(tmp_path, pipes, "ray_template")
+    out = tmp_path / "job.out"
+    env = _clean_env(RECIPE=str(recipe), GPUS_PER_NODE="2", RAY_PORT=str(_free_port()),
+                     ACTIVATE=f"export PATH={Path(sys.executable).parent}:$PATH")
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_") or k == "RAY_PORT"}
+    r = subprocess.run(["sbatch", "--wait", _edited_template(tmp_path, out, "ray.sbatch")], capture_output=True,
+                       text=True, timeout=900, cwd=tmp_path, env=env)
+    log = out.read_text() if out.is_file() else ""
+    assert r.returncode == 0, (r.stdout, r.stderr, log[-5000:])
+    assert "1 node(s) x 2 worker(s), Ray head" in log and "training exited with code 0" in log, log[-5000:]
+    assert "launch ray: 2 worker(s) x 1 CPU" in log and "2 ranks on cpu, gloo" in log, log[-5000:]
+    assert json.loads((tmp_path / "ray_template" / "outcome.json").read_text())["outcome"] == "finished"
+    assert (tmp_path / "ray_template" / "checkpoints" / f"iter_{ITERS:07d}").is_dir()
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True).stdout.split()
+    assert not left, f"Ray processes outlived the job: {left}"

@@ -264,3 +264,17 @@ def test_wandb_missing_or_failing_is_one_clear_error(tmp_path, wcfg, monkeypatch
     off = replace(wcfg, logging=replace(wcfg.logging, wandb=False))  # off: wandb is never imported
     RunLogger(tmp_path / "off", off, True, 10, 0).close()
     assert not (tmp_path / "off").exists()
+
+
+def assert_one_wandb_run(rdir: Path, starts: int) -> None:
+    """The offline wandb files of a run that started ``starts`` times (any launcher): one folder per start, all
+    of them the run whose id the run folder stores, and every metrics.jsonl iteration is a history row."""
+    state = json.loads((rdir / WANDB_STATE).read_text())
+    folders = sorted((rdir / "wandb").glob("offline-run-*"))
+    assert len(folders) == starts, folders
+    runs = [read_offline_run(f) for f in folders]
+    assert {r["run"].run_id for r in runs} == {state["id"]}
+    assert all(r["config"]["run_folder"] == str(rdir.resolve()) for r in runs)
+    steps = set().union(*(r["history"] for r in runs))
+    iterations = {json.loads(line)["iteration"] for line in (rdir / "metrics.jsonl").read_text().splitlines()}
+    assert iterations <= steps, (sorted(iterations), sorted(steps))
