@@ -108,3 +108,37 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(tmp_path, p
     assert_one_wandb_run(tmp_path / "ray", starts=2)
     assert_same_weights_and_export(tmp_path, "straight", "ray")
     print(f"ray kill-and-restart run: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_with_a_checkpoint(tmp_path, pipes):
+    """SIGINT to `launch ray` once training runs: the workers stop at the next iteration boundary with a checkpoint
+    (the request goes through the run folder), the lock is released and the command exits 130."""
+    if _ray_missing():
+        pytest.skip(_ray_missing())
+    from unidad_dist.train import checkpoint
+
+    recipe = _recipe(tmp_path, pipes, "stopped", **{"train.iterations": 10_000, "checkpoint.every": 0})
+    log = tmp_path / "launch.out"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", str(recipe),
+                              "--num-workers", "2", "--address", "local"], stdout=f, stderr=subprocess.STDOUT,
+                             text=True, env=_clean_env(), cwd=tmp_path)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and "training: iterations 1-" not in log.read_text():
+                assert p.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            p.send_signal(2)
+            p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    out = log.read_text()
+    assert p.returncode == 130, out[-4000:]
+    assert "asking the workers to stop at the next iteration boundary" in out and "stopped with a checkpoint" in out
+    outcome = json.loads((tmp_path / "stopped" / "outcome.json").read_text())
+    at = int(outcome["checkpoint"].split("_")[1])
+    assert outcome["outcome"] == "stopped" and 0 < at < 10_000, outcome
+    assert checkpoint.latest_complete(tmp_path / "stopped").name == checkpoint.ckpt_name(at)
+    assert not (tmp_path / "stopped" / "run.lock").exists() and not (tmp_path / "stopped" / "stop.request").exists()

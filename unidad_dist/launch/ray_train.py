@@ -12,6 +12,9 @@ through Ray Train.
 * ``FailureConfig(max_failures)``: when a worker dies (a SIGKILL, a lost node), Ray Train stops the group and
   starts a new one, whose loop resumes from the run folder's latest complete checkpoint exactly as any other
   launcher's does (the lock of the dead group is taken over: it carries this launch's id).
+* SIGINT (Ctrl-C) or SIGTERM to the command: every worker stops at the next iteration boundary with a checkpoint
+  (through ``<run>/stop.request``), and the command exits 128 + the signal; a second one aborts at once (the
+  latest checkpoint stays). The same command resumes.
 * The command waits; rank 0's progress comes through Ray's log forwarding and goes to ``<run>/train.log``;
   metrics, grids and summary.json are the loop's, as with any launcher. Exit status 0 when the run finished,
   1 when it failed after ``--max-failures`` restarts (the same command resumes it).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 import uuid
@@ -30,12 +34,15 @@ from pathlib import Path
 from typing import Optional
 
 from unidad_dist.config import load_config, run_dir
-from unidad_dist.device import backend_for_gpus
+from unidad_dist.device import backend_for_gpus, runtime_from_env
 from unidad_dist.errors import UserError
 from unidad_dist.train.hooks import Hook
+from unidad_dist.train.loop import train
 from unidad_dist.train.runlock import LAUNCH_ID_ENV, live_writer
+from unidad_dist.train.signals import SIGNALS as STOP_SIGNALS
 
 RAY_EXTRA = "pip install 'unidad_dist[ray]' (or pip install 'ray[default,train]')"
+STOP_REQUEST = "stop.request"  # in the run folder: the launcher asks the workers to stop with a checkpoint
 
 
 @dataclasses.dataclass
@@ -65,13 +72,20 @@ class RayReport(Hook):
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
+class StopRequest(Hook):
+    """Stops the loop at the next iteration boundary, with a checkpoint, once ``<run>/stop.request`` exists (the
+    launcher writes it on SIGINT / SIGTERM). Ray Train runs the loop outside the worker's main thread, where
+    signal handlers cannot be installed, so the request travels through the run folder (shared by all nodes);
+    rank 0 looks, the loop agrees over all ranks."""
+
+    def should_stop(self, run, done: int) -> bool:
+        return run.rt.is_main and (run.dir / STOP_REQUEST).exists()
+
+
 def _worker(spec: dict) -> None:
     """What each Ray Train worker runs: the train loop on the recipe, resuming from the run folder."""
     import ray.train.torch
     import torch
-
-    from unidad_dist.device import runtime_from_env
-    from unidad_dist.train.loop import train
 
     os.environ[LAUNCH_ID_ENV] = spec["launch_id"]  # a restarted group takes over the dead group's run lock
     threads = max(1, int(spec["cpus_per_worker"]))
@@ -81,7 +95,7 @@ def _worker(spec: dict) -> None:
         os.chdir(spec["cwd"])  # relative paths in overrides and run.dir are the launching shell's
     cfg = load_config(spec["config"], spec["overrides"])
     rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
-    train(cfg, rt, hooks=[RayReport()])
+    train(cfg, rt, hooks=[RayReport(), StopRequest()])
 
 
 def _reachable(address: str) -> Optional[str]:
@@ -141,6 +155,28 @@ def _check_resources(ray, o: RayOptions) -> None:
                         "started")
 
 
+def _fit_in_thread(trainer):
+    """``trainer.fit()`` in a thread, so that this (main) thread keeps the signal handlers: in the main thread
+    Ray Train installs its own SIGINT handler, which aborts the workers without a checkpoint."""
+    import threading
+
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)  # signal handlers run between the waits
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
     cfg = load_config(config, overrides)  # bad input fails here, before anything starts
     if o.num_workers < 1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0 or o.max_failures < -1:
@@ -161,6 +197,7 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
         raise UserError(f"launch ray needs Ray Train: {RAY_EXTRA}") from None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _connect(o.address)
+    old: dict = {}
     try:
         _check_resources(ray, o)
         spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
@@ -180,8 +217,26 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
               + f" on the Ray cluster; run folder {rdir}; at most {o.max_failures} restart(s) after a worker "
               "failure", flush=True)
         t0 = time.time()
+        stop_file = rdir / STOP_REQUEST
+        stop_file.unlink(missing_ok=True)  # a request left by an earlier launch
+        received: list[int] = []
+
+        def ask_to_stop(signum, frame):
+            received.append(signum)
+            if len(received) > 1:
+                raise KeyboardInterrupt  # the second one: abort now
+            print(f"launch ray: {signal.Signals(signum).name}: asking the workers to stop at the next iteration "
+                  "boundary with a checkpoint (again to abort at once)", file=sys.stderr, flush=True)
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+
+        old = {s: signal.signal(s, ask_to_stop) for s in STOP_SIGNALS}
         try:
-            result = trainer.fit()
+            result = _fit_in_thread(trainer)
+        except KeyboardInterrupt:
+            print(f"launch ray: aborted; the latest checkpoint in {rdir / 'checkpoints'} stays; the same command "
+                  "resumes", file=sys.stderr, flush=True)
+            return 128 + received[0] if received else 130
         except Exception as e:  # Ray Train's TrainingFailedError after max_failures restarts
             print(f"launch ray: the run failed after at most {o.max_failures} restart(s): "
                   f"{str(e).strip().splitlines()[-1][:2000] if str(e).strip() else type(e).__name__}; the "
@@ -191,7 +246,15 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
         if getattr(result, "error", None) is not None:
             print(f"launch ray: the run failed: {result.error}", file=sys.stderr, flush=True)
             return 1
+        if received:
+            print(f"launch ray: stopped with a checkpoint ({time.time() - t0:.0f} s); the same command resumes; run "
+                  f"folder {rdir}", file=sys.stderr, flush=True)
+            return 128 + received[0]
         print(f"launch ray: finished in {time.time() - t0:.0f} s; run folder {rdir}", flush=True)
         return 0
     finally:
+        if old:
+            for s, h in old.items():
+                signal.signal(s, h)
+        (rdir / STOP_REQUEST).unlink(missing_ok=True)
         ray.shutdown()

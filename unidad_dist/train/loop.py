@@ -103,9 +103,9 @@ def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
         try:
             with log or contextlib.nullcontext():
                 try:
-                    _train(cfg, rt, rdir, Hooks(default_hooks(lock) + [stop_signal] + list(hooks or [])),
-                           stop_signal, log)
-                    outcome = {"outcome": "finished" if stop_signal.stopped_at is None else "stopped",
+                    stopped_at = _train(cfg, rt, rdir, Hooks(default_hooks(lock) + [stop_signal] + list(hooks or [])),
+                                        stop_signal, log)
+                    outcome = {"outcome": "finished" if stopped_at is None else "stopped",
                                **({"signal": signal.Signals(stop_signal.signum).name}
                                   if stop_signal.stopped_at is not None and stop_signal.signum else {})}
                 except BaseException as e:
@@ -146,7 +146,8 @@ def say(rt: Runtime, text: str) -> None:
 
 
 def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
-           log: Optional[TrainLog] = None) -> Path:
+           log: Optional[TrainLog] = None) -> Optional[int]:
+    """The run; the iteration it stopped at when a hook stopped it (a signal, a launcher's request), else None."""
     run = prepare(cfg, rt, rdir)
     if log is not None:
         log.commit()  # the run is accepted: what was printed so far, and from now on, goes to train.log
@@ -185,7 +186,7 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
         hooks.close(run)
         run.models.data.close()
     _barrier(rt)
-    return rdir
+    return done if stop else None
 
 
 def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
