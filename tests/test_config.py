@@ -109,3 +109,32 @@ def test_public_names_exist():
 def test_recipes_in_repo_validate(repo_root):
     for recipe in sorted((repo_root / "recipes").glob("*.yaml")):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["train.global_batch_size=0"], "train.global_batch_size must be >= 1"),
+    (["train.global_batch_size=8", "fake_teacher.grad_accum=2"], "remove fake_teacher.grad_accum=2"),
+    (["train.global_batch_size=8", "placement.mode=split"], "not available with placement.mode=split"),
+])
+def test_global_batch_size_conflicts(overrides, msg):
+    data = {**BASE}
+    for k, v in parse_overrides(overrides).items():
+        data[k] = {**data.get(k, {}), **v}
+    with pytest.raises(UserError, match=msg):
+        config_from_dict(data)
+
+
+def test_global_batch_size_is_split_into_micro_batches_and_accumulation():
+    from unidad_dist.config import batch_for_world
+
+    data = {**BASE, "train": {**BASE.get("train", {}), "global_batch_size": 12, "batch_size": 4}}
+    cfg = config_from_dict(data)
+    got = {w: (c.train.batch_size, c.student.grad_accum, c.fake_teacher.grad_accum)
+           for w in (1, 2, 3, 4, 6, 12) for c in [batch_for_world(cfg, w)]}
+    # per rank 12 / w samples, in the fewest micro-batches of at most 4 that divide it evenly
+    assert got == {1: (4, 3, 3), 2: (3, 2, 2), 3: (4, 1, 1), 4: (3, 1, 1), 6: (2, 1, 1), 12: (1, 1, 1)}
+    assert cfg.train.batch_size == 4 and cfg.student.grad_accum == 1  # the recipe's own config is untouched
+    with pytest.raises(UserError, match=r"cannot be split over 5 ranks; run on 1, 2, 3, 4, 6, 12 ranks"):
+        batch_for_world(cfg, 5)
+    cfg = config_from_dict({**BASE})
+    assert batch_for_world(cfg, 3) is cfg

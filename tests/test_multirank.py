@@ -102,3 +102,44 @@ def test_split_placement_resumes_bit_identically(tmp_path, pipes):
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{role}.{k}"
+
+
+def _same_roles(dir_a, dir_b, iteration: int) -> None:
+    from unidad_dist.train.checkpoint import ckpt_name, role_weights
+
+    for role in ("student", "fake_teacher", "target_teacher"):
+        a = role_weights(dir_a / "checkpoints" / ckpt_name(iteration), role)
+        b = role_weights(dir_b / "checkpoints" / ckpt_name(iteration), role)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
+
+
+def test_a_global_batch_trains_the_same_on_2_ranks_on_1_and_across_a_resize(tmp_path, pipes):
+    """train.global_batch_size=4 with micro-batches of at most 2: 2 ranks x 2 x 1 step and 1 rank x 2 x 2 accumulated
+    steps give the same weights, and a 2-rank run resumed on 1 rank continues the same trajectory."""
+    import shutil
+
+    over = {"train.global_batch_size": 4, "train.iterations": 4, "checkpoint.every": 2}
+    pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
+    two, dir2 = _recipe(tmp_path, pipe, pipes["shots"], "two", 2, **over)
+    one, dir1 = _recipe(tmp_path, pipe, pipes["shots"], "one", 2, **over)
+    resized, dir_r = _recipe(tmp_path, pipe, pipes["shots"], "resized", 2, **over)
+    r = _launch(2, two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global batch 4 = 2 rank(s) x micro-batch 2 x 1 accumulation step(s)" in r.stdout, r.stdout[-3000:]
+    r = _launch(1, one)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global batch 4 = 1 rank(s) x micro-batch 2 x 2 accumulation step(s)" in r.stdout, r.stdout[-3000:]
+    _same_roles(dir2, dir1, 4)
+    # the resized run: the 2-rank run's folder cut back to its checkpoint 2, continued on 1 rank
+    shutil.copytree(dir2, dir_r)
+    shutil.rmtree(dir_r / "checkpoints" / "iter_0000004")
+    (dir_r / "checkpoints" / "latest").write_text("iter_0000002")
+    r = _launch(1, resized, f"run.dir={dir_r}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by 2 ranks, now 1" in r.stdout, r.stdout[-3000:]
+    _same_roles(dir2, dir_r, 4)
+    # config.yaml keeps the recipe's values; a world size that cannot split the batch is refused before starting
+    assert yaml.safe_load((dir2 / "config.yaml").read_text())["train"]["batch_size"] == 2
+    r = _launch(3, one, "run.dir=" + str(tmp_path / "three"))
+    assert r.returncode == 2 and "cannot be split over 3 ranks; run on 1, 2, 4 ranks" in r.stderr, r.stderr[-2000:]

@@ -295,10 +295,11 @@ def cmd_sample(args) -> int:
 def cmd_plan(args) -> int:
     import dataclasses
 
-    from unidad_dist.config import load_config
+    from unidad_dist.config import batch_for_world, load_config
     from unidad_dist.parallel.plan import PlanCache, format_plan, make_plan, parse_bytes
 
     cfg = load_config(args.config, args.overrides)
+    cfg = batch_for_world(cfg, args.world_size)  # train.global_batch_size: the micro-batch at this size
     mem = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
     cache = PlanCache(disk=not args.no_cache)  # --no-cache: this process computes every cost afresh
     plan = make_plan(cfg, args.world_size, mem, arch=args.arch, cache=cache)

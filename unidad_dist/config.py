@@ -25,7 +25,7 @@ from unidad_dist.methods.base import Method, method_class
 
 DEFAULT_METHOD = "unidad"
 
-__all__ = ["Config", "all_keys", "config_class", "config_from_dict", "dump_yaml", "flatten", "from_dict",
+__all__ = ["Config", "all_keys", "batch_for_world", "config_class", "config_from_dict", "dump_yaml", "flatten", "from_dict",
            "load_config", "parse_overrides", "run_dir", "to_dict", "validate"]
 
 
@@ -237,6 +237,16 @@ def validate(cfg) -> None:
         _validate_role(cfg, name, getattr(cfg, name), trainable=spec is not None and spec.trainable, spec=spec)
     positive("train.iterations", cfg.train.iterations, allow_zero=True)
     positive("train.batch_size", cfg.train.batch_size)
+    if cfg.train.global_batch_size is not None:
+        positive("train.global_batch_size", cfg.train.global_batch_size)
+        fixed = [f"{n}.grad_accum={getattr(cfg, n).grad_accum}" for n in specs if specs[n].trainable
+                 and getattr(getattr(cfg, n), "grad_accum", 1) != 1]
+        if fixed:
+            raise UserError(f"train.global_batch_size derives every role's gradient accumulation from the world size; "
+                            f"remove {', '.join(fixed)} (or train.global_batch_size)")
+        if cfg.placement.mode == "split":
+            raise UserError("train.global_batch_size is not available with placement.mode=split yet (its two sides "
+                            "have their own data-parallel sizes); set train.batch_size and grad_accum instead")
     choice("placement.mode", cfg.placement.mode, ("colocated", "split"))
     choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     positive("train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, allow_zero=True)
@@ -270,6 +280,26 @@ def validate(cfg) -> None:
     positive("data.split_min_samples", cfg.data.split_min_samples, allow_zero=True)
     if cfg.data.source.path is not None and cfg.data.source.prompt_file is not None:
         raise UserError("data.source.path (prompt shards) and data.source.prompt_file are both set; keep one")
+
+
+def batch_for_world(cfg, world: int):
+    """The config a run at ``world`` ranks trains with: with ``train.global_batch_size`` G, each rank takes G / world
+    samples per optimizer step, as the fewest micro-batches of at most ``train.batch_size`` that divide it evenly;
+    ``train.batch_size`` becomes that micro-batch and every trainable role's ``grad_accum`` that count. The
+    recipe's own values stay in config.yaml (a resume at another world size derives them again). Without G:
+    ``cfg`` itself. A world size that does not divide G is an error naming those that do."""
+    G = cfg.train.global_batch_size
+    if G is None:
+        return cfg
+    if G % world:
+        fits = [str(w) for w in range(1, G + 1) if G % w == 0]
+        raise UserError(f"train.global_batch_size={G} cannot be split over {world} ranks; run on {', '.join(fits)} "
+                        f"ranks, or give a global batch that {world} divides (e.g. {G + world - G % world})")
+    per_rank = G // world
+    accum = next(a for a in range(-(-per_rank // cfg.train.batch_size), per_rank + 1) if per_rank % a == 0)
+    roles = {s.name: dataclasses.replace(getattr(cfg, s.name), grad_accum=accum) for s in cfg.method.roles(cfg)
+             if s.trainable and hasattr(getattr(cfg, s.name), "grad_accum")}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=per_rank // accum), **roles)
 
 
 def run_dir(cfg) -> Path:

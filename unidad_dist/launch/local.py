@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from unidad_dist.config import load_config
+from unidad_dist.config import batch_for_world, load_config
 from unidad_dist.device import free_port
 from unidad_dist.errors import UserError
 from unidad_dist.train.signals import SIGNALS
@@ -43,6 +43,7 @@ def launch_local(nproc: int, config: str, overrides: list[str], grace_s: float |
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     cfg = load_config(config, overrides)  # bad input fails here, before any rank starts
+    batch_for_world(cfg, nproc)  # a global batch this many ranks cannot split
     grace = cfg.run.dist_timeout if grace_s is None else grace_s
     port = free_port()
     received: list[int] = []

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import load_config, run_dir
+from unidad_dist.config import batch_for_world, load_config, run_dir
 from unidad_dist.device import backend_for_gpus, runtime_from_env
 from unidad_dist.errors import UserError
 from unidad_dist.train.hooks import Hook
@@ -185,6 +185,7 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
                         f"{o.gpus_per_worker:g}, {o.max_failures})")
     if o.gpus_per_worker and o.gpus_per_worker != int(o.gpus_per_worker):
         raise UserError(f"--gpus-per-worker {o.gpus_per_worker:g}: each rank needs whole GPUs (one rank per GPU: 1)")
+    batch_for_world(cfg, o.num_workers)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()
     busy = live_writer(rdir, cfg.run.lock_stale_s)
     if busy:

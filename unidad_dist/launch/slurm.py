@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import load_config, run_dir
+from unidad_dist.config import batch_for_world, load_config, run_dir
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.errors import StoppedBySignal, UserError
 from unidad_dist.train.logging import TRAIN_LOG
@@ -241,6 +241,7 @@ def _tail(path: Path, n: int = 30) -> str:
 def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: float = 2.0) -> int:
     cfg = load_config(config, overrides)  # bad input fails here, before anything is submitted
     tasks = _tasks_per_node(o)
+    batch_for_world(cfg, o.nodes * tasks)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()
     name = o.job_name or f"unidad-{cfg.run.name}"
     params = _executor_parameters(o, tasks, name)

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from unidad_dist import builtin
-from unidad_dist.config import config_from_dict, dump_yaml, flatten, run_dir, to_dict
+from unidad_dist.config import batch_for_world, config_from_dict, dump_yaml, flatten, run_dir, to_dict
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import StoppedBySignal, UserError
@@ -203,6 +203,11 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
     say(rt, f"{'resuming' if resume_from else 'starting'} run {rdir} ({cfg.method.name}, {rt.world_size} "
             f"rank{'s' if rt.world_size > 1 else ''} on {rt.device.type}, {rt.backend})")
     frozen = _check_frozen(cfg, rt, resume_from)
+    recipe_cfg, cfg = cfg, batch_for_world(cfg, rt.world_size)  # config.yaml keeps the recipe's values
+    if cfg is not recipe_cfg:
+        say(rt, f"global batch {cfg.train.global_batch_size} = {rt.world_size} rank(s) x micro-batch "
+                f"{cfg.train.batch_size} x {cfg.train.global_batch_size // (rt.world_size * cfg.train.batch_size)} "
+                "accumulation step(s) per trainable role")
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
     say(rt, f"building roles: {', '.join(s.name for s in cfg.method.roles(cfg))}, and the data")
@@ -212,7 +217,7 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
     method = cfg.method(cfg, models, rt)
     if rt.is_main:
         (rdir / "samples").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(rdir / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(rdir / "config.yaml", dump_yaml(recipe_cfg))
         if models.text is not None:  # what sample/export draw with, without the data source
             atomic_write_text(rdir / SAMPLING_PROMPTS, json.dumps(models.data.prompts))
     _barrier(rt)
