@@ -143,3 +143,45 @@ def test_a_global_batch_trains_the_same_on_2_ranks_on_1_and_across_a_resize(tmp_
     assert yaml.safe_load((dir2 / "config.yaml").read_text())["train"]["batch_size"] == 2
     r = _launch(3, one, "run.dir=" + str(tmp_path / "three"))
     assert r.returncode == 2 and "cannot be split over 3 ranks; run on 1, 2, 4 ranks" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_student_ema_at_zero3_is_sharded_and_equals_zero2s(tmp_path, pipes):
+    """student.ema at ZeRO-3 (every parameter partitioned over 2 ranks): the same EMA as at ZeRO-2 (fp32
+    tolerance) in the checkpoint's whole-weights file, the same samples from it (the evaluation after training
+    samples with the EMA), and a resume on 1 rank re-partitions it and continues the same EMA."""
+    import shutil
+
+    from unidad_dist.train.checkpoint import role_weights
+
+    over = {"train.iterations": 4, "checkpoint.every": 2, "checkpoint.keep": 5, "student.ema": 0.5,
+            "train.global_batch_size": 4}  # the resumed run on 1 rank keeps the batch
+    z3 = {f"{r}.zero_stage": 3 for r in ("student", "fake_teacher", "target_teacher")}
+    z3.update({f"{r}.zero3_persistence_threshold": 0 for r in ("student", "fake_teacher", "target_teacher")})
+    pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
+    r2, dir2 = _recipe(tmp_path, pipe, pipes["shots"], "z2", 2, **over)
+    r3, dir3 = _recipe(tmp_path, pipe, pipes["shots"], "z3", 2, **over, **z3)
+    rr, dir_r = _recipe(tmp_path, pipe, pipes["shots"], "z3_resized", 2, **over, **z3)
+    for recipe in (r2, r3):
+        r = _launch(2, recipe)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a = role_weights(dir2 / "checkpoints" / "iter_0000004", "student")
+    b = role_weights(dir3 / "checkpoints" / "iter_0000004", "student")
+    init = role_weights(dir3 / "checkpoints" / "iter_0000000", "student")
+    ema = [k for k in a if k.startswith("ema.")]
+    assert ema and set(ema) == {k for k in b if k.startswith("ema.")}
+    for k in ema:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=k)
+    moved = [k for k in ema if not torch.equal(b[k], init[k])]
+    assert moved and any(not torch.equal(b[k], b["module." + k[4:]]) for k in moved)  # an EMA, not the weights
+    s2, s3 = (json.loads((d / "summary.json").read_text()) for d in (dir2, dir3))
+    for key in ("proxy_distance_ratio", "diversity"):
+        assert abs(s2[key] - s3[key]) < 1e-3, (key, s2[key], s3[key])
+    # resumed on 1 rank from the 2-rank ZeRO-3 checkpoint 2
+    shutil.copytree(dir3, dir_r)
+    shutil.rmtree(dir_r / "checkpoints" / "iter_0000004")
+    (dir_r / "checkpoints" / "latest").write_text("iter_0000002")
+    r = _launch(1, rr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = role_weights(dir_r / "checkpoints" / "iter_0000004", "student")
+    for k in ema:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=2e-6, msg=k)

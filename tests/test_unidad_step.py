@@ -275,6 +275,8 @@ def test_ema_tracks_student(make_cfg, rt):
                 torch.testing.assert_close(e, decay * before[k] + (1 - decay) * live[k].float(), rtol=1e-6,
                                            atol=1e-7, msg=f"iteration {it}: {k}")
     assert models.student.inference_module() is models.student.ema
+    with models.student.inference_weights() as m, models.student.inference_weights(use_ema=False) as live:
+        assert m is models.student.ema and live is models.student.module
 
 
 @pytest.mark.parametrize("ptype", ["v_prediction", "sample"])

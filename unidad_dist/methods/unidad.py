@@ -197,11 +197,6 @@ class UniDAD(Method):
         if st.warm_start > 0 and not cfg.source_teacher.enabled:
             raise UserError("student.warm_start regresses the student onto the source teacher's samples, but "
                             "source_teacher.enabled=false; enable it or set student.warm_start=0")
-        if st.ema > 0 and st.zero_stage == 3:
-            raise UserError(
-                "student.ema with student.zero_stage=3 is not available (the EMA would need the whole student on "
-                "every rank); use student.zero_stage 0-2 or student.ema=0"
-            )
         positive("train.fake_updates_per_student", cfg.train.fake_updates_per_student)
         positive("target_teacher.update_every", tc.update_every)
         if not 0 <= tc.cond_dropout < 1:
@@ -514,8 +509,11 @@ class UniDAD(Method):
         re-noising noise of each step, in that order (so an exported pipeline gives the same images)."""
         steps = steps or len(self.timesteps)
         ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
-        student = self.role("student")
-        module = student.inference_module() if use_ema else student.module
+        with self.role("student").inference_weights(use_ema) as module:
+            return self._sample(module, n, ts, seed, batch, prompts, generator)
+
+    def _sample(self, module, n: int, ts, seed: Optional[int], batch: int, prompts: Optional[list[str]],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
         seed = self.seed if seed is None else seed
         out = []
         if generator is not None:

@@ -9,6 +9,8 @@ asked, a frozen teacher behind a ZeRO-3 partitioning engine. The method does not
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
@@ -87,3 +89,8 @@ class Role:
 
     def inference_module(self) -> nn.Module:
         return self.module
+
+    @contextlib.contextmanager
+    def inference_weights(self, use_ema: bool = True):
+        """The module to sample with (an engine role: its EMA when it keeps one)."""
+        yield self.module

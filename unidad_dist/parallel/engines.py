@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -239,7 +240,13 @@ class EngineRole(Role):
                                     n_params=sum(p.numel() for p in net.parameters()))
         self.engine, self.optimizer = _initialize(net, self.config, params, mpu)
         self.module = self.engine.module
-        if ema > 0:  # fp32 copy of the whole network (after the engine broadcast rank 0's weights)
+        # the EMA: below ZeRO-3 an fp32 copy of the whole network (after the engine broadcast rank 0's weights);
+        # at ZeRO-3 sharded like the weights: each rank the fp32 EMA of its own partition of each trainable parameter
+        # (``ema_parts``), gathered only to sample, export and write the whole-weights file
+        self.ema_parts: Optional[dict[str, torch.Tensor]] = None
+        if ema > 0 and self.stage == 3:
+            self.ema_parts = {n: self._local_fp32(p).detach().clone() for n, p in self._trained()}
+        elif ema > 0:
             self.ema = copy.deepcopy(self.module).float().eval().requires_grad_(False)
         self._micro = 0
         self.last_lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, 0)
@@ -272,6 +279,10 @@ class EngineRole(Role):
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.module.parameters()):
                     e.lerp_(p.detach().float(), 1 - self.ema_decay)
+        if self.ema_parts is not None:
+            with torch.no_grad():
+                for n, p in self._trained():
+                    self.ema_parts[n].lerp_(self._local_fp32(p), 1 - self.ema_decay)
         return {"grad_norm": own_norm if own_norm is not None else self._zero_grad_norm(scale), "lr": lr}
 
     # -- the logged gradient norm: the global 2-norm of the gradient the step applies, before clipping ----------
@@ -312,6 +323,71 @@ class EngineRole(Role):
         self.engine.zero_grad()
         self._micro = 0
 
+    # -- the sharded EMA (ZeRO-3) ------------------------------------------------------------------------------
+    def _trained(self):
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    @staticmethod
+    def _local_fp32(p) -> torch.Tensor:
+        """This rank's fp32 master partition of a ZeRO-3 parameter (a flat slice of the flattened parameter)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p).detach().float().view(-1)
+
+    @staticmethod
+    def _gather_part(p, part: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's flat partition of ``p`` (a collective over its ZeRO-3 group)."""
+        group = p.ds_process_group
+        parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, part.contiguous(), group=group)
+        return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+
+    @staticmethod
+    def _own_part(p, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's flat partition of a whole tensor laid out as ZeRO-3 partitions ``p`` (padded with zeros)."""
+        size = p.ds_tensor.numel()
+        start = size * torch.distributed.get_rank(p.ds_process_group)
+        flat = whole.detach().float().reshape(-1)[start:start + size]
+        return torch.cat([flat, flat.new_zeros(size - flat.numel())]) if flat.numel() < size else flat.clone()
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole EMA (a collective at ZeRO-3: every rank calls it), keys as the module's state_dict."""
+        if self.ema is not None:
+            return self.ema.state_dict()
+        sd = gathered_state_dict(self.module, self.stage)  # frozen parameters and buffers: as they are
+        for n, p in self._trained():
+            sd[n] = self._gather_part(p, self.ema_parts[n].to(p.ds_tensor.device)).to(dev.CPU)
+        return sd
+
+    @contextlib.contextmanager
+    def inference_weights(self, use_ema: bool = True):
+        """The module to sample with: the EMA when kept and ``use_ema``, else the trained module. At ZeRO-3 the
+        EMA partitions stand in for the weights' own inside the context (memory stays sharded; the layers
+        gather them as in training), in the weights' dtype; every rank of the role must enter it."""
+        if not use_ema or self.ema_parts is None:
+            yield self.ema if (use_ema and self.ema is not None) else self.module
+            return
+        self.engine.empty_partition_cache()  # no layer keeps its gathered (live) weights into the swap
+        saved = []
+        try:
+            with torch.no_grad():
+                for n, p in self._trained():
+                    part = self.ema_parts[n].to(p.ds_tensor.device, p.ds_tensor.dtype)
+                    whole = None
+                    if getattr(p, "ds_persist", False) or p.data.numel() == p.ds_numel:  # kept whole on every rank
+                        whole = self._gather_part(p, part).to(p.data.dtype)
+                    saved.append((p, p.ds_tensor.data, p.data if whole is not None else None))
+                    p.ds_tensor.data = part
+                    if whole is not None:
+                        p.data = whole
+            yield self.module
+        finally:
+            for p, ds_data, data in saved:
+                p.ds_tensor.data = ds_data
+                if data is not None:
+                    p.data = data
+            self.engine.empty_partition_cache()
+
     def inference_module(self) -> nn.Module:
         return self.ema if self.ema is not None else self.module
 
@@ -321,11 +397,22 @@ class EngineRole(Role):
         return gathered_state_dict(self.module, self.stage, copy)
 
     def extra_weights(self) -> dict[str, torch.Tensor]:
-        return {} if self.ema is None else {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        """What the whole-weights file adds to the module's weights: the EMA (a collective at ZeRO-3)."""
+        if self.ema is None and self.ema_parts is None:
+            return {}
+        return {f"ema.{k}": v for k, v in self.ema_state_dict().items()}
+
+    @property
+    def keeps_extra(self) -> bool:
+        return self.ema is not None or self.ema_parts is not None
 
     def load_extra_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        ema = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
         if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+            self.ema.load_state_dict(ema)
+        if self.ema_parts is not None:  # re-partitioned for this world size, whatever the saving one was
+            for n, p in self._trained():
+                self.ema_parts[n] = self._own_part(p, ema[n]).to(self.ema_parts[n].device)
 
     def save_state(self, folder: Path) -> None:
         """All ranks: engine, optimizer, fp32 partitions and counters into ``folder`` (explicit tag), with the

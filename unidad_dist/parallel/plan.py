@@ -591,8 +591,8 @@ def model_state_bytes(trainable: int, frozen: int, small: int, precision: str, s
     if offload and stage > 0:
         dev -= trainable * opt / n
         host = trainable * opt / n
-    if ema:
-        dev += 4 * (trainable + frozen)
+    if ema:  # fp32; at ZeRO-3 sharded like the weights, over the trainable parameters only
+        dev += 4 * trainable / n if stage == 3 else 4 * (trainable + frozen)
     return float(dev), float(host)
 
 
@@ -982,7 +982,6 @@ def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
               cache: Optional[PlanCache] = None) -> Recommendation:
     """The first rung of ``LADDER`` that fits ``gpu_memory`` (90 % usable), with every rung tried before it."""
     usable = 0.9 * gpu_memory
-    ema = [f"{rs.name}.ema" for rs in cfg.method.roles(cfg) if rs.ema > 0]
     tried: list[Rung] = []
     seen: set = set()
     for name, kw in LADDER:
@@ -992,9 +991,6 @@ def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
         seen.add(tuple(overrides))
         if kw.get("split") and world_size < 2:
             tried.append(Rung(name, overrides, None, False, "needs at least 2 ranks"))
-            continue
-        if ema and any(getattr(c, rs.name).zero_stage == 3 for rs in c.method.roles(c) if rs.trainable):
-            tried.append(Rung(name, overrides, None, False, f"{', '.join(ema)} needs ZeRO 0-2 (set it to 0 to allow)"))
             continue
         try:
             p = make_plan(c, world_size, None, arch=arch, cache=cache)

@@ -284,7 +284,7 @@ def load(ckpt: Path, models, rt, method=None) -> int:
         _barrier(rt)
     for name, role in models.trainable_roles().items():
         role.load_state(ckpt / name, universal=resized and needs_universal(ckpt / name))
-        if role.extra_weights():
+        if getattr(role, "keeps_extra", False):
             role.load_extra_weights(load_file(str(ckpt / f"{name}.safetensors"), device=str(CPU)))
     if method is not None:
         load_method_state(ckpt, method, rt)
