@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -114,6 +115,7 @@ def _same_roles(dir_a, dir_b, iteration: int) -> None:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
 
 
+@pytest.mark.slow
 def test_a_global_batch_trains_the_same_on_2_ranks_on_1_and_across_a_resize(tmp_path, pipes):
     """train.global_batch_size=4 with micro-batches of at most 2: 2 ranks x 2 x 1 step and 1 rank x 2 x 2 accumulated
     steps give the same weights, and a 2-rank run resumed on 1 rank continues the same trajectory."""
@@ -145,6 +147,7 @@ def test_a_global_batch_trains_the_same_on_2_ranks_on_1_and_across_a_resize(tmp_
     assert r.returncode == 2 and "cannot be split over 3 ranks; run on 1, 2, 4 ranks" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_student_ema_at_zero3_is_sharded_and_equals_zero2s(tmp_path, pipes):
     """student.ema at ZeRO-3 (every parameter partitioned over 2 ranks): the same EMA as at ZeRO-2 (fp32
     tolerance) in the checkpoint's whole-weights file, the same samples from it (the evaluation after training
