@@ -118,12 +118,13 @@ def test_ctrl_c_stops_every_worker_with_a_checkpoint(tmp_path, pipes):
         pytest.skip(_ray_missing())
     from unidad_dist.train import checkpoint
 
-    recipe = _recipe(tmp_path, pipes, "stopped", **{"train.iterations": 10_000, "checkpoint.every": 0})
+    recipe = _recipe(tmp_path, pipes, "stopped", **{"train.iterations": 10_000, "checkpoint.every": 3,
+                                                    "checkpoint.keep": 1})
     log = tmp_path / "launch.out"
+    cmd = [sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", str(recipe), "--num-workers", "2",
+           "--address", "local", "run.dir=stopped"]  # relative: to the launching shell's directory
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", str(recipe),
-                              "--num-workers", "2", "--address", "local"], stdout=f, stderr=subprocess.STDOUT,
-                             text=True, env=_clean_env(), cwd=tmp_path)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=_clean_env(), cwd=tmp_path)
         try:
             deadline = time.time() + 400
             while time.time() < deadline and "training: iterations 1-" not in log.read_text():
@@ -142,3 +143,9 @@ def test_ctrl_c_stops_every_worker_with_a_checkpoint(tmp_path, pipes):
     assert outcome["outcome"] == "stopped" and 0 < at < 10_000, outcome
     assert checkpoint.latest_complete(tmp_path / "stopped").name == checkpoint.ckpt_name(at)
     assert not (tmp_path / "stopped" / "run.lock").exists() and not (tmp_path / "stopped" / "stop.request").exists()
+    # the same command resumes, although checkpoints Ray was told of have been pruned (checkpoint.keep=1)
+    r = subprocess.run(cmd + [f"train.iterations={at + 2}"], capture_output=True, text=True, timeout=600,
+                       env=_clean_env(), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"resumed from {tmp_path / 'stopped' / 'checkpoints' / checkpoint.ckpt_name(at)}" in r.stdout + r.stderr
+    assert json.loads((tmp_path / "stopped" / "outcome.json").read_text())["outcome"] == "finished"

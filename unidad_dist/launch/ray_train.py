@@ -68,7 +68,8 @@ class RayReport(Hook):
         import ray.train
         from ray.train import CheckpointUploadMode
 
-        ray.train.report({"iteration": iteration, **self.last}, checkpoint=ray.train.Checkpoint(str(path)),
+        ray.train.report({"iteration": iteration, **self.last},
+                         checkpoint=ray.train.Checkpoint(str(Path(path).resolve())),  # pyarrow: absolute paths
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
@@ -201,8 +202,9 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
     old: dict = {}
     try:
         _check_resources(ray, o)
+        # the run folder as an absolute path: a worker whose node lacks this directory still finds it
         spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
-                "overrides": list(overrides), "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
+                "overrides": [*overrides, f"run.dir={rdir}"], "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
                 "launch_id": f"ray:{uuid.uuid4().hex[:12]}"}
         resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
         trainer = TorchTrainer(
@@ -220,6 +222,9 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
         t0 = time.time()
         stop_file = rdir / STOP_REQUEST
         stop_file.unlink(missing_ok=True)  # a request left by an earlier launch
+        # Ray's record of an earlier launch's checkpoints: it refuses to start when one it lists was pruned
+        # (checkpoint.keep); the loop resumes from the run folder's own checkpoints, not from this record
+        (rdir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
         received: list[int] = []
 
         def ask_to_stop(signum, frame):

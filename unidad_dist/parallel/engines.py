@@ -245,6 +245,12 @@ class EngineRole(Role):
         # (``ema_parts``), gathered only to sample, export and write the whole-weights file
         self.ema_parts: Optional[dict[str, torch.Tensor]] = None
         if ema > 0 and self.stage == 3:
+            zero = self.config.get("zero_optimization", {})
+            if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1 or (zero.get("offload_param") or {}).get(
+                    "device", "none") not in ("none", None):
+                raise UserError(f"{role.name}.ema at ZeRO-3 keeps the EMA in the weights' partitions, which "
+                                "zero_hpz_partition_size > 1 and offload_param move elsewhere; remove them from "
+                                f"{role.name}.deepspeed_config or set {role.name}.ema=0")
             self.ema_parts = {n: self._local_fp32(p).detach().clone() for n, p in self._trained()}
         elif ema > 0:
             self.ema = copy.deepcopy(self.module).float().eval().requires_grad_(False)
@@ -367,26 +373,20 @@ class EngineRole(Role):
         if not use_ema or self.ema_parts is None:
             yield self.ema if (use_ema and self.ema is not None) else self.module
             return
-        self.engine.empty_partition_cache()  # no layer keeps its gathered (live) weights into the swap
+        # every parameter, persistent ones included, is released to its partition: the layers gather the swapped
+        # partitions, not weights they kept from training
+        self.engine.empty_partition_cache()
         saved = []
         try:
             with torch.no_grad():
                 for n, p in self._trained():
-                    part = self.ema_parts[n].to(p.ds_tensor.device, p.ds_tensor.dtype)
-                    whole = None
-                    if getattr(p, "ds_persist", False) or p.data.numel() == p.ds_numel:  # kept whole on every rank
-                        whole = self._gather_part(p, part).to(p.data.dtype)
-                    saved.append((p, p.ds_tensor.data, p.data if whole is not None else None))
-                    p.ds_tensor.data = part
-                    if whole is not None:
-                        p.data = whole
+                    saved.append((p, p.ds_tensor.data))
+                    p.ds_tensor.data = self.ema_parts[n].to(p.ds_tensor.device, p.ds_tensor.dtype)
             yield self.module
         finally:
-            for p, ds_data, data in saved:
-                p.ds_tensor.data = ds_data
-                if data is not None:
-                    p.data = data
             self.engine.empty_partition_cache()
+            for p, ds_data in saved:
+                p.ds_tensor.data = ds_data
 
     def inference_module(self) -> nn.Module:
         return self.ema if self.ema is not None else self.module

@@ -61,8 +61,8 @@ never switched off), and is printed as ``key=value`` overrides for ``unidad-dist
                                                   third more compute for the trained passes)
   4. ... + frozen teachers partitioned (ZeRO-3)   + an all-gather of a teacher's weights in every pass
   5. ... + optimizer offload                      Adam on the host: host-device copies, a CPU optimizer step
-  6. ZeRO-3 + activation checkpointing            weights gathered in every forward and backward; no
-                                                  student EMA (DeepSpeed ZeRO-3)
+  6. ZeRO-3 + activation checkpointing            weights gathered in every forward and backward (a
+                                                  student EMA is sharded like the student)
   7. ZeRO-3 + activation checkpointing + offload
   8. split placement, ZeRO-2 + checkpointing + offload   half the ranks per role side (half the throughput
                                                   per role), the exchange between the sides
@@ -70,7 +70,7 @@ never switched off), and is printed as ``key=value`` overrides for ``unidad-dist
 ZeRO-1/2 come before checkpointing because they cost no compute and no more communication than the
 all-reduce data parallelism already does, while checkpointing recomputes. A rung is skipped when it changes
 nothing or repeats an earlier one, and noted as not possible when it cannot apply (split placement on one
-rank, ZeRO-3 for a role that keeps an EMA).
+rank or with ``train.global_batch_size``).
 """
 from __future__ import annotations
 
@@ -991,6 +991,9 @@ def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
         seen.add(tuple(overrides))
         if kw.get("split") and world_size < 2:
             tried.append(Rung(name, overrides, None, False, "needs at least 2 ranks"))
+            continue
+        if kw.get("split") and cfg.train.global_batch_size is not None:
+            tried.append(Rung(name, overrides, None, False, "not with train.global_batch_size"))
             continue
         try:
             p = make_plan(c, world_size, None, arch=arch, cache=cache)

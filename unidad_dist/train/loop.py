@@ -186,7 +186,7 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
         hooks.close(run)
         run.models.data.close()
     _barrier(rt)
-    return done if stop else None
+    return done if stop and done < cfg.train.iterations else None  # a stop at the last iteration finished it
 
 
 def prepare(cfg, rt: Runtime, rdir: Path) -> Run:

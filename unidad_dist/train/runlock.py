@@ -20,7 +20,7 @@ from unidad_dist.errors import UserError
 
 LOCK = "run.lock"
 LAUNCH_ID_ENV = "UNIDAD_LAUNCH_ID"  # set by a launcher whose restarted ranks must take over their own lock (Ray)
-JOB_VARS = ("SLURM_JOB_ID", LAUNCH_ID_ENV, "RAY_JOB_ID", "JOB_ID", "PBS_JOBID", "LSB_JOBID")
+JOB_VARS = (LAUNCH_ID_ENV, "SLURM_JOB_ID", "RAY_JOB_ID", "JOB_ID", "PBS_JOBID", "LSB_JOBID")
 
 
 def job_id() -> Optional[str]:
