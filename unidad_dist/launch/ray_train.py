@@ -178,89 +178,104 @@ def _fit_in_thread(trainer):
     return box["result"]
 
 
-def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
-    cfg = load_config(config, overrides)  # bad input fails here, before anything starts
+def _check_options(o: RayOptions) -> None:
     if o.num_workers < 1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0 or o.max_failures < -1:
         raise UserError(f"--num-workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0 and "
                         f"--max-failures >= -1 (-1: unlimited) (got {o.num_workers}, {o.cpus_per_worker:g}, "
                         f"{o.gpus_per_worker:g}, {o.max_failures})")
     if o.gpus_per_worker and o.gpus_per_worker != int(o.gpus_per_worker):
         raise UserError(f"--gpus-per-worker {o.gpus_per_worker:g}: each rank needs whole GPUs (one rank per GPU: 1)")
+
+
+def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path):
+    """The TorchTrainer whose workers run ``_worker`` on the recipe, with Ray's storage in the run folder."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # the run folder as an absolute path: a worker whose node lacks this directory still finds it
+    spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
+            "overrides": [*overrides, f"run.dir={rdir}"], "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
+            "launch_id": f"ray:{uuid.uuid4().hex[:12]}"}
+    resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
+    return TorchTrainer(
+        _worker, train_loop_config=spec,
+        scaling_config=ScalingConfig(num_workers=o.num_workers, use_gpu=bool(o.gpus_per_worker),
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend_for_gpus(bool(o.gpus_per_worker)),
+                                 timeout_s=int(cfg.run.dist_timeout)),
+        run_config=RunConfig(name=rdir.name, storage_path=str(rdir.parent),
+                             failure_config=FailureConfig(max_failures=o.max_failures)))
+
+
+def _fit_stoppable(trainer, rdir: Path, o: RayOptions) -> int:
+    """Fit, turning SIGINT / SIGTERM into a stop request the workers act on (a second one aborts); the exit
+    status."""
+    t0 = time.time()
+    stop_file = rdir / STOP_REQUEST
+    stop_file.unlink(missing_ok=True)  # a request left by an earlier launch
+    # Ray's record of an earlier launch's checkpoints: it refuses to start when one it lists was pruned
+    # (checkpoint.keep); the loop resumes from the run folder's own checkpoints, not from this record
+    (rdir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    received: list[int] = []
+
+    def ask_to_stop(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt  # the second one: abort now
+        print(f"launch ray: {signal.Signals(signum).name}: asking the workers to stop at the next iteration "
+              "boundary with a checkpoint (again to abort at once)", file=sys.stderr, flush=True)
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.touch()
+
+    old = {s: signal.signal(s, ask_to_stop) for s in STOP_SIGNALS}
+    try:
+        result = _fit_in_thread(trainer)
+    except KeyboardInterrupt:
+        print(f"launch ray: aborted; the latest checkpoint in {rdir / 'checkpoints'} stays; the same command "
+              "resumes", file=sys.stderr, flush=True)
+        return 128 + received[0] if received else 130
+    except Exception as e:  # Ray Train's TrainingFailedError after max_failures restarts
+        print(f"launch ray: the run failed after at most {o.max_failures} restart(s): "
+              f"{str(e).strip().splitlines()[-1][:2000] if str(e).strip() else type(e).__name__}; the "
+              f"checkpoints in {rdir / 'checkpoints'} stay valid; the same command resumes the run",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        stop_file.unlink(missing_ok=True)
+    if getattr(result, "error", None) is not None:
+        print(f"launch ray: the run failed: {result.error}", file=sys.stderr, flush=True)
+        return 1
+    if received:
+        print(f"launch ray: stopped with a checkpoint ({time.time() - t0:.0f} s); the same command resumes; run "
+              f"folder {rdir}", file=sys.stderr, flush=True)
+        return 128 + received[0]
+    print(f"launch ray: finished in {time.time() - t0:.0f} s; run folder {rdir}", flush=True)
+    return 0
+
+
+def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
+    cfg = load_config(config, overrides)  # bad input fails here, before anything starts
+    _check_options(o)
     batch_for_world(cfg, o.num_workers)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()
     busy = live_writer(rdir, cfg.run.lock_stale_s)
     if busy:
         raise UserError(busy + "; nothing started")
     try:
-        import ray  # noqa: F401
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        import ray.train.torch  # noqa: F401
     except ImportError:
         raise UserError(f"launch ray needs Ray Train: {RAY_EXTRA}") from None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _connect(o.address)
-    old: dict = {}
     try:
         _check_resources(ray, o)
-        # the run folder as an absolute path: a worker whose node lacks this directory still finds it
-        spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
-                "overrides": [*overrides, f"run.dir={rdir}"], "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
-                "launch_id": f"ray:{uuid.uuid4().hex[:12]}"}
-        resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            _worker, train_loop_config=spec,
-            scaling_config=ScalingConfig(num_workers=o.num_workers, use_gpu=bool(o.gpus_per_worker),
-                                         resources_per_worker=resources),
-            torch_config=TorchConfig(backend=backend_for_gpus(bool(o.gpus_per_worker)),
-                                     timeout_s=int(cfg.run.dist_timeout)),
-            run_config=RunConfig(name=rdir.name, storage_path=str(rdir.parent),
-                                 failure_config=FailureConfig(max_failures=o.max_failures)))
+        trainer = _trainer(config, overrides, o, cfg, rdir)
         print(f"launch ray: {o.num_workers} worker(s) x {o.cpus_per_worker:g} CPU"
               + (f" + {o.gpus_per_worker:g} GPU" if o.gpus_per_worker else "")
               + f" on the Ray cluster; run folder {rdir}; at most {o.max_failures} restart(s) after a worker "
               "failure", flush=True)
-        t0 = time.time()
-        stop_file = rdir / STOP_REQUEST
-        stop_file.unlink(missing_ok=True)  # a request left by an earlier launch
-        # Ray's record of an earlier launch's checkpoints: it refuses to start when one it lists was pruned
-        # (checkpoint.keep); the loop resumes from the run folder's own checkpoints, not from this record
-        (rdir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-        received: list[int] = []
-
-        def ask_to_stop(signum, frame):
-            received.append(signum)
-            if len(received) > 1:
-                raise KeyboardInterrupt  # the second one: abort now
-            print(f"launch ray: {signal.Signals(signum).name}: asking the workers to stop at the next iteration "
-                  "boundary with a checkpoint (again to abort at once)", file=sys.stderr, flush=True)
-            stop_file.parent.mkdir(parents=True, exist_ok=True)
-            stop_file.touch()
-
-        old = {s: signal.signal(s, ask_to_stop) for s in STOP_SIGNALS}
-        try:
-            result = _fit_in_thread(trainer)
-        except KeyboardInterrupt:
-            print(f"launch ray: aborted; the latest checkpoint in {rdir / 'checkpoints'} stays; the same command "
-                  "resumes", file=sys.stderr, flush=True)
-            return 128 + received[0] if received else 130
-        except Exception as e:  # Ray Train's TrainingFailedError after max_failures restarts
-            print(f"launch ray: the run failed after at most {o.max_failures} restart(s): "
-                  f"{str(e).strip().splitlines()[-1][:2000] if str(e).strip() else type(e).__name__}; the "
-                  f"checkpoints in {rdir / 'checkpoints'} stay valid; the same command resumes the run",
-                  file=sys.stderr, flush=True)
-            return 1
-        if getattr(result, "error", None) is not None:
-            print(f"launch ray: the run failed: {result.error}", file=sys.stderr, flush=True)
-            return 1
-        if received:
-            print(f"launch ray: stopped with a checkpoint ({time.time() - t0:.0f} s); the same command resumes; run "
-                  f"folder {rdir}", file=sys.stderr, flush=True)
-            return 128 + received[0]
-        print(f"launch ray: finished in {time.time() - t0:.0f} s; run folder {rdir}", flush=True)
-        return 0
+        return _fit_stoppable(trainer, rdir, o)
     finally:
-        if old:
-            for s, h in old.items():
-                signal.signal(s, h)
-        (rdir / STOP_REQUEST).unlink(missing_ok=True)
         ray.shutdown()
