@@ -17,7 +17,7 @@ from typing import ClassVar, Optional
 
 import yaml
 
-from unidad_dist.core.schema import (all_keys as _keys_of, choice, deep_merge, describe_keys, flatten, from_dict as _from_dict,
+from unidad_dist.core.schema import (all_keys as _keys_of, as_dict, choice, deep_merge, describe_keys, flatten, from_dict as _from_dict,
                                      parse_overrides, parse_yaml, positive, resolve_recipe_paths)
 from unidad_dist.core.sections import GENERIC_SECTIONS, PRECISIONS, PlacementConfig, RoleConfig, TrainableRoleConfig
 from unidad_dist.errors import UserError
@@ -104,7 +104,7 @@ def keys_markdown(method: str | type = DEFAULT_METHOD) -> str:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return as_dict(cfg)
 
 
 def shipped_recipes_dir() -> Path:

@@ -10,12 +10,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 CHECKSUM = "xxh3_128"
 _DIGESTS: dict[str, str] = {}  # absolute path -> checksum of files this process wrote through HashingWriter
-
+_DIGESTS_LOCK = threading.Lock()  # an asynchronous checkpoint's writer thread adds to it too
 
 
 def cache_root() -> Path:
@@ -64,7 +65,8 @@ class HashingWriter:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-            _DIGESTS[self.path] = self._h.hexdigest()
+            with _DIGESTS_LOCK:
+                _DIGESTS[self.path] = self._h.hexdigest()
 
     def __enter__(self):
         return self
@@ -82,7 +84,8 @@ def torch_save_hashed(obj, path, **kw) -> None:
 
 def _under(folder: Path) -> list[str]:
     root = Path(os.path.abspath(folder))
-    return [p for p in _DIGESTS if Path(p).is_relative_to(root)]
+    with _DIGESTS_LOCK:
+        return [p for p in _DIGESTS if Path(p).is_relative_to(root)]
 
 
 def fsync_written(folder: Path, extra: tuple = ()) -> None:
@@ -97,7 +100,8 @@ def take_digests(folder: Path) -> dict[str, str]:
     root = Path(os.path.abspath(folder))
     out = {}
     for p in _under(folder):
-        out[str(Path(p).relative_to(root))] = _DIGESTS.pop(p)
+        with _DIGESTS_LOCK:
+            out[str(Path(p).relative_to(root))] = _DIGESTS.pop(p)
     return out
 
 

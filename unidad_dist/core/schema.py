@@ -3,11 +3,13 @@ error messages that name the key and the fix. Which sections a recipe has is dec
 (``config.py`` assembles the generic sections and those of the recipe's method)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
 import inspect
 import io
+import keyword
 import math
 import re
 import tokenize
@@ -116,18 +118,35 @@ def _coerce(value: Any, tp, key: str, pool: list[str]) -> Any:
     raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}; set a value of that type")
 
 
+def key_of(name: str) -> str:
+    """A field's recipe key: its name, less the trailing underscore of a name that would be a Python keyword
+    (field ``async_`` is the key ``checkpoint.async``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def as_dict(obj) -> Any:
+    """A config dataclass as nested dicts keyed by recipe keys (``dataclasses.asdict`` with ``key_of``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {key_of(f.name): as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
 def from_dict(cls, data: dict, prefix: str = "", pool: Optional[list[str]] = None):
     """Build dataclass ``cls`` from ``data``; ``pool``: every valid key of the whole recipe (for the
     closest-key hint of an unknown key)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
     pool = all_keys(cls) if pool is None else pool
     kwargs = {}
     for k, v in data.items():
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise UserError(unknown_key_message(full, [f"{prefix}.{n}" if prefix else n for n in names] + pool))
-        kwargs[k] = _coerce(v, hints[k], full, pool)
+        kwargs[names[k]] = _coerce(v, hints[names[k]], full, pool)
     return cls(**kwargs)
 
 
@@ -135,7 +154,7 @@ def leaf_fields(cls, prefix: str = ""):
     """(dotted key, owning dataclass, field, type) of every leaf key of ``cls``, nested sections flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        full = f"{prefix}.{f.name}" if prefix else f.name
+        full = f"{prefix}.{key_of(f.name)}" if prefix else key_of(f.name)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from leaf_fields(tp, full)
@@ -167,14 +186,14 @@ def resolve_recipe_paths(cls, data: dict, base: Path) -> dict:
     if not isinstance(data, dict):
         return data
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {key_of(f.name): f for f in dataclasses.fields(cls)}
     out = dict(data)
     for k, v in data.items():
         f = fields.get(k)
         if f is None:
             continue
-        if dataclasses.is_dataclass(hints[k]):
-            out[k] = resolve_recipe_paths(hints[k], v, base)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[k] = resolve_recipe_paths(hints[f.name], v, base)
         elif f.metadata.get("path") and _is_relative_path(v):
             out[k] = str((base / v).resolve())
     return out

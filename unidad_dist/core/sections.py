@@ -124,6 +124,10 @@ class CheckpointConfig:
     every: int = 0  # 0: only the initial and the final checkpoint
     keep: int = 2  # complete checkpoints kept (older ones are pruned)
     on_signal: bool = True  # a SIGTERM/SIGINT/SIGHUP stop writes a checkpoint at the iteration boundary
+    # training goes on while a checkpoint is written: the state is copied to host
+    # memory (pinned on CUDA) at the boundary, a background thread writes and publishes it; the next save, the
+    # end of the run and a stop wait for it. Holds one host copy of each rank's checkpointed state
+    async_: bool = False
 
 
 @dataclass

@@ -107,6 +107,21 @@ def to_universal(folder: Path, world_size: int) -> Path:
     return out
 
 
+_ROUTE = None  # set by routed_saves: where the engines' saves go instead of the file
+
+
+@contextlib.contextmanager
+def routed_saves(save):
+    """Inside this block every engine's checkpoint file goes to ``save(state_dict, path, **torch_save_kwargs)``
+    instead of being written (an asynchronous checkpoint stages it in host memory; train/checkpoint.py)."""
+    global _ROUTE
+    _ROUTE = save
+    try:
+        yield
+    finally:
+        _ROUTE = None
+
+
 def make_safe_checkpoint_engine(config):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -119,8 +134,13 @@ def make_safe_checkpoint_engine(config):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
         def save(self, state_dict, path: str):
-            """Write with the sha256 computed on the way out (and fsync): the manifest reuses it."""
-            torch_save_hashed(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            """Write with the checksum computed on the way out: the manifest reuses it (or, inside
+            ``routed_saves``, hand the state to the asynchronous checkpoint's stager)."""
+            kw = {"_use_new_zipfile_serialization": self.zipfile_serialization}
+            if _ROUTE is not None:
+                _ROUTE(state_dict, path, **kw)
+            else:
+                torch_save_hashed(state_dict, path, **kw)
 
     return SafeCheckpointEngine(config)
 

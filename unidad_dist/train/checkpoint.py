@@ -23,10 +23,14 @@ path + sha256, they are reloaded from the recipe's paths, and a resume whose fro
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import random
 import shutil
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -40,16 +44,17 @@ from unidad_dist.core.io import (CHECKSUM, checksum_file, fsync as _fsync, fsync
 from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.models.backbones import resolve_backbone, weights_file
-from unidad_dist.parallel.ds_io import engine_module_weights, needs_universal, to_universal
+from unidad_dist.core.staging import Stager
+from unidad_dist.parallel.ds_io import engine_module_weights, needs_universal, routed_saves, to_universal
 from unidad_dist.train.faults import kill_point
 
-__all__ = ["CHECKSUM", "checksum_file", "sha256_file", "save", "load", "latest_complete", "is_complete",
+__all__ = ["CHECKSUM", "checksum_file", "sha256_file", "save", "stage", "AsyncWriter", "load", "latest_complete", "is_complete",
            "role_weights", "load_role_weights", "frozen_record", "check_frozen", "saved_state"]
 
 
-def _barrier(rt) -> None:
+def _barrier(rt, group=None) -> None:
     if rt.distributed:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def rng_state() -> dict:
@@ -111,11 +116,59 @@ def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+class _Files:
+    """This rank's files of one checkpoint: written at once, or — given a ``Stager`` (``checkpoint.async``) —
+    copied into host memory now and written by ``write()`` later, from the background writer."""
+
+    def __init__(self, stager: Optional[Stager] = None):
+        self.stager = stager
+        self.pending: list = []
+        self.written: list[Path] = []  # written other than through HashingWriter (fsync'd by ``publish``)
+
+    def _later_or_now(self, fn, obj, *args) -> None:
+        if self.stager is not None:
+            self.pending.append((fn, self.stager.copy(obj), args))
+        else:
+            fn(obj, *args)
+
+    def torch(self, obj, path, **kw) -> None:
+        self._later_or_now(lambda o, p, k: torch_save_hashed(o, p, **k), obj, path, kw)
+
+    def safetensors(self, sd: dict, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        def write(tensors, p):
+            save_file(tensors, str(p))
+            self.written.append(p)
+
+        self._later_or_now(write, sd, path)
+
+    def text(self, path: Path, text: str) -> None:
+        def write(t, p):
+            p.write_text(t)
+            self.written.append(p)
+
+        self._later_or_now(write, text, path)
+
+    def write(self) -> None:
+        for fn, obj, args in self.pending:
+            fn(obj, *args)
+        self.pending = []
+
+
 def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: Optional[dict] = None) -> Path:
     """All ranks: every trainable role this rank holds, the method's state, this rank's RNG and data-stream
     positions; rank 0 publishes the checkpoint (manifest, rename, ``latest``) and prunes to ``keep``."""
-    from safetensors.torch import save_file
+    return stage(run_dir, models, iteration, rt, method, keep, frozen)()
 
+
+def stage(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: Optional[dict] = None,
+          stager: Optional[Stager] = None, group=None, cancel: Optional[threading.Event] = None):
+    """The collective part of a save (all ranks, at the iteration boundary): the engines' states, the gathered
+    whole weights, RNG, data and method state — written into the checkpoint's temporary folder, or with
+    ``stager`` copied into host memory. Returns ``publish``: writes what was staged, then (every rank, through
+    process group ``group``: a separate one when it runs in a background thread) the manifest, the rename
+    and the prune; returns the published folder. A set ``cancel`` (a run interrupted at once) publishes nothing."""
     exchange = models.exchange
     placement = models.placement
     data_state, samples_seen = models.data.state(), models.data.samples_seen()
@@ -127,10 +180,11 @@ def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: O
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(rt)
-    written: list[Path] = []  # files this rank writes other than through HashingWriter (fsync'd at the end)
+    files = _Files(stager)
     for name, role in models.trainable_roles().items():  # the roles this rank holds
-        with exchange.side_barriers():
-            role.save_state(tmp / name)  # every rank of the role's group writes its partitions
+        with exchange.side_barriers(), (routed_saves(files.torch) if stager is not None
+                                        else contextlib.nullcontext()):
+            role.save_state(tmp / name)  # every rank of the role's group writes (or stages) its partitions
         # Below ZeRO-3 the engine's model-states file already holds the whole weights (role_weights reads
         # them there); ZeRO-3 partitions them, so they are gathered (a collective) and written here.
         sd = role.full_weights(copy=False) if getattr(role, "stage", 0) == 3 else {}
@@ -138,10 +192,9 @@ def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: O
         if (sd or extra) and placement.leader(name):
             sd = {f"module.{k}": v.contiguous() for k, v in sd.items()}
             sd.update({k: v.detach().to(CPU).contiguous() for k, v in extra.items()})
-            save_file(sd, str(tmp / f"{name}.safetensors"))
-            written.append(tmp / f"{name}.safetensors")
+            files.safetensors(sd, tmp / f"{name}.safetensors")
     if rt.is_main:
-        (tmp / "state.json").write_text(json.dumps(
+        files.text(tmp / "state.json", json.dumps(
             {"iteration": iteration, "method": method.name, "world_size": rt.world_size,
              "samples_seen": samples_seen or {}, "frozen": frozen or {}}, indent=2))
     _barrier(rt)
@@ -150,49 +203,129 @@ def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: O
     st["python"] = [st["python"][0], list(st["python"][1]), st["python"][2]]
     st["numpy"] = [st["numpy"][0], torch.from_numpy(np.asarray(st["numpy"][1]).astype(np.int64)),
                    int(st["numpy"][2]), int(st["numpy"][3]), float(st["numpy"][4])]
-    torch_save_hashed(st, tmp / f"rng_rank{rt.rank}.pt")
-    (tmp / f"data_rank{rt.rank}.json").write_text(json.dumps(data_state or {}))
-    written.append(tmp / f"data_rank{rt.rank}.json")
-    (tmp / f"method_rank{rt.rank}.json").write_text(json.dumps(method.state_dict(), sort_keys=True))
-    written.append(tmp / f"method_rank{rt.rank}.json")
-    if rt.is_main:
-        written.append(tmp / "state.json")
-    fsync_written(tmp, extra=tuple(written))
-    kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
-    _barrier(rt)
-    # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
-    mine = take_digests(tmp)
-    parts = [None] * rt.world_size
-    if rt.distributed:
-        torch.distributed.all_gather_object(parts, mine)
-    else:
-        parts = [mine]
-    if rt.is_main:
-        known = {k: v for part in parts for k, v in (part or {}).items()}
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {"checksum": CHECKSUM,
-                    "files": {name: known.get(name) or checksum_file(tmp / name) for name in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        _fsync(tmp / "manifest.json")
-        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True) + [tmp]:
-            _fsync_dir(d)  # the folders' entries too, before the rename publishes them
-        os.replace(tmp, final)
-        latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(final.name)
-        _fsync(latest_tmp)
-        os.replace(latest_tmp, root / "latest")
-        _fsync_dir(root)
-        complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-        for old in complete[:-keep]:  # renamed first: an interrupted prune never leaves a half-deleted iter_*
-            trash = root / f".trash-{old.name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(old, trash)
-        for trash in root.glob(".trash-iter_*"):  # this prune's, and any an interrupted one left
-            shutil.rmtree(trash, ignore_errors=True)
-    _barrier(rt)
-    return final
+    files.torch(st, tmp / f"rng_rank{rt.rank}.pt")
+    files.text(tmp / f"data_rank{rt.rank}.json", json.dumps(data_state or {}))
+    files.text(tmp / f"method_rank{rt.rank}.json", json.dumps(method.state_dict(), sort_keys=True))
+
+    def publish() -> Path:
+        error = None
+        try:
+            files.write()
+            fsync_written(tmp, extra=tuple(files.written))
+        except Exception as e:  # noqa: BLE001 - told to every rank (none waits forever), raised below
+            error = e
+        kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
+        # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
+        mine = take_digests(tmp) if error is None else {
+            _ERROR: [getattr(error, "errno", None), f"rank {rt.rank}: {type(error).__name__}: {error}"]}
+        parts = [None] * rt.world_size
+        if rt.distributed:
+            torch.distributed.all_gather_object(parts, mine, group=group)
+        else:
+            parts = [mine]
+        failed = [p[_ERROR] for p in parts if p and _ERROR in p]
+        if error is not None:
+            raise error
+        if failed:
+            raise OSError(failed[0][0] or 0, f"checkpoint {final.name} was not written: {failed[0][1]}")
+        if cancel is not None and cancel.is_set():
+            raise RuntimeError(f"checkpoint {final.name} abandoned: the run was interrupted")
+        if rt.is_main:
+            _publish(tmp, final, root, parts, keep)
+        _barrier(rt, group)
+        return final
+
+    return publish
+
+
+_ERROR = "__error__"
+
+
+def _publish(tmp: Path, final: Path, root: Path, parts: list, keep: int) -> None:
+    """Rank 0: the manifest (every rank's digests), the rename into place, ``latest``, the prune to ``keep``."""
+    known = {k: v for part in parts for k, v in (part or {}).items()}
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    manifest = {"checksum": CHECKSUM,
+                "files": {name: known.get(name) or checksum_file(tmp / name) for name in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    _fsync(tmp / "manifest.json")
+    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True) + [tmp]:
+        _fsync_dir(d)  # the folders' entries too, before the rename publishes them
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    _fsync(latest_tmp)
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+    for old in complete[:-keep]:  # renamed first: an interrupted prune never leaves a half-deleted iter_*
+        trash = root / f".trash-{old.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(old, trash)
+    for trash in root.glob(".trash-iter_*"):  # this prune's, and any an interrupted one left
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+class AsyncWriter:
+    """``checkpoint.async``: one checkpoint at a time is written and published by a background thread while
+    training goes on. Its collectives (the digests' gather, the last barrier) run on a gloo group of their own,
+    made at the first save (the training's own group is busy with the next iterations; gloo also on NCCL
+    runs: what it carries is a few small objects). ``wait()`` (every rank, at the same iteration) returns the
+    published (folder, iteration) or raises what the write raised."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.stager = Stager()
+        self._group = None
+        self._thread: Optional[threading.Thread] = None
+        self._outcome: tuple = ()
+        self.iteration: Optional[int] = None  # of the checkpoint being written
+        self.cancel = threading.Event()  # set: the checkpoint being written is not published (abandon)
+        self.write_s = 0.0  # wall seconds of the latest background write
+
+    def group(self):
+        if self.rt.distributed and self._group is None:
+            self._group = torch.distributed.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=self.rt.dist_timeout))
+        return self._group
+
+    def start(self, publish, iteration: int) -> None:
+        assert self._thread is None, "the previous checkpoint was not waited for"
+        self.iteration = iteration
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                self._outcome = (publish(), iteration, None)
+            except BaseException as e:  # noqa: BLE001 - raised by wait() in the training thread
+                self._outcome = (None, iteration, e)
+            finally:
+                self.stager.release()
+                self.write_s = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-writer-{iteration}", daemon=True)
+        self._thread.start()
+
+    def abandon(self) -> None:
+        """The run is interrupted at once: what is being written stays unpublished (the last one stands)."""
+        self.cancel.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def wait(self) -> Optional[tuple[Path, int]]:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread, self.iteration = None, None
+        path, iteration, error = self._outcome
+        self._outcome = ()
+        if error is not None:
+            raise error
+        return path, iteration
 
 
 def is_complete(ckpt: Path) -> bool:

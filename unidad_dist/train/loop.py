@@ -58,30 +58,64 @@ class Run:
     t_start: float
     phases: dict = field(default_factory=dict)  # wall time by phase (summary.json)
     prepared: dict = field(default_factory=dict)  # what the method's prepare measured
-    last_save_s: float = 0.0  # wall seconds of the latest checkpoint's save (time/checkpoint_s)
+    last_save_s: float = 0.0  # wall seconds training stood still for the latest save (time/checkpoint_s)
+
+    writer: Optional[checkpoint.AsyncWriter] = None  # checkpoint.async: the background writer
 
     @property
     def samples_here(self) -> bool:
         """This rank holds the sampler (all ranks when colocated; its side in split placement)."""
         return self.models.holds(self.method.sampler)
 
-    def save(self, iteration: int, hooks: Hook) -> Path:
+    def save(self, iteration: int, hooks: Hook) -> None:
+        """Checkpoint ``iteration`` (every rank). ``checkpoint.async``: the previous checkpoint is waited for
+        (and reported to ``on_checkpoint``), this one is staged in host memory and written in the background —
+        ``wait_saves`` publishes it. ``last_save_s``: how long training stood still for it."""
         t0 = time.perf_counter()
-        try:
+        self.wait_saves(hooks)
+        with self._write_errors(iteration):
+            if self.cfg.checkpoint.async_:
+                if self.writer is None:
+                    self.writer = checkpoint.AsyncWriter(self.rt)
+                publish = checkpoint.stage(self.dir, self.models, iteration, self.rt, self.method,
+                                           self.cfg.checkpoint.keep, frozen=self.frozen, stager=self.writer.stager,
+                                           group=self.writer.group(), cancel=self.writer.cancel)
+                self.writer.start(publish, iteration)
+                self.last_save_s = time.perf_counter() - t0
+                return
             path = checkpoint.save(self.dir, self.models, iteration, self.rt, self.method, self.cfg.checkpoint.keep,
                                    frozen=self.frozen)
+        self.last_save_s = time.perf_counter() - t0
+        hooks.on_checkpoint(self, path, iteration)
+
+    def wait_saves(self, hooks: Optional[Hook]) -> None:
+        """Every rank: wait for the checkpoint being written in the background, then report it to the hooks
+        (``None``: a failing run only waits, so what is written gets published)."""
+        if self.writer is None or not self.writer.busy:
+            return
+        if hooks is None:
+            try:
+                self.writer.wait()
+            except Exception as e:  # noqa: BLE001 - the error that ends the run is the one to show
+                warnings.warn(f"the checkpoint being written when the run failed was not published ({e})")
+            return
+        with self._write_errors(self.writer.iteration):
+            path, iteration = self.writer.wait()
+        hooks.on_checkpoint(self, path, iteration)
+
+    @contextlib.contextmanager
+    def _write_errors(self, iteration: int):
+        try:
+            yield
         except OSError as e:
             if e.errno not in WRITE_ERRNOS:
                 raise
             last = checkpoint.latest_complete(self.dir)
             raise UserError(
                 f"cannot write checkpoint {checkpoint.ckpt_name(iteration)} in {self.dir} ({e.strerror}); the run's "
-                f"state is safe: {'checkpoint ' + last.name if last else 'no checkpoint'} is intact and nothing "
-                "published was changed — free space (or make the folder writable) and run the same command again "
-                "to resume") from None
-        self.last_save_s = time.perf_counter() - t0
-        hooks.on_checkpoint(self, path, iteration)
-        return path
+                f"state is safe: {'checkpoint ' + last.name if last else 'no checkpoint'} is intact and nothing published was "
+                "changed — free space (or make the folder writable) and run the same command again to resume"
+            ) from None
 
 
 def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
@@ -181,7 +215,15 @@ def _train(cfg, rt: Runtime, rdir: Path, hooks: Hooks, stop_signal: SignalStop,
                 "training); writing the last checkpoint, evaluating, summarising")
         if not stop and last_saved != cfg.train.iterations and cfg.train.iterations > start:
             run.save(cfg.train.iterations, hooks)
+        run.wait_saves(hooks)  # checkpoint.async: the last one is published before the run ends or stops
         hooks.on_train_end(run, finished=not stop or last_saved == cfg.train.iterations)
+    except KeyboardInterrupt:
+        if run.writer is not None:
+            run.writer.abandon()  # a second signal interrupts at once: a checkpoint being written is not published
+        raise
+    except BaseException:
+        run.wait_saves(None)  # a failing run: the checkpoint being written still gets published
+        raise
     finally:
         hooks.close(run)
         run.models.data.close()
