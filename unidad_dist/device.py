@@ -140,6 +140,17 @@ def queues_work(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def host_group(timeout_s: float):
+    """A new process group over every rank for small host-side objects, usable from another thread while the
+    training's own group is busy (gloo, whatever the training's backend)."""
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def pins_host_copies(device: torch.device) -> bool:
+    """Whether host copies of this device's tensors go to pinned memory (CUDA: an asynchronous DMA)."""
+    return device.type == "cuda"
+
+
 def device_name(device: torch.device) -> str:
     """The accelerator's name as its driver reports it (CUDA), else the device type ("cpu")."""
     if device.type == "cuda" and torch.cuda.is_available():

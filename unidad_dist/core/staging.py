@@ -41,7 +41,7 @@ class Stager:
         key = (storage.data_ptr(), storage.device, storage.nbytes())
         host = self._memo.get(key)
         if host is None:
-            pin = storage.device.type == "cuda"
+            pin = dev.pins_host_copies(storage.device)
             self._devices.add(storage.device)
             buf = self._buffer(storage.nbytes(), pin)
             if storage.nbytes():
@@ -77,8 +77,7 @@ class Stager:
         out = self._copy(obj)
         self._memo = {}
         for d in self._devices:
-            if d.type != "cpu":
-                dev.synchronize(d)
+            dev.synchronize(d)  # a no-op where copies are synchronous
         self._devices = set()
         return out
 

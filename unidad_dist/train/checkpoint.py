@@ -24,7 +24,6 @@ path + sha256, they are reloaded from the recipe's paths, and a resume whose fro
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import random
@@ -287,8 +286,7 @@ class AsyncWriter:
 
     def group(self):
         if self.rt.distributed and self._group is None:
-            self._group = torch.distributed.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=self.rt.dist_timeout))
+            self._group = dev.host_group(self.rt.dist_timeout)
         return self._group
 
     def start(self, publish, iteration: int) -> None:
