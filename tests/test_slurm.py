@@ -151,23 +151,47 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
 
 
 @pytest.mark.slow
-def test_max_requeues_ends_the_job_stopped_and_the_same_command_resumes(tmp_path, pipes):
-    """With --max-requeues 0 the signalled job is not requeued: it ends stopped (exit 128 + USR2) with its
-    checkpoint, and submitting the same command again finishes the run."""
+def test_a_job_at_its_time_limit_stops_or_requeues_within_max_requeues_and_finishes(tmp_path, pipes):
+    """A real time limit (--time 1): SLURM sends USR2 --signal-delay seconds before it (measured here: 8 s
+    earlier still, its timer ticks every ~30 s). With --max-requeues 0 the job ends stopped (exit 128 + USR2) with
+    its checkpoint; the same command with room for requeues resumes it, runs into the limit again, requeues and
+    finishes. The recipe takes longer than two jobs' training windows here (~200 iterations each, 0.17 s per
+    iteration after ~10 s of start-up); --max-requeues 8 leaves room for a machine three times slower."""
     why = _slurm_up()
     if why:
         pytest.skip(why)
-    recipe = _recipe(tmp_path, pipes, "capped")
+    from unidad_dist.train import checkpoint
+
+    iters = 450
+    recipe = _recipe(tmp_path, pipes, "timed", **{"train.iterations": iters, "checkpoint.every": 0,
+                                                  "logging.every": 50})
     cmd = [sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2",
-           "--time", "10", "--max-requeues", "0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                       env=_clean_env(UNIDAD_SCANCEL_AT="1:iter:2:USR2"))
+           "--time", "1", "--signal-delay", "5"]
+    r = subprocess.run(cmd + ["--max-requeues", "0"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=_clean_env())
     assert r.returncode == 128 + signal.SIGUSR2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "after 0 requeue(s) (--max-requeues 0)" in r.stderr, r.stderr[-2000:]
-    assert json.loads((tmp_path / "capped" / "outcome.json").read_text())["outcome"] == "stopped"
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_clean_env())
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "resumed from" in r.stdout and "finished" in r.stdout
+    assert "received SIGUSR2" in r.stdout and "after 0 requeue(s) (--max-requeues 0)" in r.stderr, r.stderr[-2000:]
+    assert json.loads((tmp_path / "timed" / "outcome.json").read_text())["outcome"] == "stopped"
+    first = int(r.stdout.split("stopped at iteration ")[1].split()[0])
+    assert 0 <= first < iters and checkpoint.latest_complete(tmp_path / "timed").name == checkpoint.ckpt_name(first)
+
+    requeued: set = set()
+    stop = threading.Event()
+    releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
+    releaser.start()
+    try:
+        r = subprocess.run(cmd + ["--max-requeues", "8"], capture_output=True, text=True, timeout=1500,
+                           cwd=tmp_path, env=_clean_env())
+    finally:
+        stop.set()
+        releaser.join()
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    out = r.stdout
+    assert out.count("received SIGUSR2") >= 1 and "requeued job" in out and len(requeued) >= 1, out[-3000:]
+    assert f"resumed from {tmp_path / 'timed' / 'checkpoints' / checkpoint.ckpt_name(first)}" in out
+    assert json.loads((tmp_path / "timed" / "outcome.json").read_text())["outcome"] == "finished"
+    assert checkpoint.latest_complete(tmp_path / "timed").name == checkpoint.ckpt_name(iters)
+    assert not (tmp_path / "timed" / "run.lock").exists()
 
 
 def _edited_template(tmp_path, out, name: str = "torchrun.sbatch") -> str:
