@@ -95,6 +95,29 @@ def test_a_busy_run_folder_or_no_sbatch_is_refused_before_submitting(tmp_path, p
     assert not (tmp_path / "busy" / "slurm").exists()
 
 
+def test_a_signal_before_the_loop_listens_requeues_the_same_task_until_max_requeues(monkeypatch):
+    """submitit calls SlurmTask.checkpoint on rank 0 when the signal comes while the task still imports or
+    builds: it requeues the same call (recipe, overrides, cap, signal, run folder), and — as the loop's own path
+    counts — not after --max-requeues requeues (None: submitit ends the job)."""
+    import pickle
+
+    from unidad_dist.launch.slurm import SlurmTask
+
+    task = SlurmTask("/r/recipe.yaml", ["train.iterations=9", "run.dir=/r/run"], 2, "USR2", "/r/run")
+    for restarts, requeued in (("", True), ("0", True), ("1", True), ("2", False), ("5", False)):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        again = task.checkpoint()
+        if not requeued:
+            assert again is None, restarts
+            continue
+        again = pickle.loads(pickle.dumps(again))  # submitit pickles it for the requeued job
+        assert again.args == () and again.kwargs == {}
+        t = again.function
+        assert (t.config, t.overrides, t.max_requeues, t.signal_name, t.run_dir) == (
+            "/r/recipe.yaml", ["train.iterations=9", "run.dir=/r/run"], 2, "USR2", "/r/run")
+        assert t.argv() == task.argv()
+
+
 def _release_requeued(job_ids: set, stop: threading.Event) -> None:
     """SLURM holds a requeued job ~2 minutes (BeginTime); release it at once, as an operator would."""
     while not stop.is_set():

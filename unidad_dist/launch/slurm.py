@@ -142,9 +142,12 @@ class SlurmTask:
 
     def checkpoint(self, *args, **kwargs):
         """submitit calls this on rank 0 when the signal arrives before the loop installed its own handler
-        (while importing and building): requeue as is; the loop resumes from the run folder."""
+        (while importing and building): requeue as is (the loop resumes from the run folder), or — the job was
+        requeued ``max_requeues`` times already, as the loop's own path counts — None: submitit ends the job."""
         import submitit
 
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= self.max_requeues:
+            return None
         return submitit.helpers.DelayedSubmission(SlurmTask(self.config, self.overrides, self.max_requeues,
                                                             self.signal_name, self.run_dir))
 
