@@ -56,7 +56,7 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, pipes, capsys):
 
 
 @pytest.mark.slow
-def test_more_workers_or_gpus_than_the_cluster_has_are_refused(tmp_path, pipes):
+def test_more_workers_or_gpus_than_the_cluster_has_or_an_input_error_is_not_retried(tmp_path, pipes):
     """A private local cluster (--address local) of this machine's CPUs and no GPU."""
     if _ray_missing():
         pytest.skip(_ray_missing())
@@ -69,6 +69,22 @@ def test_more_workers_or_gpus_than_the_cluster_has_are_refused(tmp_path, pipes):
                            env=_clean_env(), cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "nothing started" in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "big").exists()
+
+    # an input error the workers find (a run folder whose checkpoints are all damaged) would recur on every
+    # restart: one worker group, exit 2 with the loop's own message, nothing changed in the folder
+    damaged = tmp_path / "big" / "checkpoints" / "iter_0000004"
+    damaged.mkdir(parents=True)
+    (damaged / "manifest.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", str(recipe),
+                        "--address", "local", "--num-workers", "2", "--max-failures", "3"], capture_output=True,
+                       text=True, timeout=600, env=_clean_env(), cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "none is complete" in r.stderr and "not retried: it would recur" in r.stderr, r.stderr[-3000:]
+    assert out.count("Attempting to start training worker group") == 1, out[-5000:]
+    assert "launch ray: finished" not in out
+    assert sorted(p.name for p in (tmp_path / "big" / "checkpoints").iterdir()) == ["iter_0000004"]
+    assert not list(tmp_path.glob(".big.*"))  # the workers' record is gone
 
 
 @pytest.mark.slow

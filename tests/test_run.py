@@ -116,6 +116,9 @@ def test_corrupt_checkpoint_falls_back(tmp_path, pipes):
     assert checkpoint.is_complete(ck)
     (ck / "rng_rank0.pt").write_bytes(b"x")
     assert not checkpoint.is_complete(ck)
+    for empty in ({}, {"checksum": "xxh3_128", "files": {}}, []):  # a manifest that lists nothing is no checkpoint
+        (ck / "manifest.json").write_text(json.dumps(empty))
+        assert not checkpoint.is_complete(ck), empty
 
 
 def _tree(rdir):

@@ -15,6 +15,9 @@ through Ray Train.
 * SIGINT (Ctrl-C) or SIGTERM to the command: every worker stops at the next iteration boundary with a checkpoint
   (through ``<run>/stop.request``), and the command exits 128 + the signal; a second one aborts at once (the
   latest checkpoint stays). The same command resumes.
+* An error in the input that the workers find (a damaged run folder, changed frozen weights, …: a ``UserError``)
+  is not retried — it would recur: the worker records it beside the run folder and returns; a group restarted
+  because another rank then lost its peer returns at once; the command prints it and exits 2.
 * The command waits; rank 0's progress comes through Ray's log forwarding and goes to ``<run>/train.log``;
   metrics, grids and summary.json are the loop's, as with any launcher. Exit status 0 when the run finished,
   1 when it failed after ``--max-failures`` restarts (the same command resumes it).
@@ -25,6 +28,7 @@ through Ray Train.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -43,6 +47,12 @@ from unidad_dist.train.signals import SIGNALS as STOP_SIGNALS
 
 RAY_EXTRA = "pip install 'unidad_dist[ray]' (or pip install 'ray[default,train]')"
 STOP_REQUEST = "stop.request"  # in the run folder: the launcher asks the workers to stop with a checkpoint
+
+
+def _error_record(rdir: Path, launch_id: str) -> Path:
+    """Where a worker records a UserError for the launcher (beside the run folder: a refused start writes
+    nothing into it)."""
+    return rdir.parent / f".{rdir.name}.{launch_id.replace(':', '-')}.error.json"
 
 
 @dataclasses.dataclass
@@ -94,9 +104,20 @@ def _worker(spec: dict) -> None:
     torch.set_num_threads(threads)  # the worker's CPUs, not every core of its node
     if os.path.isdir(spec["cwd"]):
         os.chdir(spec["cwd"])  # relative paths in overrides and run.dir are the launching shell's
-    cfg = load_config(spec["config"], spec["overrides"])
-    rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
-    train(cfg, rt, hooks=[RayReport(), StopRequest()])
+    record = Path(spec["error_record"])
+    if record.exists():  # a restart after this launch's input error: it would recur
+        return
+    try:
+        cfg = load_config(spec["config"], spec["overrides"])
+        rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
+        train(cfg, rt, hooks=[RayReport(), StopRequest()])
+    except UserError as e:  # deterministic: returned, not raised, so FailureConfig does not retry it
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"rank": int(os.environ.get("RANK", "0")), "error": str(e)}))
+        os.replace(tmp, record)
+        if torch.distributed.is_initialized():  # a rank still in a collective with this one fails now, not
+            torch.distributed.destroy_process_group()  # after run.dist_timeout; its restarted group returns
 
 
 def _reachable(address: str) -> Optional[str]:
@@ -187,7 +208,7 @@ def _check_options(o: RayOptions) -> None:
         raise UserError(f"--gpus-per-worker {o.gpus_per_worker:g}: each rank needs whole GPUs (one rank per GPU: 1)")
 
 
-def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path):
+def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path, launch_id: str):
     """The TorchTrainer whose workers run ``_worker`` on the recipe, with Ray's storage in the run folder."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -195,7 +216,7 @@ def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path):
     # the run folder as an absolute path: a worker whose node lacks this directory still finds it
     spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
             "overrides": [*overrides, f"run.dir={rdir}"], "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
-            "launch_id": f"ray:{uuid.uuid4().hex[:12]}"}
+            "launch_id": launch_id, "error_record": str(_error_record(rdir, launch_id))}
     resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
     return TorchTrainer(
         _worker, train_loop_config=spec,
@@ -207,9 +228,23 @@ def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path):
                              failure_config=FailureConfig(max_failures=o.max_failures)))
 
 
-def _fit_stoppable(trainer, rdir: Path, o: RayOptions) -> int:
+def _fit_stoppable(trainer, rdir: Path, o: RayOptions, launch_id: str) -> int:
     """Fit, turning SIGINT / SIGTERM into a stop request the workers act on (a second one aborts); the exit
-    status."""
+    status (2: an input error a worker recorded)."""
+    record = _error_record(rdir, launch_id)
+    try:
+        return _fit_signalled(trainer, rdir, o, record)
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _raise_recorded(record: Path) -> None:
+    if record.is_file():
+        found = json.loads(record.read_text())
+        raise UserError(f"{found['error']} (rank {found['rank']}; not retried: it would recur)")
+
+
+def _fit_signalled(trainer, rdir: Path, o: RayOptions, record: Path) -> int:
     t0 = time.time()
     stop_file = rdir / STOP_REQUEST
     stop_file.unlink(missing_ok=True)  # a request left by an earlier launch
@@ -235,6 +270,7 @@ def _fit_stoppable(trainer, rdir: Path, o: RayOptions) -> int:
               "resumes", file=sys.stderr, flush=True)
         return 128 + received[0] if received else 130
     except Exception as e:  # Ray Train's TrainingFailedError after max_failures restarts
+        _raise_recorded(record)
         print(f"launch ray: the run failed after at most {o.max_failures} restart(s): "
               f"{str(e).strip().splitlines()[-1][:2000] if str(e).strip() else type(e).__name__}; the "
               f"checkpoints in {rdir / 'checkpoints'} stay valid; the same command resumes the run",
@@ -244,6 +280,7 @@ def _fit_stoppable(trainer, rdir: Path, o: RayOptions) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         stop_file.unlink(missing_ok=True)
+    _raise_recorded(record)
     if getattr(result, "error", None) is not None:
         print(f"launch ray: the run failed: {result.error}", file=sys.stderr, flush=True)
         return 1
@@ -271,11 +308,12 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
     ray = _connect(o.address)
     try:
         _check_resources(ray, o)
-        trainer = _trainer(config, overrides, o, cfg, rdir)
+        launch_id = f"ray:{uuid.uuid4().hex[:12]}"
+        trainer = _trainer(config, overrides, o, cfg, rdir, launch_id)
         print(f"launch ray: {o.num_workers} worker(s) x {o.cpus_per_worker:g} CPU"
               + (f" + {o.gpus_per_worker:g} GPU" if o.gpus_per_worker else "")
               + f" on the Ray cluster; run folder {rdir}; at most {o.max_failures} restart(s) after a worker "
               "failure", flush=True)
-        return _fit_stoppable(trainer, rdir, o)
+        return _fit_stoppable(trainer, rdir, o, launch_id)
     finally:
         ray.shutdown()

@@ -340,6 +340,8 @@ def is_complete(ckpt: Path) -> bool:
         algorithm, files = manifest.get("checksum", CHECKSUM), manifest["files"]
     else:  # manifests of earlier versions: a flat name -> sha256 map
         algorithm, files = "sha256", manifest
+    if not isinstance(files, dict) or "state.json" not in files:  # every checkpoint has one: an empty or
+        return False                                               # truncated manifest is no checkpoint
     for name, digest in files.items():
         p = ckpt / name
         if not p.is_file() or checksum_file(p, algorithm) != digest:
