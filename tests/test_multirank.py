@@ -145,6 +145,11 @@ def test_a_global_batch_trains_the_same_on_2_ranks_on_1_and_across_a_resize(tmp_
     assert yaml.safe_load((dir2 / "config.yaml").read_text())["train"]["batch_size"] == 2
     r = _launch(3, one, "run.dir=" + str(tmp_path / "three"))
     assert r.returncode == 2 and "cannot be split over 3 ranks; run on 1, 2, 4 ranks" in r.stderr, r.stderr[-2000:]
+    # the report says what each rank trained with at the latest checkpoint's world size
+    for rdir, per_rank in ((dir2, "micro-batch 2 x 1 accumulation"), (dir_r, "micro-batch 2 x 2 accumulation")):
+        r = subprocess.run([sys.executable, "-m", "unidad_dist", "report", "--run", str(rdir), "--no-plot"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and f"global batch 4 (at this world size: {per_rank}" in r.stdout, r.stdout[:2000]
 
 
 @pytest.mark.slow

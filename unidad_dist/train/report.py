@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import config_from_dict
+from unidad_dist.config import batch_for_world, config_from_dict
 from unidad_dist.errors import UserError
 from unidad_dist.parallel.placement import resolve_groups
 from unidad_dist.parallel.plan import role_parameters
@@ -257,6 +257,15 @@ def collect(rdir: str | Path) -> tuple[dict, list[dict]]:
             notes.append(f"checkpoint {latest} has no readable state.json: world size unknown")
     rep["world_size"] = world
     rep["world_size_from"] = latest if world is not None else None
+    G = (raw.get("train") or {}).get("global_batch_size")
+    rep["recipe"]["global_batch_size"] = G
+    if G is not None and cfg is not None and world is not None:  # what each rank trained with at that size
+        try:
+            eff = batch_for_world(cfg, world)
+            rep["recipe"]["micro_batch"] = eff.train.batch_size
+            rep["recipe"]["grad_accum"] = G // (world * eff.train.batch_size)
+        except UserError:
+            pass
 
     roles = _roles(cfg, raw, world, records, rep, notes)
     rep["roles"] = roles
@@ -316,8 +325,12 @@ def format_report(rep: dict) -> str:
     st = rep["status"]
     r = rep["recipe"]
     out = [format_status(st).splitlines()[0],
-           f"recipe     {r['name'] or '-'} (method {r['method']}): {r['iterations']} iterations, batch "
-           f"{r['batch_size']}, seed {r['seed']} (config.yaml)"]
+           f"recipe     {r['name'] or '-'} (method {r['method']}): {r['iterations']} iterations, "
+           + (f"batch {r['batch_size']} per rank" if r.get("global_batch_size") is None else
+              f"global batch {r['global_batch_size']}" + (
+                  f" (at this world size: micro-batch {r['micro_batch']} x {r['grad_accum']} accumulation step(s) "
+                  "per rank)" if r.get("micro_batch") else f" (micro-batch at most {r['batch_size']})"))
+           + f", seed {r['seed']} (config.yaml)"]
     out += format_status(st).splitlines()[1:]
     world = rep["world_size"]
     out.append(f"world      {_v(world) if world is not None else 'unknown (no checkpoint yet)'} rank"
