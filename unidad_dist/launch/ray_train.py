@@ -69,16 +69,19 @@ class RayReport(Hook):
     same number of times, as every rank takes part in every save), with rank 0's latest step logs."""
 
     def __init__(self):
-        self.last: dict = {}
+        self.logs: dict[int, dict] = {}  # iterations done -> that iteration's logs (since the last report)
 
     def on_step_end(self, run, iteration: int, logs: dict) -> None:
-        self.last = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        self.logs[iteration + 1] = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
 
     def on_checkpoint(self, run, path: Path, iteration: int) -> None:
         import ray.train
         from ray.train import CheckpointUploadMode
 
-        ray.train.report({"iteration": iteration, **self.last},
+        # checkpoint.async reports a checkpoint later, once published: with the logs of its own iteration
+        logs = self.logs.get(iteration, {})
+        self.logs = {k: v for k, v in self.logs.items() if k > iteration}
+        ray.train.report({"iteration": iteration, **logs},
                          checkpoint=ray.train.Checkpoint(str(Path(path).resolve())),  # pyarrow: absolute paths
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -112,12 +115,16 @@ def _worker(spec: dict) -> None:
         rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
         train(cfg, rt, hooks=[RayReport(), StopRequest()])
     except UserError as e:  # deterministic: returned, not raised, so FailureConfig does not retry it
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"rank": int(os.environ.get("RANK", "0")), "error": str(e)}))
-        os.replace(tmp, record)
-        if torch.distributed.is_initialized():  # a rank still in a collective with this one fails now, not
-            torch.distributed.destroy_process_group()  # after run.dist_timeout; its restarted group returns
+        rank = int(os.environ.get("RANK", "0"))
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f"{record.name}.{rank}-{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"rank": rank, "error": str(e)}))
+            os.replace(tmp, record)
+        except OSError:  # a full or read-only disk: raised instead (Ray retries, and ends with the same error)
+            raise e from None
+        if torch.distributed.is_initialized():  # a gloo peer still in a collective with this rank fails now; an
+            torch.distributed.destroy_process_group()  # NCCL one at its timeout; the restarted group returns
 
 
 def _reachable(address: str) -> Optional[str]:

@@ -801,8 +801,9 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
     if cfg.checkpoint.async_:
         staged = max(sum(p.model_state_bytes + p.host_bytes for p in roles.values() if r in p.ranks
                          and p.trainable) for r in range(world_size))
-        notes.append(f"checkpoint.async: each rank also holds a host-memory copy of the state it checkpoints, at "
-                     f"most {staged / GIB:.2f} GiB (its trainable roles' model states), for the whole run")
+        notes.append(f"checkpoint.async: each rank also holds a host-memory copy of the state it checkpoints, about "
+                     f"{staged / GIB:.2f} GiB (its trainable roles' model states; pinned memory on CUDA is allocated "
+                     "in larger blocks), for the whole run")
     plan = Plan(world_size, cfg.placement.mode, roles, helpers, per_rank, gpu_memory, notes=notes)
     if plan.fits is False:
         plan.recommendation = recommend(cfg, world_size, gpu_memory, arch=arch, cache=cache)

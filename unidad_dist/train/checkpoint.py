@@ -162,12 +162,13 @@ def save(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: O
 
 
 def stage(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: Optional[dict] = None,
-          stager: Optional[Stager] = None, group=None, cancel: Optional[threading.Event] = None):
+          stager: Optional[Stager] = None, group=None, gate: Optional["PublishGate"] = None):
     """The collective part of a save (all ranks, at the iteration boundary): the engines' states, the gathered
     whole weights, RNG, data and method state — written into the checkpoint's temporary folder, or with
     ``stager`` copied into host memory. Returns ``publish``: writes what was staged, then (every rank, through
     process group ``group``: a separate one when it runs in a background thread) the manifest, the rename
-    and the prune; returns the published folder. A set ``cancel`` (a run interrupted at once) publishes nothing."""
+    and the prune; returns the published folder. A cancelled ``gate`` (a run interrupted at once) publishes
+    nothing."""
     exchange = models.exchange
     placement = models.placement
     data_state, samples_seen = models.data.state(), models.data.samples_seen()
@@ -215,28 +216,72 @@ def stage(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: 
             error = e
         kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
         # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
-        mine = take_digests(tmp) if error is None else {
-            _ERROR: [getattr(error, "errno", None), f"rank {rt.rank}: {type(error).__name__}: {error}"]}
+        mine = take_digests(tmp) if error is None else {_ERROR: _describe(error, rt.rank)}
+        if gate is not None and gate.cancelled:
+            mine[_CANCELLED] = True
         parts = [None] * rt.world_size
         if rt.distributed:
             torch.distributed.all_gather_object(parts, mine, group=group)
         else:
             parts = [mine]
-        failed = [p[_ERROR] for p in parts if p and _ERROR in p]
+        # rank 0 publishes (or finds why not) and tells every rank the same outcome: an error after the gather
+        # (a full disk at the manifest) or a cancel is raised everywhere, never left to a rank waiting alone
+        outcome = None
+        if rt.is_main:
+            failed = [p[_ERROR] for p in parts if p and _ERROR in p]
+            if failed:
+                outcome = failed[0]
+            elif any(p and p.get(_CANCELLED) for p in parts):
+                outcome = [None, "abandoned: the run was interrupted"]
+            else:
+                try:
+                    with gate.publishing() if gate is not None else contextlib.nullcontext(True) as go:
+                        if not go:
+                            raise RuntimeError("abandoned: the run was interrupted")
+                        _publish(tmp, final, root, parts, keep)
+                except Exception as e:  # noqa: BLE001 - told to every rank below
+                    outcome = _describe(e, rt.rank)
+        if rt.distributed:
+            box = [outcome]
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+            outcome = box[0]
         if error is not None:
             raise error
-        if failed:
-            raise OSError(failed[0][0] or 0, f"checkpoint {final.name} was not written: {failed[0][1]}")
-        if cancel is not None and cancel.is_set():
-            raise RuntimeError(f"checkpoint {final.name} abandoned: the run was interrupted")
-        if rt.is_main:
-            _publish(tmp, final, root, parts, keep)
-        _barrier(rt, group)
+        if outcome is not None:
+            raise OSError(outcome[0] or 0, f"checkpoint {final.name} was not published: {outcome[1]}")
         return final
 
     return publish
 
 
+def _describe(e: BaseException, rank: int) -> list:
+    return [getattr(e, "errno", None), f"rank {rank}: {type(e).__name__}: {e}"]
+
+
+class PublishGate:
+    """Lets an interrupted run stop a background checkpoint from being published: ``cancel()`` waits for a
+    publish in progress (a rename, ``latest``, a prune: short) and forbids the next, so nothing is published
+    after the run lets go of its folder."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+
+    @contextlib.contextmanager
+    def publishing(self):
+        with self._lock:
+            yield not self._cancelled
+
+
+_CANCELLED = "__cancelled__"
 _ERROR = "__error__"
 
 
@@ -281,7 +326,7 @@ class AsyncWriter:
         self._thread: Optional[threading.Thread] = None
         self._outcome: tuple = ()
         self.iteration: Optional[int] = None  # of the checkpoint being written
-        self.cancel = threading.Event()  # set: the checkpoint being written is not published (abandon)
+        self.gate = PublishGate()  # cancelled: the checkpoint being written is not published (abandon)
         self.write_s = 0.0  # wall seconds of the latest background write
 
     def group(self):
@@ -307,8 +352,9 @@ class AsyncWriter:
         self._thread.start()
 
     def abandon(self) -> None:
-        """The run is interrupted at once: what is being written stays unpublished (the last one stands)."""
-        self.cancel.set()
+        """The run is interrupted at once: what is being written stays unpublished (the last one stands); a
+        publish already under way is finished first, none starts after this returns."""
+        self.gate.cancel()
 
     @property
     def busy(self) -> bool:

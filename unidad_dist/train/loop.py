@@ -61,6 +61,7 @@ class Run:
     last_save_s: float = 0.0  # wall seconds training stood still for the latest save (time/checkpoint_s)
 
     writer: Optional[checkpoint.AsyncWriter] = None  # checkpoint.async: the background writer
+    _waited_s: float = 0.0  # the last wait for a background write
 
     @property
     def samples_here(self) -> bool:
@@ -71,15 +72,15 @@ class Run:
         """Checkpoint ``iteration`` (every rank). ``checkpoint.async``: the previous checkpoint is waited for
         (and reported to ``on_checkpoint``), this one is staged in host memory and written in the background —
         ``wait_saves`` publishes it. ``last_save_s``: how long training stood still for it."""
-        t0 = time.perf_counter()
         self.wait_saves(hooks)
+        t0 = time.perf_counter() - self._waited_s  # the stall: waiting for the previous write, staging this one
         with self._write_errors(iteration):
             if self.cfg.checkpoint.async_:
                 if self.writer is None:
                     self.writer = checkpoint.AsyncWriter(self.rt)
                 publish = checkpoint.stage(self.dir, self.models, iteration, self.rt, self.method,
                                            self.cfg.checkpoint.keep, frozen=self.frozen, stager=self.writer.stager,
-                                           group=self.writer.group(), cancel=self.writer.cancel)
+                                           group=self.writer.group(), gate=self.writer.gate)
                 self.writer.start(publish, iteration)
                 self.last_save_s = time.perf_counter() - t0
                 return
@@ -91,6 +92,7 @@ class Run:
     def wait_saves(self, hooks: Optional[Hook]) -> None:
         """Every rank: wait for the checkpoint being written in the background, then report it to the hooks
         (``None``: a failing run only waits, so what is written gets published)."""
+        self._waited_s = 0.0
         if self.writer is None or not self.writer.busy:
             return
         if hooks is None:
@@ -99,8 +101,10 @@ class Run:
             except Exception as e:  # noqa: BLE001 - the error that ends the run is the one to show
                 warnings.warn(f"the checkpoint being written when the run failed was not published ({e})")
             return
+        t0 = time.perf_counter()
         with self._write_errors(self.writer.iteration):
             path, iteration = self.writer.wait()
+        self._waited_s = time.perf_counter() - t0
         hooks.on_checkpoint(self, path, iteration)
 
     @contextlib.contextmanager
