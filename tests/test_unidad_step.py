@@ -387,6 +387,33 @@ def test_logged_grad_norm_is_the_norm_of_the_gradients(make_cfg, rt, precision):
         assert none is None and abs(logged_z2 - expected) <= 1e-5 * expected, (logged_z2, expected)
 
 
+def test_with_a_global_batch_the_target_warm_start_is_the_same_at_any_world_size(make_cfg, rt):
+    """train.global_batch_size=4 with micro-batches of at most 4: one rank trains 1 x 4 and two ranks 1 x 2 each
+    (batch_for_world at world 1 and 2); the target teacher's warm start takes the same 4 samples per step either
+    way (in this world size's micro-batches) and ends at the same weights, to float rounding."""
+    from unidad_dist.config import batch_for_world
+
+    over = {"target_teacher.mode": "online", "algorithm.a": 0.75, "train.batch_size": 4,
+            "train.global_batch_size": 4, "target_teacher.warm_start": 3, "target_teacher.warm_start_lr": 2e-3}
+    weights, sizes = {}, {}
+    for world in (1, 2):
+        cfg = batch_for_world(make_cfg("pixel", **over), world)
+        models = build(cfg, rt)
+        m = UniDAD(cfg, models, rt)
+        init = _params(models.target_teacher.module)
+        seen, real_loss = [], m.target_loss
+        m.target_loss = lambda x, batch, d, iteration: seen.append(list(d.indices)) or real_loss(x, batch, d, iteration)
+        m.prepare()
+        sizes[world] = seen
+        weights[world] = _params(models.target_teacher.module)
+    assert sizes[1] == [[0, 1, 2, 3]] * 3 and sizes[2] == [[0, 1], [2, 3]] * 3, sizes
+    moved = max(float((weights[1][k] - init[k]).abs().max()) for k in init)
+    apart = max(float((weights[1][k] - weights[2][k]).abs().max()) for k in init)
+    # Adam (eps 1e-8) turns rounding in a near-zero gradient into a visible step: at most a few % of the
+    # movement; drawing 2 samples per step instead of 4 (the world size's micro-batch) moves them apart by ~all
+    assert moved > 1e-3 and apart < 0.05 * moved, (apart, moved)
+
+
 def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt, pipes):
     """target_teacher.warm_start: before the first iteration the online target teacher is trained on the
     target shots (every image its loss sees is a shot or its mirror image, one batch per step) and then

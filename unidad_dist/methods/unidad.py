@@ -591,8 +591,9 @@ class UniDAD(Method):
 
     def _fit(self, role_name: str, steps: int, lr: float, loss_fn, label: str, progress: bool,
              clip: Optional[float] = None) -> float:
-        """``steps`` Adam steps of ``loss_fn(step)`` on a plain role, before its engine is built (a warm start;
-        the role's training optimizer starts fresh afterwards). Returns the last loss."""
+        """``steps`` Adam steps of ``loss_fn(step)`` (a loss, or an iterator of micro-batch losses whose gradients
+        add up) on a plain role, before its engine is built (a warm start; the role's training optimizer starts
+        fresh afterwards). Returns the last loss."""
         role = self.role(role_name)
         if role.engine is not None:
             raise RuntimeError(f"the {label} must run before parallel.engines.attach")
@@ -600,9 +601,12 @@ class UniDAD(Method):
         bar = progress_bar(steps, label, leave=False) if progress and self.rt.is_main else None
         last = 0.0
         for step in range(steps):
-            loss = loss_fn(step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = loss_fn(step)  # one loss, or an iterator of the step's micro-batch losses
+            loss = None
+            for part in ([parts] if isinstance(parts, torch.Tensor) else parts):
+                part.backward()  # each micro-batch's graph is freed before the next is built
+                loss = part.detach() if loss is None else loss + part.detach()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(role.params, clip)
             opt.step()
@@ -619,12 +623,18 @@ class UniDAD(Method):
         """``target_teacher.warm_start`` steps of the online target teacher's own loss (§4, target teacher
         denoising: shots with hflip, condition dropout) with its own Adam, before its engine is built.
         Step s draws as a training iteration would, keyed by iteration -2 - s (never a training one), over
-        the global batch: every rank computes the same steps, and the engine broadcasts rank 0's weights."""
+        ``train.global_batch_size`` samples when set (else ``train.batch_size``): every rank computes the same
+        steps, whatever the world size, and the engine broadcasts rank 0's weights."""
         tc = self.cfg.target_teacher
+        # with train.global_batch_size, each step takes the global batch in micro-batches of this world size's
+        # train.batch_size (which divides it), its gradient their mean: the same steps at any world size
+        n, micro = self.cfg.train.global_batch_size or self.cfg.train.batch_size, self.cfg.train.batch_size
 
-        def loss(step):
-            d = SampleDraws(self.seed, -2 - step, range(self.cfg.train.batch_size), self.rt.device)
-            return self.target_loss(None, self.m.data.batch(d), d, iteration=-1)[0]
+        def loss(step):  # the micro-batches' weighted losses, one at a time (each back-propagated before the next)
+            for lo in range(0, n, micro):
+                d = SampleDraws(self.seed, -2 - step, range(lo, min(n, lo + micro)), self.rt.device)
+                part = self.target_loss(None, self.m.data.batch(d), d, iteration=-1)[0]
+                yield part if micro >= n else part * (len(d.indices) / n)
 
         last = self._fit("target_teacher", tc.warm_start, tc.warm_start_lr, loss, "target teacher warm start",
                          progress, clip=10.0)
