@@ -37,7 +37,7 @@ def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
     from safetensors.torch import save_file
 
     from unidad_dist import testing
-    from unidad_dist.config import config_from_dict
+    from unidad_dist.config import batch_for_world, config_from_dict
     from unidad_dist.methods.unidad import UniDAD
     from unidad_dist.parallel import engines
     from unidad_dist.parallel.placement import setup_placement
@@ -45,7 +45,7 @@ def run_variant(name: str, spec: dict, out: Path, rt) -> dict:
 
     rec = testing.tiny_recipe(Path(spec["backbone"]), Path(spec["shots"]), out / name / "run",
                               **{**spec.get("common", {}), **spec["variants"][name]})
-    cfg = config_from_dict(rec)
+    cfg = batch_for_world(config_from_dict(rec), rt.world_size)
     pl = setup_placement(cfg, rt)
     models = build(cfg, rt, placement=pl)
     method = UniDAD(cfg, models, rt)

@@ -114,7 +114,6 @@ def test_recipes_in_repo_validate(repo_root):
 @pytest.mark.parametrize("overrides, msg", [
     (["train.global_batch_size=0"], "train.global_batch_size must be >= 1"),
     (["train.global_batch_size=8", "fake_teacher.grad_accum=2"], "remove fake_teacher.grad_accum=2"),
-    (["train.global_batch_size=8", "placement.mode=split"], "not available with placement.mode=split"),
 ])
 def test_global_batch_size_conflicts(overrides, msg):
     data = {**BASE}
@@ -138,3 +137,9 @@ def test_global_batch_size_is_split_into_micro_batches_and_accumulation():
         batch_for_world(cfg, 5)
     cfg = config_from_dict({**BASE})
     assert batch_for_world(cfg, 3) is cfg
+    # split placement: each side holds the whole batch over half the ranks
+    split = config_from_dict({**data, "placement": {"mode": "split"}})
+    got = {w: (c.train.batch_size, c.student.grad_accum) for w in (2, 4, 6) for c in [batch_for_world(split, w)]}
+    assert got == {2: (4, 3), 4: (3, 2), 6: (4, 1)}
+    with pytest.raises(UserError, match=r"over 10 ranks \(5 per side of split placement\); run on 2, 4, 6, 8, 12, 24"):
+        batch_for_world(split, 10)

@@ -249,11 +249,13 @@ def split_run(tmp_path_factory, pipes):
                               "fake_teacher.grad_accum": 2},
         "colocated_ratio_accum": {"train.fake_updates_per_student": 2, "fake_teacher.grad_accum": 2,
                                   "train.batch_size": 1},
+        # the same 4 samples per iteration as a global batch: 2 per side rank, in micro-batches of 1 (2 accumulated)
+        "split_global": {"placement.mode": "split", "train.global_batch_size": 4, "train.batch_size": 1},
     }
     return tmp, run_worker(tmp, pipe, pipes["shots"], variants, nproc=4, common={"train.iterations": 3})
 
 
-@pytest.mark.parametrize("variant", ["split", "split_zero12"])
+@pytest.mark.parametrize("variant", ["split", "split_zero12", "split_global"])
 def test_split_equals_colocated(split_run, variant):
     tmp, results = split_run
     for role in ("student", "fake_teacher", "target_teacher"):

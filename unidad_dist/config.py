@@ -25,7 +25,7 @@ from unidad_dist.methods.base import Method, method_class
 
 DEFAULT_METHOD = "unidad"
 
-__all__ = ["Config", "all_keys", "batch_for_world", "config_class", "config_from_dict", "dump_yaml", "flatten", "from_dict",
+__all__ = ["Config", "all_keys", "batch_for_world", "config_class", "data_parallel_size", "config_from_dict", "dump_yaml", "flatten", "from_dict",
            "load_config", "parse_overrides", "run_dir", "to_dict", "validate"]
 
 
@@ -244,9 +244,6 @@ def validate(cfg) -> None:
         if fixed:
             raise UserError(f"train.global_batch_size derives every role's gradient accumulation from the world size; "
                             f"remove {', '.join(fixed)} (or train.global_batch_size)")
-        if cfg.placement.mode == "split":
-            raise UserError("train.global_batch_size is not available with placement.mode=split yet (its two sides "
-                            "have their own data-parallel sizes); set train.batch_size and grad_accum instead")
     choice("placement.mode", cfg.placement.mode, ("colocated", "split"))
     choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     positive("train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, allow_zero=True)
@@ -282,20 +279,30 @@ def validate(cfg) -> None:
         raise UserError("data.source.path (prompt shards) and data.source.prompt_file are both set; keep one")
 
 
+def data_parallel_size(cfg, world: int) -> int:
+    """The ranks a global batch is spread over: all of them, or in split placement each side's half (both sides
+    hold the whole batch)."""
+    return world // 2 if cfg.placement.mode == "split" and world >= 2 else world
+
+
 def batch_for_world(cfg, world: int):
     """The config a run at ``world`` ranks trains with: with ``train.global_batch_size`` G, each rank takes G / world
-    samples per optimizer step, as the fewest micro-batches of at most ``train.batch_size`` that divide it evenly;
+    samples per optimizer step (G / (world / 2) in split placement, where each side holds the whole batch), as the fewest micro-batches of at most ``train.batch_size`` that divide it evenly;
     ``train.batch_size`` becomes that micro-batch and every trainable role's ``grad_accum`` that count. The
     recipe's own values stay in config.yaml (a resume at another world size derives them again). Without G:
     ``cfg`` itself. A world size that does not divide G is an error naming those that do."""
     G = cfg.train.global_batch_size
     if G is None:
         return cfg
-    if G % world:
-        fits = [str(w) for w in range(1, G + 1) if G % w == 0]
-        raise UserError(f"train.global_batch_size={G} cannot be split over {world} ranks; run on {', '.join(fits)} "
-                        f"ranks, or give a global batch that {world} divides (e.g. {G + world - G % world})")
-    per_rank = G // world
+    split = cfg.placement.mode == "split"
+    dp = data_parallel_size(cfg, world)
+    if G % dp:
+        fits = [str(w * (2 if split else 1)) for w in range(1, G + 1) if G % w == 0]
+        raise UserError(f"train.global_batch_size={G} cannot be split over {world} ranks"
+                        + (f" ({dp} per side of split placement)" if split else "")
+                        + f"; run on {', '.join(fits)} ranks, or give a global batch that {dp} divides "
+                          f"(e.g. {G + dp - G % dp})")
+    per_rank = G // dp
     accum = next(a for a in range(-(-per_rank // cfg.train.batch_size), per_rank + 1) if per_rank % a == 0)
     roles = {s.name: dataclasses.replace(getattr(cfg, s.name), grad_accum=accum) for s in cfg.method.roles(cfg)
              if s.trainable and hasattr(getattr(cfg, s.name), "grad_accum")}

@@ -30,8 +30,9 @@ class RunConfig:
 class TrainConfig:
     iterations: int = 1000  # training iterations (may be raised on resume)
     batch_size: int = 1  # per rank and micro-batch (with global_batch_size: the largest micro-batch per rank)
-    # samples per optimizer step over all ranks, kept whatever the world size: the per-rank micro-batch and every
-    # trainable role's gradient accumulation are derived from it (null: train.batch_size x grad_accum x ranks)
+    # samples per optimizer step over all ranks (split placement: over each side's), kept whatever the world
+    # size: the per-rank micro-batch and every trainable role's gradient accumulation are derived from it (null:
+    # train.batch_size x grad_accum x ranks)
     global_batch_size: Optional[int] = None
     nonfinite: str = "skip"  # a NaN/inf loss on any rank: "skip" that role's step on all ranks, or "stop" all
     max_nonfinite_skips: int = 10  # stop when one role's step is skipped this many iterations in a row

@@ -998,9 +998,6 @@ def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
         if kw.get("split") and world_size < 2:
             tried.append(Rung(name, overrides, None, False, "needs at least 2 ranks"))
             continue
-        if kw.get("split") and cfg.train.global_batch_size is not None:
-            tried.append(Rung(name, overrides, None, False, "not with train.global_batch_size"))
-            continue
         try:
             p = make_plan(c, world_size, None, arch=arch, cache=cache)
         except UserError as e:

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from unidad_dist import builtin
-from unidad_dist.config import batch_for_world, config_from_dict, dump_yaml, flatten, run_dir, to_dict
+from unidad_dist.config import batch_for_world, config_from_dict, data_parallel_size, dump_yaml, flatten, run_dir, to_dict
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import StoppedBySignal, UserError
@@ -251,9 +251,10 @@ def prepare(cfg, rt: Runtime, rdir: Path) -> Run:
     frozen = _check_frozen(cfg, rt, resume_from)
     recipe_cfg, cfg = cfg, batch_for_world(cfg, rt.world_size)  # config.yaml keeps the recipe's values
     if cfg is not recipe_cfg:
-        say(rt, f"global batch {cfg.train.global_batch_size} = {rt.world_size} rank(s) x micro-batch "
-                f"{cfg.train.batch_size} x {cfg.train.global_batch_size // (rt.world_size * cfg.train.batch_size)} "
-                "accumulation step(s) per trainable role")
+        dp = data_parallel_size(cfg, rt.world_size)
+        say(rt, f"global batch {cfg.train.global_batch_size} = {dp} rank(s)"
+                + (" per side" if dp != rt.world_size else "") + f" x micro-batch {cfg.train.batch_size} x "
+                f"{cfg.train.global_batch_size // (dp * cfg.train.batch_size)} accumulation step(s) per trainable role")
     t0 = time.time()
     placement = setup_placement(cfg, rt)  # bad groups fail here
     say(rt, f"building roles: {', '.join(s.name for s in cfg.method.roles(cfg))}, and the data")

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import batch_for_world, config_from_dict
+from unidad_dist.config import batch_for_world, config_from_dict, data_parallel_size
 from unidad_dist.errors import UserError
 from unidad_dist.parallel.placement import resolve_groups
 from unidad_dist.parallel.plan import role_parameters
@@ -263,7 +263,7 @@ def collect(rdir: str | Path) -> tuple[dict, list[dict]]:
         try:
             eff = batch_for_world(cfg, world)
             rep["recipe"]["micro_batch"] = eff.train.batch_size
-            rep["recipe"]["grad_accum"] = G // (world * eff.train.batch_size)
+            rep["recipe"]["grad_accum"] = G // (data_parallel_size(cfg, world) * eff.train.batch_size)
         except UserError:
             pass
 
