@@ -51,7 +51,7 @@ class Stager:
         out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
         if isinstance(t, torch.nn.Parameter):
             return torch.nn.Parameter(out, requires_grad=t.requires_grad)
-        if t.requires_grad:  # torch.save records it
+        if t.requires_grad:  # torch.save records the flag: the copy is written as the live tensor would be (no graph)
             out.requires_grad_(True)
         return out
 

@@ -24,6 +24,7 @@ path + sha256, they are reloaded from the recipe's paths, and a resume whose fro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -207,51 +208,58 @@ def stage(run_dir: Path, models, iteration: int, rt, method, keep: int, frozen: 
     files.text(tmp / f"data_rank{rt.rank}.json", json.dumps(data_state or {}))
     files.text(tmp / f"method_rank{rt.rank}.json", json.dumps(method.state_dict(), sort_keys=True))
 
-    def publish() -> Path:
-        error = None
-        try:
-            files.write()
-            fsync_written(tmp, extra=tuple(files.written))
-        except Exception as e:  # noqa: BLE001 - told to every rank (none waits forever), raised below
-            error = e
-        kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
-        # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
-        mine = take_digests(tmp) if error is None else {_ERROR: _describe(error, rt.rank)}
-        if gate is not None and gate.cancelled:
-            mine[_CANCELLED] = True
-        parts = [None] * rt.world_size
-        if rt.distributed:
-            torch.distributed.all_gather_object(parts, mine, group=group)
-        else:
-            parts = [mine]
-        # rank 0 publishes (or finds why not) and tells every rank the same outcome: an error after the gather
-        # (a full disk at the manifest) or a cancel is raised everywhere, never left to a rank waiting alone
-        outcome = None
-        if rt.is_main:
-            failed = [p[_ERROR] for p in parts if p and _ERROR in p]
-            if failed:
-                outcome = failed[0]
-            elif any(p and p.get(_CANCELLED) for p in parts):
-                outcome = [None, "abandoned: the run was interrupted"]
-            else:
-                try:
-                    with gate.publishing() if gate is not None else contextlib.nullcontext(True) as go:
-                        if not go:
-                            raise RuntimeError("abandoned: the run was interrupted")
-                        _publish(tmp, final, root, parts, keep)
-                except Exception as e:  # noqa: BLE001 - told to every rank below
-                    outcome = _describe(e, rt.rank)
-        if rt.distributed:
-            box = [outcome]
-            torch.distributed.broadcast_object_list(box, src=0, group=group)
-            outcome = box[0]
-        if error is not None:
-            raise error
-        if outcome is not None:
-            raise OSError(outcome[0] or 0, f"checkpoint {final.name} was not published: {outcome[1]}")
-        return final
+    return functools.partial(_write_and_publish, files, tmp, final, iteration, rt, keep, group, gate)
 
-    return publish
+
+def _write_and_publish(files: "_Files", tmp: Path, final: Path, iteration: int, rt, keep: int, group,
+                       gate: Optional["PublishGate"]) -> Path:
+    """Every rank: write (and fsync) what it staged, then gather every rank's digests (or error, or cancel) on
+    ``group``; rank 0 publishes or finds why not and tells every rank the same outcome, so an error after the
+    gather (a full disk at the manifest) or a cancel is raised everywhere, never left to a rank waiting alone."""
+    error = None
+    try:
+        files.write()
+        fsync_written(tmp, extra=tuple(files.written))
+    except Exception as e:  # noqa: BLE001 - told to every rank (none waits forever), raised below
+        error = e
+    kill_point(rt.rank, f"ckpt:{iteration}")  # tests: a rank dies while the checkpoint is being written
+    # the digests computed while writing, from every rank (files on a shared filesystem are not re-read)
+    mine = take_digests(tmp) if error is None else {_ERROR: _describe(error, rt.rank)}
+    if gate is not None and gate.cancelled:
+        mine[_CANCELLED] = True
+    parts = [None] * rt.world_size
+    if rt.distributed:
+        torch.distributed.all_gather_object(parts, mine, group=group)
+    else:
+        parts = [mine]
+    outcome = _publish_on_main(tmp, final, parts, keep, gate, rt.rank) if rt.is_main else None
+    if rt.distributed:
+        box = [outcome]
+        torch.distributed.broadcast_object_list(box, src=0, group=group)
+        outcome = box[0]
+    if error is not None:
+        raise error
+    if outcome is not None:
+        raise OSError(outcome[0] or 0, f"checkpoint {final.name} was not published: {outcome[1]}")
+    return final
+
+
+def _publish_on_main(tmp: Path, final: Path, parts: list, keep: int, gate: Optional["PublishGate"],
+                     rank: int) -> Optional[list]:
+    """Rank 0, after the gather: publish, or [errno, why not] (a rank's write error, a cancel, a failed publish)."""
+    failed = [p[_ERROR] for p in parts if p and _ERROR in p]
+    if failed:
+        return failed[0]
+    if any(p and p.get(_CANCELLED) for p in parts):
+        return [None, "abandoned: the run was interrupted"]
+    try:
+        with gate.publishing() if gate is not None else contextlib.nullcontext(True) as go:
+            if not go:
+                return [None, "abandoned: the run was interrupted"]
+            _publish(tmp, final, final.parent, parts, keep)
+    except Exception as e:  # noqa: BLE001 - told to every rank by the caller
+        return _describe(e, rank)
+    return None
 
 
 def _describe(e: BaseException, rank: int) -> list:
