@@ -159,6 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
     p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
+    p = _sub(sub, "evaluate", "measure a run's checkpoints: the demo proxies and the paper's metrics (FID, "
+                              "Intra-LPIPS, CLIP-I/T, DINO-I; each unavailable until its weights are named in "
+                              "eval.weights.* or the environment); writes <run>/eval/<iteration>.json")
+    p.add_argument("--run", required=True, help="run folder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
+    which.add_argument("--all", action="store_true", help="every complete checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: eval.steps, else as trained)")
+    p.add_argument("--num", type=int, default=None, help="samples per checkpoint (default: eval.num_samples)")
+    p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    _add_overrides(p, example="eval.fid_stats=stats.npz eval.weights.inception=PATH; only eval.* keys")
+    p = _sub(sub, "fid-stats", "FID reference statistics (mu, sigma, count) of a full target data set, for "
+                               "eval.fid_stats")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", default=None, help="folder of the data set's images")
+    src.add_argument("--shards", default=None, help="a make-shards image folder (manifest.json)")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="centre-crop and resize each image to this side (the samples' resolution); default: the "
+                        "images' own size, which must then be one square size")
+    p.add_argument("--inception", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $UNIDAD_FID_INCEPTION)")
+    p.add_argument("--batch", type=int, default=50, help="images per Inception batch")
     return ap
 
 
@@ -292,6 +316,43 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from unidad_dist.train.evaluate import checkpoints_to_evaluate, evaluate_checkpoint, format_record
+
+    for name in ("steps", "num"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    records = []
+    for it in checkpoints_to_evaluate(Path(args.run), args.checkpoint, args.all):
+        try:
+            rec = evaluate_checkpoint(Path(args.run), it, steps=args.steps, num=args.num, use_ema=not args.raw,
+                                      overrides=args.overrides)
+        except UserError as e:
+            if not args.all or "removed while it was read" not in str(e):
+                raise
+            print(f"skipped iteration {it}: {e}", file=sys.stderr)  # pruned by checkpoint.keep meanwhile
+            continue
+        records.append(rec)
+        if not args.json:
+            print(format_record(rec))
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 0
+
+
+def cmd_fid_stats(args) -> int:
+    from unidad_dist.device import pick_device
+    from unidad_dist.eval.reference import fid_stats
+
+    if args.batch < 1 or (args.resolution is not None and args.resolution < 8):
+        raise UserError("--batch must be >= 1 and --resolution >= 8")
+    stats = fid_stats(args.out, images=args.images, shards=args.shards, resolution=args.resolution,
+                      inception=args.inception, batch=args.batch, device=pick_device())
+    print(f"wrote FID reference statistics of {_n(stats.count, 'image')} (Inception sha256 {stats.weights_sha256[:12]}...) "
+          f"to {args.out}; set eval.fid_stats={args.out}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     import dataclasses
 
@@ -350,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "evaluate":
+            return cmd_evaluate(args)
+        if args.cmd == "fid-stats":
+            return cmd_fid_stats(args)
         if args.cmd == "make-shards":
             from unidad_dist.data.make_shards import make_shards
 

@@ -143,9 +143,26 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalWeightsConfig:
+    """The paper metrics' networks (eval/networks.py): files and folders the user supplies, checked before use;
+    unset: the environment variable, else the metric is reported unavailable with the file it needs."""
+    inception: Optional[str] = path_field()  # FID Inception: pt_inception-2015-12-05-6726825d.pth (else $UNIDAD_FID_INCEPTION)
+    vgg16: Optional[str] = path_field()  # LPIPS trunk: torchvision's vgg16-397923af.pth (else $UNIDAD_LPIPS_VGG16)
+    # LPIPS v0.1 heads: the lpips package's weights/v0.1/vgg.pth (else $UNIDAD_LPIPS_HEADS, else an installed lpips)
+    lpips_heads: Optional[str] = path_field()
+    clip: Optional[str] = path_field()  # CLIP ViT-B/32 transformers folder, CLIP-I/T (else $UNIDAD_CLIP)
+    dino: Optional[str] = path_field()  # DINO ViT-S/16 transformers folder, DINO-I (else $UNIDAD_DINO)
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 64  # samples of the before/after evaluation (proxies, grids)
     steps: Optional[int] = None  # None: the method's own (Uni-DAD: student.steps)
+    weights: EvalWeightsConfig = field(default_factory=EvalWeightsConfig)
+    # FID reference: .npz of `unidad-dist fid-stats` over the full target data set (not the few shots)
+    fid_stats: Optional[str] = path_field()
+    reference: Optional[str] = path_field()  # folder of reference photos for CLIP-I / DINO-I (None: the target shots)
+    lpips_per_cluster: int = 100  # Intra-LPIPS: samples kept per few-shot cluster (the paper's 100)
 
 
 GENERIC_SECTIONS = {"run": RunConfig, "train": TrainConfig, "data": DataConfig, "placement": PlacementConfig,

@@ -1,0 +1,132 @@
+"""`unidad-dist evaluate` and `unidad-dist fid-stats` (issue 16): a run's checkpoints measured in a separate
+process, read-only; paper metrics unavailable without weights, computed with them (stand-in weights here,
+accepted by patching the expected hash prefix: nothing here is a real network)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from eval_fixtures import seeded_state
+from unidad_dist import testing
+from unidad_dist.cli import main
+from unidad_dist.core.images import to_uint8
+from unidad_dist.eval import networks, paper
+
+FIXTURE = json.loads((Path(__file__).parent / "data" / "eval_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run(pipes, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp / "run", **{
+        "train.iterations": 2, "checkpoint.every": 1, "checkpoint.keep": 5, "eval.num_samples": 8,
+        "student.ema": 0.5})  # an EMA apart from the raw weights: evaluate must read the one asked for
+    (tmp / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", "--config", str(tmp / "r.yaml")]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    for spec in networks.SPECS.values():
+        monkeypatch.delenv(spec.env, raising=False)
+    monkeypatch.setattr(networks, "_installed_lpips_heads", lambda: None)
+
+
+def _digests(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, capsys, no_weights):
+    before = _digests(run / "checkpoints")
+    assert main(["evaluate", "--run", str(run), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert _digests(run / "checkpoints") == before  # never modifies the run's checkpoints
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["0.json", "1.json", "2.json"]
+    rec = json.loads((run / "eval" / "2.json").read_text())
+    assert rec["checkpoint"] == "iter_0000002" and rec["num_samples"] == 8 and rec["weights"] == "ema"
+    # the final checkpoint's proxies are those the run's own final evaluation measured (same EMA, K, noise)
+    summary = json.loads((run / "summary.json").read_text())
+    assert rec["steps"] == summary["student_steps"]
+    for key in ("proxy_distance", "copy_rate", "diversity", "noise_level"):
+        want = summary["proxy_distance_after" if key == "proxy_distance" else key]
+        assert rec["proxies"][key] == pytest.approx(want, rel=1e-5, abs=1e-7), key
+    assert "a proxy, not FID" in rec["proxies"]["label"]
+    by = {r["metric"]: r for r in rec["paper"]}
+    assert set(by) == set(paper.PAPER_METRICS) and not any(r["available"] for r in rec["paper"])
+    for metric, needs in [("FID", "pt_inception-2015-12-05-6726825d.pth"), ("Intra-LPIPS", "vgg16-397923af.pth"),
+                          ("CLIP-I", "clip-vit-base-patch32"), ("DINO-I", "dino-vits16")]:
+        assert needs in by[metric]["reason"]
+        assert f"{metric}" in out and needs in out
+    assert "CLIP-T" in out and "not applicable" in out
+    # the raw weights differ from the EMA's: another record
+    assert main(["evaluate", "--run", str(run), "--checkpoint", "1", "--raw", "--num", "4", "--steps", "1"]) == 0
+    raw = json.loads((run / "eval" / "1.json").read_text())
+    assert raw["weights"] == "raw" and raw["num_samples"] == 4 and raw["steps"] == 1
+
+
+def _standin_inception(tmp_path: Path, monkeypatch) -> Path:
+    f = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(seeded_state(FIXTURE["inception_keys"]), f)
+    monkeypatch.setitem(networks.SPECS, "inception", networks.dataclasses.replace(
+        networks.SPECS["inception"], sha256_prefix=networks.sha256_of(f)[:8]))
+    return f
+
+
+def test_fid_stats_then_fid_of_a_checkpoint_equals_the_direct_computation(run, pipes, tmp_path, monkeypatch, capsys,
+                                                                       no_weights):
+    inc = _standin_inception(tmp_path, monkeypatch)
+    stats_file = tmp_path / "ref" / "stats.npz"
+    assert main(["fid-stats", "--images", str(pipes["shots"]), "--out", str(stats_file), "--inception", str(inc)]) == 0
+    assert "6 images" in capsys.readouterr().out
+    stats = paper.FidStats.load(stats_file)
+    assert stats.count == 6 and stats.weights_sha256 == networks.sha256_of(inc)
+    assert main(["evaluate", "--run", str(run), "--checkpoint", "2", f"eval.fid_stats={stats_file}",
+                 f"eval.weights.inception={inc}"]) == 0
+    fid = {r["metric"]: r for r in json.loads((run / "eval" / "2.json").read_text())["paper"]}["FID"]
+    assert fid["available"] and fid["weights_sha256"] == {"inception": networks.sha256_of(inc)}
+    # independently: `sample` (the run's seed, 8 images as floats in [0, 1]) -> features -> Frechet distance
+    from safetensors.torch import load_file
+
+    assert main(["sample", "--run", str(run), "--checkpoint", "2", "--num", "8", "--out", str(tmp_path / "s.safetensors")]) == 0
+    x = load_file(str(tmp_path / "s.safetensors"))["images"] * 2 - 1
+    net = networks.load_inception(networks.locate("inception", str(inc)))
+    gen = paper.FidStats.of(paper.inception_features(net, to_uint8(x)))
+    assert fid["value"] == pytest.approx(paper.frechet_distance(gen.mu, gen.sigma, stats.mu, stats.sigma), rel=1e-6)
+    assert fid["value"] > 0
+
+
+def test_fid_stats_and_evaluate_bad_input(run, tmp_path, monkeypatch, capsys, no_weights):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (16, 16), "red").save(mixed / "a.png")
+    Image.new("RGB", (24, 16), "blue").save(mixed / "b.png")
+    wrong = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"x": torch.zeros(2)}, wrong)
+    out = tmp_path / "s.npz"
+    assert main(["fid-stats", "--images", str(mixed), "--out", str(out), "--inception", str(wrong)]) == 2
+    assert "different or damaged" in capsys.readouterr().err and not out.exists()  # weights checked first
+    (tmp_path / "ok").mkdir()
+    inc = _standin_inception(tmp_path / "ok", monkeypatch)
+    assert main(["fid-stats", "--images", str(mixed), "--out", str(out), "--inception", str(inc)]) == 2
+    err = capsys.readouterr().err
+    assert "mixed or non-square sizes (16x16: 1, 24x16: 1)" in err and "--resolution" in err and not out.exists()
+    assert main(["fid-stats", "--images", str(mixed), "--out", str(tmp_path / "s.txt"), "--inception", str(inc)]) == 2
+    assert ".npz" in capsys.readouterr().err
+    assert main(["fid-stats", "--images", str(mixed), "--out", str(out), "--inception", str(inc),
+                 "--resolution", "16"]) == 0 and paper.FidStats.load(out).count == 2
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.eye(3), count=1)
+    assert main(["evaluate", "--run", str(run), f"eval.fid_stats={tmp_path / 'bad.npz'}"]) == 2
+    assert "not usable reference statistics" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "train.iterations=9"]) == 2
+    assert "only eval.* overrides" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "--checkpoint", "7"]) == 2
+    assert "no checkpoint of iteration 7" in capsys.readouterr().err
