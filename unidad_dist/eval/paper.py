@@ -162,14 +162,19 @@ def _pooled(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def clip_image_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device="cpu") -> torch.Tensor:
-    model = model.to(device)
+def _embed(embed, processor, images_u8: torch.Tensor, batch: int, device) -> torch.Tensor:
+    """Unit embeddings of uint8 images: the model folder's own image processor, then ``embed(pixel_values)``."""
     out = []
     with torch.no_grad():
         for s in _batches(images_u8.shape[0], batch):
             px = processor(images=_pil_list(images_u8[s]), return_tensors="pt")["pixel_values"].to(device)
-            out.append(_pooled(model.get_image_features(pixel_values=px)).float().cpu())
+            out.append(embed(px).float().cpu())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+def clip_image_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device="cpu") -> torch.Tensor:
+    model = model.to(device)
+    return _embed(lambda px: _pooled(model.get_image_features(pixel_values=px)), processor, images_u8, batch, device)
 
 
 def clip_text_embeddings(model, tokenizer, texts: Sequence[str], device="cpu") -> torch.Tensor:
@@ -184,12 +189,7 @@ def clip_text_embeddings(model, tokenizer, texts: Sequence[str], device="cpu") -
 def dino_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device="cpu") -> torch.Tensor:
     """The CLS token of the last layer (after its layer norm), unit length."""
     model = model.to(device)
-    out = []
-    with torch.no_grad():
-        for s in _batches(images_u8.shape[0], batch):
-            px = processor(images=_pil_list(images_u8[s]), return_tensors="pt")["pixel_values"].to(device)
-            out.append(model(pixel_values=px).last_hidden_state[:, 0].float().cpu())
-    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+    return _embed(lambda px: model(pixel_values=px).last_hidden_state[:, 0], processor, images_u8, batch, device)
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
