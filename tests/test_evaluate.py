@@ -130,3 +130,66 @@ def test_fid_stats_and_evaluate_bad_input(run, tmp_path, monkeypatch, capsys, no
     assert "only eval.* overrides" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(run), "--checkpoint", "7"]) == 2
     assert "no checkpoint of iteration 7" in capsys.readouterr().err
+
+
+def test_best_checkpoint_on_eval_select_export_best_and_kept_from_pruning(run, tmp_path, capsys, no_weights):
+    from unidad_dist.train import checkpoint
+
+    best_file = run / "eval" / "best.json"
+    best_file.unlink(missing_ok=True)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "x"), "--best"]) == 2
+    assert "no best checkpoint recorded" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "--all", "eval.select=fid"]) == 0  # unavailable: nothing chosen
+    assert "eval.select=fid is unavailable" in capsys.readouterr().out and not best_file.exists()
+    assert main(["evaluate", "--run", str(run), "--all", "eval.select=proxy_distance"]) == 0
+    records = {int(p.stem): json.loads(p.read_text()) for p in (run / "eval").glob("[0-9]*.json")}
+    want = min(records, key=lambda i: records[i]["proxies"]["proxy_distance"])
+    best = json.loads(best_file.read_text())
+    assert best["iteration"] == want and best["metric"] == "proxy_distance" and best["lower_is_better"]
+    assert best["value"] == pytest.approx(records[want]["proxies"]["proxy_distance"]) and "eval.select" in best["chosen_on"]
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "best"), "--best"]) == 0
+    assert json.loads((tmp_path / "best" / "unidad_student.json").read_text())["checkpoint"] == f"iter_{want:07d}"
+    assert main(["evaluate", "--run", str(run), "eval.select=loss"]) == 2
+    assert "eval.select='loss' is not one of" in capsys.readouterr().err
+    # training prunes to checkpoint.keep but keeps the checkpoint best.json names
+    assert checkpoint.best_checkpoint_name(run) == f"iter_{want:07d}"
+
+
+def test_pruning_keeps_the_recorded_best(pipes, tmp_path):
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
+        "train.iterations": 1, "checkpoint.every": 1, "checkpoint.keep": 1})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", "--config", str(tmp_path / "r.yaml")]) == 0
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "best.json").write_text(json.dumps({"checkpoint": "iter_0000001", "iteration": 1}))
+    assert main(["train", "--config", str(tmp_path / "r.yaml"), "train.iterations=3"]) == 0
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert kept == ["iter_0000001", "iter_0000003"]  # keep 1 (the newest) + the best
+
+
+def test_watch_evaluates_what_is_missing_skips_pruned_ones_and_ends_with_the_run(run, monkeypatch):
+    from unidad_dist.errors import UserError
+    from unidad_dist.train import evaluate as ev
+
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "2.json").write_text("{}")
+    for it in (0, 1):
+        (run / "eval" / f"{it}.json").unlink(missing_ok=True)
+    seen, logs = [], []
+
+    def fake(it):
+        seen.append(it)
+        if it == 0:
+            raise UserError(f"checkpoint iter_{it:07d} was removed while it was read (checkpoint.keep pruned it)")
+        (run / "eval" / f"{it}.json").write_text("{}")
+        return {"iteration": it}
+
+    records = ev.watch(run, 0.01, fake, log=logs.append)
+    assert seen == [0, 1] and records == [{"iteration": 1}]
+    assert "skipped iteration 0" in logs[0] and logs[-1].startswith("the run is finished")
+    # a live run is watched until it ends (here: live for two looks); a skipped checkpoint is not retried
+    states = iter([{"state": "live", "last_outcome": None}] * 2 + [{"state": "finished", "last_outcome": {}}])
+    monkeypatch.setattr(ev, "run_status", lambda rdir: next(states))
+    seen.clear()
+    assert ev.watch(run, 0.01, fake, log=logs.append) == [] and seen == [0]
+    assert next(states, None) is None  # it looked until the run had ended

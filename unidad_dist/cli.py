@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, help="new folder")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
+    p.add_argument("--best", action="store_true",
+                   help="the checkpoint `evaluate` recorded as best on eval.select (<run>/eval/best.json)")
     p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
     p = _sub(sub, "evaluate", "measure a run's checkpoints: the demo proxies and the paper's metrics (FID, "
                               "Intra-LPIPS, CLIP-I/T, DINO-I; each unavailable until its weights are named in "
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
     which.add_argument("--all", action="store_true", help="every complete checkpoint")
+    which.add_argument("--watch", action="store_true",
+                       help="evaluate each new checkpoint as it appears (not yet evaluated ones first) until the "
+                            "run has ended; beside training, on another GPU or node")
+    p.add_argument("--interval", type=float, default=60.0, help="with --watch: seconds between looks")
     p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: eval.steps, else as trained)")
     p.add_argument("--num", type=int, default=None, help="samples per checkpoint (default: eval.num_samples)")
     p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
@@ -317,24 +323,33 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from unidad_dist.train.evaluate import checkpoints_to_evaluate, evaluate_checkpoint, format_record
+    from unidad_dist.train.evaluate import checkpoints_to_evaluate, evaluate_checkpoint, format_record, watch
 
     for name in ("steps", "num"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    def one(it):
+        rec = evaluate_checkpoint(Path(args.run), it, steps=args.steps, num=args.num, use_ema=not args.raw,
+                                  overrides=args.overrides)
+        if not args.json:
+            print(format_record(rec), flush=True)
+        return rec
+
+    if args.watch:
+        if not (Path(args.run) / "config.yaml").is_file():
+            raise UserError(f"'{args.run}' is not a run folder (no config.yaml); start the run first, or wait for it")
+        records = watch(Path(args.run), args.interval, one, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if args.json:
+            print(json.dumps(records, indent=2))
+        return 0
     records = []
     for it in checkpoints_to_evaluate(Path(args.run), args.checkpoint, args.all):
         try:
-            rec = evaluate_checkpoint(Path(args.run), it, steps=args.steps, num=args.num, use_ema=not args.raw,
-                                      overrides=args.overrides)
+            records.append(one(it))
         except UserError as e:
             if not args.all or "removed while it was read" not in str(e):
                 raise
             print(f"skipped iteration {it}: {e}", file=sys.stderr)  # pruned by checkpoint.keep meanwhile
-            continue
-        records.append(rec)
-        if not args.json:
-            print(format_record(rec))
     if args.json:
         print(json.dumps(records, indent=2))
     return 0
@@ -377,7 +392,14 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from unidad_dist.export import export
 
-    out = export(args.run, args.out, iteration=args.checkpoint, use_ema=not args.raw)
+    iteration = args.checkpoint
+    if args.best:
+        from unidad_dist.train.evaluate import best_iteration
+
+        if args.checkpoint is not None:
+            raise UserError("give --best or --checkpoint, not both")
+        iteration = best_iteration(Path(args.run))
+    out = export(args.run, args.out, iteration=iteration, use_ema=not args.raw)
     info = json.loads((out / "unidad_student.json").read_text())
     what = f"a {info['pipeline']} folder" if info["pipeline"] else "the UNet + scheduler"
     print(f"exported {what} ({info['checkpoint']}, K={info['steps']}) to {out}; "

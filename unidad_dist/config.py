@@ -24,6 +24,8 @@ from unidad_dist.errors import UserError
 from unidad_dist.methods.base import Method, method_class
 
 DEFAULT_METHOD = "unidad"
+# eval.select: the metric (a key of eval/<iteration>.json) and whether lower is better
+SELECTABLE = {"proxy_distance": True, "fid": True, "intra_lpips": False, "clip_i": False, "clip_t": False, "dino_i": False}
 
 __all__ = ["Config", "all_keys", "batch_for_world", "config_class", "data_parallel_size", "config_from_dict", "dump_yaml", "flatten", "from_dict",
            "load_config", "parse_overrides", "run_dir", "to_dict", "validate"]
@@ -177,6 +179,16 @@ def config_from_dict(data: dict):
     return cfg
 
 
+def validate_eval(ev) -> None:
+    """The eval section's checks (also for `evaluate`'s eval.* overrides of a finished run's recipe)."""
+    positive("eval.num_samples", ev.num_samples)
+    positive("eval.lpips_per_cluster", ev.lpips_per_cluster)
+    if ev.select is not None:
+        choice("eval.select", ev.select, SELECTABLE)
+    if ev.steps is not None:
+        positive("eval.steps", ev.steps)
+
+
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
@@ -250,9 +262,7 @@ def validate(cfg) -> None:
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep", cfg.checkpoint.keep)
     positive("logging.every", cfg.logging.every)
-    positive("eval.num_samples", cfg.eval.num_samples)
-    if cfg.eval.steps is not None:
-        positive("eval.steps", cfg.eval.steps)
+    validate_eval(cfg.eval)
     if cfg.run.dir is not None and not cfg.run.dir.strip():
         raise UserError(f"run.dir is empty; give the run's folder (run.dir=runs/my_run) or leave it unset for "
                         f"runs/<run.name> (runs/{cfg.run.name})")

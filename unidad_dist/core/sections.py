@@ -163,6 +163,9 @@ class EvalConfig:
     fid_stats: Optional[str] = path_field()
     reference: Optional[str] = path_field()  # folder of reference photos for CLIP-I / DINO-I (None: the target shots)
     lpips_per_cluster: int = 100  # Intra-LPIPS: samples kept per few-shot cluster (the paper's 100)
+    # the metric `evaluate` picks the best checkpoint on (eval/best.json, `export --best`, kept from pruning):
+    # proxy_distance | fid (lower is better) | intra_lpips | clip_i | clip_t | dino_i (higher); null: none
+    select: Optional[str] = None
 
 
 GENERIC_SECTIONS = {"run": RunConfig, "train": TrainConfig, "data": DataConfig, "placement": PlacementConfig,

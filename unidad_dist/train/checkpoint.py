@@ -293,6 +293,17 @@ _CANCELLED = "__cancelled__"
 _ERROR = "__error__"
 
 
+BEST = Path("eval") / "best.json"  # in the run folder: the checkpoint `evaluate` picked on eval.select
+
+
+def best_checkpoint_name(rdir: Path) -> Optional[str]:
+    """The checkpoint folder name recorded in <run>/eval/best.json (None: none, or unreadable)."""
+    try:
+        return json.loads((Path(rdir) / BEST).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _publish(tmp: Path, final: Path, root: Path, parts: list, keep: int) -> None:
     """Rank 0: the manifest (every rank's digests), the rename into place, ``latest``, the prune to ``keep``."""
     known = {k: v for part in parts for k, v in (part or {}).items()}
@@ -312,8 +323,9 @@ def _publish(tmp: Path, final: Path, root: Path, parts: list, keep: int) -> None
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-    for old in complete[:-keep]:  # renamed first: an interrupted prune never leaves a half-deleted iter_*
-        trash = root / f".trash-{old.name}"
+    best = best_checkpoint_name(root.parent)  # `evaluate`'s pick (eval.select) is kept beside the newest
+    for old in [p for p in complete[:-keep] if p.name != best]:  # renamed first: an interrupted prune never
+        trash = root / f".trash-{old.name}"  # leaves a half-deleted iter_*
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(old, trash)
     for trash in root.glob(".trash-iter_*"):  # this prune's, and any an interrupted one left

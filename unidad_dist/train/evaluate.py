@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from unidad_dist.builtin import resolve_path
-from unidad_dist.config import deep_merge, from_dict, parse_overrides, to_dict
+from unidad_dist.config import SELECTABLE, deep_merge, from_dict, parse_overrides, to_dict, validate_eval
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
 from unidad_dist.data.target import load_target_folder
@@ -27,6 +27,7 @@ from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.eval.reference import reference_photos
 from unidad_dist.train import checkpoint
 from unidad_dist.train.loop import load_run
+from unidad_dist.train.status import run_status
 
 EVAL_DIR = "eval"
 
@@ -69,7 +70,9 @@ def with_eval_overrides(cfg, overrides: list[str]):
     if not overrides:
         return cfg
     section = deep_merge(to_dict(cfg)["eval"], parse_overrides(overrides).get("eval", {}))
-    return replace(cfg, eval=from_dict(type(cfg.eval), section, "eval."))
+    ev = from_dict(type(cfg.eval), section, "eval.")
+    validate_eval(ev)
+    return replace(cfg, eval=ev)
 
 
 def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[int] = None,
@@ -101,7 +104,86 @@ def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[in
     out = rdir / EVAL_DIR / f"{it}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=2))
+    if cfg.eval.select:
+        record["best"] = update_best(rdir, record, cfg.eval.select)
     return record
+
+
+PAPER_NAMES = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
+
+
+def selected_value(record: dict, metric: str) -> tuple[Optional[float], str]:
+    """The value of eval.select's ``metric`` in an eval record, or (None, why it has none)."""
+    if metric == "proxy_distance":
+        return float(record["proxies"]["proxy_distance"]), ""
+    r = next(r for r in record["paper"] if r["metric"] == PAPER_NAMES[metric])
+    return (float(r["value"]), "") if r.get("available") else (None, r.get("reason", "unavailable"))
+
+
+def update_best(rdir: Path, record: dict, metric: str) -> dict:
+    """Record ``record``'s checkpoint in <run>/eval/best.json when it beats the one there on ``metric``
+    (among records of the same steps, sample count and weights); returns what best.json holds and a note."""
+    value, why = selected_value(record, metric)
+    lower = SELECTABLE[metric]
+    path = rdir / checkpoint.BEST
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        best = None
+    if value is None:
+        return {**(best or {}), "note": f"eval.select={metric} is unavailable for this checkpoint: {why}"}
+    same = {k: record[k] for k in ("steps", "num_samples", "weights")}
+    if best is not None and best.get("metric") == metric and {k: best.get(k) for k in same} == same \
+            and best.get("checkpoint") != record["checkpoint"]:
+        if not (value < best["value"] if lower else value > best["value"]):
+            return {**best, "note": f"iteration {record['iteration']} ({value:.4f}) does not beat it"}
+    elif best is not None and best.get("metric") == metric and best.get("checkpoint") != record["checkpoint"]:
+        return {**best, "note": f"not compared: the record there was measured with {', '.join(f'{k} {best.get(k)}' for k in same)}"}
+    new = {"metric": metric, "value": value, "lower_is_better": lower, "iteration": record["iteration"],
+           "checkpoint": record["checkpoint"], **same,
+           "chosen_on": f"eval.select={metric} (named in the recipe), over the checkpoints evaluated so far"}
+    atomic_write_text(path, json.dumps(new, indent=2))
+    return {**new, "note": "new best"}
+
+
+def best_iteration(rdir: Path) -> int:
+    """The iteration <run>/eval/best.json names (export --best); an error when there is none or it is gone."""
+    path = rdir / checkpoint.BEST
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path}: no best checkpoint recorded; set eval.select (e.g. eval.select=fid) and run "
+                        f"`unidad-dist evaluate --run {rdir} --all eval.select=fid`") from None
+    if not (rdir / "checkpoints" / best["checkpoint"]).is_dir():
+        raise UserError(f"the best checkpoint {best['checkpoint']} ({best['metric']} {best['value']:.4f}) is no longer "
+                        f"in {rdir / 'checkpoints'} (pruned before it was recorded as best); pick one with --checkpoint")
+    return int(best["iteration"])
+
+
+def watch(rdir: Path, interval: float, evaluate, log=print) -> list[dict]:
+    """Evaluate each complete checkpoint without an eval record, as it appears, until the run has ended
+    (finished, stopped or failed, with no live process) and nothing is left; a checkpoint pruned meanwhile
+    is skipped. ``evaluate(iteration)`` -> record."""
+    records, skipped = [], set()
+    while True:
+        st = run_status(rdir)  # read before the scan: a checkpoint published after it is seen next round
+        done = {int(p.stem) for p in (rdir / EVAL_DIR).glob("*.json") if p.stem.isdigit()} | skipped
+        todo = [int(c.name[len("iter_"):]) for c in checkpoint.all_checkpoints(rdir)
+                if checkpoint.is_complete(c) and int(c.name[len("iter_"):]) not in done]
+        for it in todo:
+            try:
+                records.append(evaluate(it))
+            except UserError as e:
+                if "removed while it was read" not in str(e) and "has no checkpoint of iteration" not in str(e):
+                    raise
+                skipped.add(it)
+                log(f"skipped iteration {it}: pruned by checkpoint.keep before it was read")
+        ended = st["state"] != "live" and (st["last_outcome"] is not None or st["state"].startswith("died"))
+        if ended and not todo:
+            log(f"the run is {st['state'].split(';')[0]}; evaluated {len(records)} checkpoint(s)")
+            return records
+        if not todo:
+            time.sleep(interval)
 
 
 def format_record(rec: dict) -> str:
@@ -110,4 +192,8 @@ def format_record(rec: dict) -> str:
              f"  proxies ({p['label']}): proxy distance {p['proxy_distance']:.4f}, copy rate {p['copy_rate']:.3f}, "
              f"diversity {p['diversity']:.3f}, noise {p['noise_level']:.3f} (shots {p['noise_level_shots']:.3f})"]
     lines += ["  " + line for line in paper.format_results(rec["paper"]).splitlines()]
+    if "best" in rec:
+        b = rec["best"]
+        head = f"  best ({b['metric']}): {b['checkpoint']} = {b['value']:.4f}" if "checkpoint" in b else "  best: none yet"
+        lines.append(f"{head} ({b['note']})")
     return "\n".join(lines)
