@@ -139,16 +139,16 @@ def _tiny_clip(folder: Path) -> Path:
     from unidad_dist.testing import write_tokenizer
 
     torch.manual_seed(0)
+    write_tokenizer(folder)
+    vocab = len(CLIPTokenizer.from_pretrained(folder))
     cfg = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                         vocab_size=99, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                         vocab_size=vocab, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                            image_size=32, patch_size=8),
         projection_dim=16)
     CLIPModel(cfg).save_pretrained(folder)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    write_tokenizer(folder)
-    CLIPTokenizer.from_pretrained(folder)  # loads
     return folder
 
 
@@ -177,7 +177,7 @@ def test_clip_and_dino_folders_are_checked_and_scored_as_transformers_computes(t
 
     gen, refs = seeded_images(5, 32, seed=7), seeded_images(3, 32, seed=8)
     model, proc, tok = networks.load_clip(clip_loc)
-    got = paper.mean_cosine(paper.clip_image_embeddings(model, proc, to_uint8(gen)),
+    got = got_clip_i = paper.mean_cosine(paper.clip_image_embeddings(model, proc, to_uint8(gen)),
                             paper.clip_image_embeddings(model, proc, to_uint8(refs)))
     # independently: CLIPModel's own forward (image_embeds) on pixels normalised by hand (32 px: no resize)
     mean, std = torch.tensor(proc.image_mean).view(1, 3, 1, 1), torch.tensor(proc.image_std).view(1, 3, 1, 1)
@@ -201,6 +201,25 @@ def test_clip_and_dino_folders_are_checked_and_scored_as_transformers_computes(t
         return torch.nn.functional.normalize(vit.layernorm(hidden.hidden_states[-1])[:, 0], dim=-1)
 
     assert got == pytest.approx(float((cls(gen) @ cls(refs).T).mean()), abs=1e-5)
+
+    # CLIP-T through paper_metrics: sample i against its own prompt i, the rare token removed
+    prompts = ["a photo of sks dog", "a sks dog on a beach", "sksy dog", "a red sks dog", "a dog"]
+    res = {r["metric"]: r for r in paper.paper_metrics(
+        paper.Inputs(samples=gen, shots=refs, steps=1, prompts=prompts, rare_token="sks"), weights=None,
+        locate=lambda name, configured=None, check=None: clip_loc if name == "clip" else networks.locate(name))}
+    texts = [paper.without_rare_token(p, "sks") for p in prompts]
+    assert texts == ["a photo of dog", "a dog on a beach", "sksy dog", "a red dog", "a dog"]
+    ids = tok(texts, padding=True, return_tensors="pt")
+    out = ref_model(pixel_values=(to_uint8(gen).float() / 255 - mean) / std, input_ids=ids["input_ids"],
+                    attention_mask=ids["attention_mask"])
+    img, txt = (torch.nn.functional.normalize(e, dim=-1) for e in (out.image_embeds, out.text_embeds))
+    assert res["CLIP-T"]["available"]
+    assert res["CLIP-T"]["value"] == pytest.approx(float((img * txt).sum(-1).mean()), abs=1e-5)  # paired, not all pairs
+    assert res["CLIP-I"]["value"] == pytest.approx(got_clip_i, abs=1e-6)
+    # a folder without its processor (or tokenizer) is refused before anything is computed
+    (clip_dir / "preprocessor_config.json").unlink()
+    lacking = networks.locate("clip", str(clip_dir), check=(("model_type", "clip"),))
+    assert not lacking.available and "preprocessor_config.json" in lacking.reason
 
 
 class _PixelNet:

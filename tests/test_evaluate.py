@@ -69,8 +69,9 @@ def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, caps
     assert "CLIP-T" in out and "not applicable" in out
     # the raw weights differ from the EMA's: another record
     assert main(["evaluate", "--run", str(run), "--checkpoint", "1", "--raw", "--num", "4", "--steps", "1"]) == 0
-    raw = json.loads((run / "eval" / "1.json").read_text())
+    raw = json.loads((run / "eval" / "1-k1-n4-raw.json").read_text())  # a quick look: a record of its own
     assert raw["weights"] == "raw" and raw["num_samples"] == 4 and raw["steps"] == 1
+    assert json.loads((run / "eval" / "1.json").read_text())["weights"] == "ema"  # the recipe's record stays
 
 
 def _standin_inception(tmp_path: Path, monkeypatch) -> Path:
@@ -142,7 +143,7 @@ def test_best_checkpoint_on_eval_select_export_best_and_kept_from_pruning(run, t
     assert main(["evaluate", "--run", str(run), "--all", "eval.select=fid"]) == 0  # unavailable: nothing chosen
     assert "eval.select=fid is unavailable" in capsys.readouterr().out and not best_file.exists()
     assert main(["evaluate", "--run", str(run), "--all", "eval.select=proxy_distance"]) == 0
-    records = {int(p.stem): json.loads(p.read_text()) for p in (run / "eval").glob("[0-9]*.json")}
+    records = {int(p.stem): json.loads(p.read_text()) for p in (run / "eval").glob("[0-9]*.json") if p.stem.isdigit()}
     want = min(records, key=lambda i: records[i]["proxies"]["proxy_distance"])
     best = json.loads(best_file.read_text())
     assert best["iteration"] == want and best["metric"] == "proxy_distance" and best["lower_is_better"]
@@ -168,7 +169,7 @@ def test_pruning_keeps_the_recorded_best(pipes, tmp_path):
 
 
 def test_watch_evaluates_what_is_missing_skips_pruned_ones_and_ends_with_the_run(run, monkeypatch):
-    from unidad_dist.errors import UserError
+    from unidad_dist.errors import CheckpointGone
     from unidad_dist.train import evaluate as ev
 
     (run / "eval").mkdir(exist_ok=True)
@@ -180,7 +181,7 @@ def test_watch_evaluates_what_is_missing_skips_pruned_ones_and_ends_with_the_run
     def fake(it):
         seen.append(it)
         if it == 0:
-            raise UserError(f"checkpoint iter_{it:07d} was removed while it was read (checkpoint.keep pruned it)")
+            raise CheckpointGone(f"checkpoint iter_{it:07d} was removed while it was read (checkpoint.keep pruned it)")
         (run / "eval" / f"{it}.json").write_text("{}")
         return {"iteration": it}
 
@@ -193,3 +194,36 @@ def test_watch_evaluates_what_is_missing_skips_pruned_ones_and_ends_with_the_run
     seen.clear()
     assert ev.watch(run, 0.01, fake, log=logs.append) == [] and seen == [0]
     assert next(states, None) is None  # it looked until the run had ended
+
+
+def test_update_best_compares_like_with_like_and_skips_gone_or_non_finite(tmp_path):
+    from unidad_dist.train import evaluate as ev
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "eval").mkdir()
+
+    def record(it, metric, value, sha="a", n=64):
+        (tmp_path / "checkpoints" / f"iter_{it:07d}").mkdir(exist_ok=True)
+        r = {"iteration": it, "checkpoint": f"iter_{it:07d}", "steps": 2, "num_samples": n, "weights": "ema",
+             "proxies": {"proxy_distance": 5.0},
+             "paper": [{"metric": m, "available": m != metric or value is not None, "value": value if m == metric else 0.5,
+                        "weights_sha256": {"x": sha}, "reference": "stats.npz", "reference_count": 100}
+                       for m in ("FID", "CLIP-I")]}
+        (tmp_path / "eval" / f"{it}.json").write_text(json.dumps(r))
+        return r
+
+    best = lambda: json.loads((tmp_path / "eval" / "best.json").read_text())  # noqa: E731
+    ev.update_best(tmp_path, record(1, "FID", 30.0), "fid")
+    assert ev.update_best(tmp_path, record(2, "FID", 20.0), "fid")["note"] == "this checkpoint"
+    assert ev.update_best(tmp_path, record(3, "FID", 25.0), "fid")["note"] == "unchanged" and best()["iteration"] == 2
+    note = ev.update_best(tmp_path, record(4, "FID", float("nan")), "fid")["note"]
+    assert "unavailable" in note and best()["iteration"] == 2  # a diverged checkpoint neither wins nor locks the best
+    (tmp_path / "checkpoints" / "iter_0000002").rmdir()  # pruned: no longer a candidate
+    assert ev.update_best(tmp_path, record(5, "FID", 40.0), "fid")["iteration"] == 3
+    # measured with other weights: not compared with the others
+    assert ev.update_best(tmp_path, record(6, "FID", 90.0, sha="b"), "fid")["candidates"] == 1
+    # higher is better for CLIP-I
+    for it, v in [(7, 0.6), (8, 0.8), (9, 0.7)]:
+        ev.update_best(tmp_path, record(it, "CLIP-I", v), "clip_i")
+    assert best()["iteration"] == 8 and best()["lower_is_better"] is False and best()["measured_with"]["weights"] == "ema"
+    assert ev.best_checkpoint(tmp_path) == (8, True)

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from unidad_dist.errors import StoppedBySignal, UserError
+from unidad_dist.errors import CheckpointGone, StoppedBySignal, UserError
 
 def _demo_recipe() -> Path:
     from unidad_dist.config import recipe_path
@@ -336,6 +336,8 @@ def cmd_evaluate(args) -> int:
         return rec
 
     if args.watch:
+        if args.interval <= 0:
+            raise UserError(f"--interval must be > 0 seconds, got {args.interval}")
         if not (Path(args.run) / "config.yaml").is_file():
             raise UserError(f"'{args.run}' is not a run folder (no config.yaml); start the run first, or wait for it")
         records = watch(Path(args.run), args.interval, one, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -346,8 +348,8 @@ def cmd_evaluate(args) -> int:
     for it in checkpoints_to_evaluate(Path(args.run), args.checkpoint, args.all):
         try:
             records.append(one(it))
-        except UserError as e:
-            if not args.all or "removed while it was read" not in str(e):
+        except CheckpointGone as e:
+            if not args.all:
                 raise
             print(f"skipped iteration {it}: {e}", file=sys.stderr)  # pruned by checkpoint.keep meanwhile
     if args.json:
@@ -392,14 +394,15 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from unidad_dist.export import export
 
-    iteration = args.checkpoint
+    iteration, use_ema = args.checkpoint, not args.raw
     if args.best:
-        from unidad_dist.train.evaluate import best_iteration
+        from unidad_dist.train.evaluate import best_checkpoint
 
-        if args.checkpoint is not None:
-            raise UserError("give --best or --checkpoint, not both")
-        iteration = best_iteration(Path(args.run))
-    out = export(args.run, args.out, iteration=iteration, use_ema=not args.raw)
+        if args.checkpoint is not None or args.raw:
+            raise UserError("--best exports the checkpoint and the weights (EMA or raw) it was judged on; "
+                            "give it without --checkpoint and --raw")
+        iteration, use_ema = best_checkpoint(Path(args.run))
+    out = export(args.run, args.out, iteration=iteration, use_ema=use_ema)
     info = json.loads((out / "unidad_student.json").read_text())
     what = f"a {info['pipeline']} folder" if info["pipeline"] else "the UNet + scheduler"
     print(f"exported {what} ({info['checkpoint']}, K={info['steps']}) to {out}; "

@@ -9,6 +9,10 @@ class UserError(Exception):
     """Bad input from the user: the message says what is wrong and how to fix it."""
 
 
+class CheckpointGone(UserError):
+    """The checkpoint asked for is not (or no longer) there: pruned by ``checkpoint.keep``, or never written."""
+
+
 class StoppedBySignal(Exception):
     """A run stopped cleanly at an iteration boundary because the process was asked to stop (SIGTERM, SIGINT,
     SIGHUP). The CLI prints the message and exits 128 + ``signum``, as a process killed by it would."""

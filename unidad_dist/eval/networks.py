@@ -170,6 +170,11 @@ def _check_folder(spec: WeightSpec, path: Path, how: str, check) -> Located:
     weights = _model_file(path)
     if weights is None:
         return Located(spec, reason=f"{how}: {path} has no model.safetensors or pytorch_model.bin")
+    needed = ["preprocessor_config.json"] + (["tokenizer.json|vocab.json+merges.txt"] if spec.name == "clip" else [])
+    lacking = [n for n in needed if not any(all((path / f).is_file() for f in alt.split("+")) for alt in n.split("|"))]
+    if lacking:
+        return Located(spec, reason=f"{how}: {path} lacks {', '.join(lacking)} (save the model's processor"
+                                    f"{' and tokenizer' if spec.name == 'clip' else ''} into the folder too)")
     return Located(spec, path=path, sha256=sha256_of(weights))
 
 
@@ -409,16 +414,39 @@ def load_lpips(trunk: Located, heads: Located) -> LPIPSVGG:
     return net.eval().requires_grad_(False)
 
 
+def _from_pretrained(loc: Located, cls, **kw):
+    """A transformers model whose every weight comes from the folder: a key missing from its file (which
+    from_pretrained would fill with random values) or of another shape is an error, as is an unreadable folder."""
+    try:
+        model, info = cls.from_pretrained(loc.path, output_loading_info=True, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{loc.path}: cannot load {loc.spec.what} ({type(e).__name__}: {str(e)[:300]})") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if bad:
+        raise UserError(f"{loc.path} is not a complete {loc.spec.what}: {', '.join(f'{k} {list(v)[:3]}' for k, v in bad.items())}")
+    return model.eval().requires_grad_(False)
+
+
+def _processor(loc: Located, cls):
+    try:
+        return cls.from_pretrained(loc.path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{loc.path}: cannot load the {cls.__name__} of {loc.spec.what} ({str(e)[:300]})") from None
+
+
 def load_clip(loc: Located):
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(loc.path).eval().requires_grad_(False)
-    return model, CLIPImageProcessorPil.from_pretrained(loc.path), CLIPTokenizer.from_pretrained(loc.path)
+    model = _from_pretrained(loc, CLIPModel)
+    tok = _processor(loc, CLIPTokenizer)
+    if len(tok) != model.config.text_config.vocab_size:
+        raise UserError(f"{loc.path}: its tokenizer has {len(tok)} tokens but the model {model.config.text_config.vocab_size}; "
+                        "save the model's own tokenizer into the folder")
+    return model, _processor(loc, CLIPImageProcessorPil), tok
 
 
 def load_dino(loc: Located):
     from transformers import ViTImageProcessorPil, ViTModel
 
     # no pooling layer: DINO's checkpoint has none (a pooler would be random); DINO-I uses the CLS token
-    model = ViTModel.from_pretrained(loc.path, add_pooling_layer=False).eval().requires_grad_(False)
-    return model, ViTImageProcessorPil.from_pretrained(loc.path)
+    return _from_pretrained(loc, ViTModel, add_pooling_layer=False), _processor(loc, ViTImageProcessorPil)

@@ -76,12 +76,16 @@ class FidStats:
             raise UserError(f"eval.fid_stats: {path} is not a file; compute it with "
                             f"`unidad-dist fid-stats --images DIR --out {path.name}`")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive of mu, sigma and count")
+            with z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"eval.fid_stats: {path} cannot be read as .npz ({e})") from None
+            count = int(data["count"]) if "count" in data else 0
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"eval.fid_stats: {path} cannot be read as FID statistics (.npz of mu, sigma, count): "
+                            f"{e}; recompute it with `unidad-dist fid-stats`") from None
         mu, sigma = data.get("mu"), data.get("sigma")
-        count = int(data["count"]) if "count" in data else 0
         problems = []
         if mu is None or mu.shape != (FID_DIMS,):
             problems.append(f"mu has shape {None if mu is None else mu.shape}, not ({FID_DIMS},)")
@@ -275,7 +279,8 @@ def paper_metrics(inp: Inputs, weights, device="cpu", per_cluster: int = 100,
 
     def lpips():
         net = networks.load_lpips(found["vgg16"], found["lpips_heads"])
-        value, info = intra_lpips(net, inp.samples, inp.shots, per_cluster=per_cluster, device=device)
+        quantised = [to_uint8(x).float() / 127.5 - 1 for x in (inp.samples, inp.shots)]  # as saved PNGs, in [-1, 1]
+        value, info = intra_lpips(net, *quantised, per_cluster=per_cluster, device=device)
         return {"value": value, **info, "per_cluster": per_cluster}
 
     def clip_i():

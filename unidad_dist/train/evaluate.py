@@ -9,6 +9,7 @@ and one pruned by ``checkpoint.keep`` while it is read is skipped with a note.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from unidad_dist.config import SELECTABLE, deep_merge, from_dict, parse_override
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
 from unidad_dist.data.target import load_target_folder
-from unidad_dist.errors import UserError
+from unidad_dist.errors import CheckpointGone, UserError
 from unidad_dist.eval import paper
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.eval.reference import reference_photos
@@ -101,63 +102,85 @@ def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[in
         "paper": paper.paper_metrics(inp, cfg.eval.weights, device=device, per_cluster=cfg.eval.lpips_per_cluster),
     }
     record["seconds"] = round(time.time() - t0, 2)
-    out = rdir / EVAL_DIR / f"{it}.json"
+    # the recipe's own settings write eval/<iteration>.json (what best.json is chosen from); a quick look with
+    # other --steps/--num/--raw gets a name of its own and never moves the best
+    default = (n, k, use_ema) == (cfg.eval.num_samples, cfg.eval.steps or method.sampling_info()["steps"], True)
+    out = rdir / EVAL_DIR / (f"{it}.json" if default else f"{it}-k{k}-n{n}-{record['weights']}.json")
+    record["record"] = str(out.relative_to(rdir))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=2))
     if cfg.eval.select:
-        record["best"] = update_best(rdir, record, cfg.eval.select)
+        record["best"] = update_best(rdir, record, cfg.eval.select) if default else {
+            "note": "not a candidate: measured with other --steps/--num/--raw than the recipe's eval settings"}
     return record
 
 
 PAPER_NAMES = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
 
 
-def selected_value(record: dict, metric: str) -> tuple[Optional[float], str]:
-    """The value of eval.select's ``metric`` in an eval record, or (None, why it has none)."""
+def selected_value(record: dict, metric: str) -> tuple[Optional[float], str, dict]:
+    """eval.select's ``metric`` in an eval record: (value or None, why none, what it was measured against —
+    weights and reference — so that only like is compared with like)."""
     if metric == "proxy_distance":
-        return float(record["proxies"]["proxy_distance"]), ""
-    r = next(r for r in record["paper"] if r["metric"] == PAPER_NAMES[metric])
-    return (float(r["value"]), "") if r.get("available") else (None, r.get("reason", "unavailable"))
+        value, why, against = float(record["proxies"]["proxy_distance"]), "", {}
+    else:
+        r = next(r for r in record["paper"] if r["metric"] == PAPER_NAMES[metric])
+        if not r.get("available"):
+            return None, r.get("reason", "unavailable"), {}
+        value, why = float(r["value"]), ""
+        against = {k: r.get(k) for k in ("weights_sha256", "reference", "reference_count", "num_references",
+                                           "per_cluster")}
+    if not math.isfinite(value):
+        return None, f"{metric} is {value}", {}
+    return value, why, {"steps": record["steps"], "num_samples": record["num_samples"],
+                        "weights": record["weights"], **against}
 
 
 def update_best(rdir: Path, record: dict, metric: str) -> dict:
-    """Record ``record``'s checkpoint in <run>/eval/best.json when it beats the one there on ``metric``
-    (among records of the same steps, sample count and weights); returns what best.json holds and a note."""
-    value, why = selected_value(record, metric)
-    lower = SELECTABLE[metric]
-    path = rdir / checkpoint.BEST
-    try:
-        best = json.loads(path.read_text())
-    except (OSError, ValueError):
-        best = None
+    """<run>/eval/best.json: the best on ``metric`` of the eval/<iteration>.json records measured like
+    ``record`` (same settings, weights and reference) whose checkpoint still exists. Returns it with a note."""
+    value, why, against = selected_value(record, metric)
     if value is None:
-        return {**(best or {}), "note": f"eval.select={metric} is unavailable for this checkpoint: {why}"}
-    same = {k: record[k] for k in ("steps", "num_samples", "weights")}
-    if best is not None and best.get("metric") == metric and {k: best.get(k) for k in same} == same \
-            and best.get("checkpoint") != record["checkpoint"]:
-        if not (value < best["value"] if lower else value > best["value"]):
-            return {**best, "note": f"iteration {record['iteration']} ({value:.4f}) does not beat it"}
-    elif best is not None and best.get("metric") == metric and best.get("checkpoint") != record["checkpoint"]:
-        return {**best, "note": f"not compared: the record there was measured with {', '.join(f'{k} {best.get(k)}' for k in same)}"}
-    new = {"metric": metric, "value": value, "lower_is_better": lower, "iteration": record["iteration"],
-           "checkpoint": record["checkpoint"], **same,
-           "chosen_on": f"eval.select={metric} (named in the recipe), over the checkpoints evaluated so far"}
-    atomic_write_text(path, json.dumps(new, indent=2))
-    return {**new, "note": "new best"}
+        return {"note": f"eval.select={metric} is unavailable for this checkpoint: {why}"}
+    lower = SELECTABLE[metric]
+    candidates = []
+    for f in (rdir / EVAL_DIR).glob("*.json"):
+        if not f.stem.isdigit():
+            continue
+        try:
+            rec = json.loads(f.read_text())
+            v, _, a = selected_value(rec, metric)
+        except (OSError, ValueError, KeyError, StopIteration, TypeError):
+            continue
+        if v is not None and a == against and (rdir / "checkpoints" / rec["checkpoint"]).is_dir():
+            candidates.append((v if lower else -v, rec["iteration"], rec))
+    if not candidates:
+        return {"note": f"checkpoint {record['checkpoint']} is gone (pruned before it was evaluated): not a candidate"}
+    _, _, rec = min(candidates, key=lambda c: (c[0], -c[1]))  # ties: the later checkpoint
+    v, _, _ = selected_value(rec, metric)
+    new = {"metric": metric, "value": v, "lower_is_better": lower, "iteration": rec["iteration"],
+           "checkpoint": rec["checkpoint"], "measured_with": against, "candidates": len(candidates),
+           "chosen_on": f"eval.select={metric} (named in the recipe), over the {len(candidates)} evaluated checkpoint(s) "
+                        "still kept and measured alike"}
+    atomic_write_text(rdir / checkpoint.BEST, json.dumps(new, indent=2))
+    return {**new, "note": "this checkpoint" if rec["checkpoint"] == record["checkpoint"] else "unchanged"}
 
 
-def best_iteration(rdir: Path) -> int:
-    """The iteration <run>/eval/best.json names (export --best); an error when there is none or it is gone."""
+def best_checkpoint(rdir: Path) -> tuple[int, bool]:
+    """(iteration, use_ema) of the checkpoint <run>/eval/best.json names (export --best); an error when there
+    is none or it is gone."""
     path = rdir / checkpoint.BEST
     try:
         best = json.loads(path.read_text())
-    except (OSError, ValueError):
+        it, weights = int(best["iteration"]), best["measured_with"]["weights"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: no best checkpoint recorded; set eval.select (e.g. eval.select=fid) and run "
                         f"`unidad-dist evaluate --run {rdir} --all eval.select=fid`") from None
     if not (rdir / "checkpoints" / best["checkpoint"]).is_dir():
         raise UserError(f"the best checkpoint {best['checkpoint']} ({best['metric']} {best['value']:.4f}) is no longer "
-                        f"in {rdir / 'checkpoints'} (pruned before it was recorded as best); pick one with --checkpoint")
-    return int(best["iteration"])
+                        f"in {rdir / 'checkpoints'}; run `unidad-dist evaluate --run {rdir} --all` to choose among those "
+                        "kept, or pick one with --checkpoint")
+    return it, weights == "ema"
 
 
 def watch(rdir: Path, interval: float, evaluate, log=print) -> list[dict]:
@@ -169,13 +192,11 @@ def watch(rdir: Path, interval: float, evaluate, log=print) -> list[dict]:
         st = run_status(rdir)  # read before the scan: a checkpoint published after it is seen next round
         done = {int(p.stem) for p in (rdir / EVAL_DIR).glob("*.json") if p.stem.isdigit()} | skipped
         todo = [int(c.name[len("iter_"):]) for c in checkpoint.all_checkpoints(rdir)
-                if checkpoint.is_complete(c) and int(c.name[len("iter_"):]) not in done]
+                if int(c.name[len("iter_"):]) not in done and checkpoint.is_complete(c)]
         for it in todo:
             try:
                 records.append(evaluate(it))
-            except UserError as e:
-                if "removed while it was read" not in str(e) and "has no checkpoint of iteration" not in str(e):
-                    raise
+            except CheckpointGone:
                 skipped.add(it)
                 log(f"skipped iteration {it}: pruned by checkpoint.keep before it was read")
         ended = st["state"] != "live" and (st["last_outcome"] is not None or st["state"].startswith("died"))

@@ -25,7 +25,7 @@ from unidad_dist import builtin
 from unidad_dist.config import batch_for_world, config_from_dict, data_parallel_size, dump_yaml, flatten, run_dir, to_dict
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import Runtime, runtime_from_env
-from unidad_dist.errors import StoppedBySignal, UserError
+from unidad_dist.errors import CheckpointGone, StoppedBySignal, UserError
 from unidad_dist.models.conditioning import fill_prompt
 from unidad_dist.parallel import engines
 from unidad_dist.parallel.placement import setup_placement
@@ -414,8 +414,11 @@ def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
     if not ckpt.is_dir():
         have = sorted(int(p.name[5:]) for p in (rdir / "checkpoints").glob("iter_*") if p.is_dir()) \
             if (rdir / "checkpoints").is_dir() else []
-        raise UserError(f"run '{rdir}' has no checkpoint of iteration {iteration}; it has {have or 'none'}")
+        raise CheckpointGone(f"run '{rdir}' has no checkpoint of iteration {iteration}; it has {have or 'none'}")
     if not checkpoint.is_complete(ckpt):
+        if not ckpt.is_dir():  # pruned while its checksums were read
+            raise CheckpointGone(f"checkpoint {ckpt} was removed while it was read (checkpoint.keep pruned it); "
+                                 "pick a newer --checkpoint")
         raise UserError(f"checkpoint {ckpt} is incomplete or corrupt (checksum mismatch); pick another --checkpoint")
     return ckpt
 
@@ -448,8 +451,8 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, i
             if ckpt.is_dir() and checkpoint.is_complete(ckpt):
                 raise
             if iteration is not None:
-                raise UserError(f"checkpoint {ckpt} was removed while it was read (checkpoint.keep pruned it); "
-                                "pick a newer --checkpoint") from None
+                raise CheckpointGone(f"checkpoint {ckpt} was removed while it was read (checkpoint.keep pruned it); "
+                                     "pick a newer --checkpoint") from None
     else:
         raise UserError(f"the checkpoints of {rdir} kept being pruned while they were read; try again, or pass "
                         "--checkpoint of one that checkpoint.keep retains")
