@@ -312,7 +312,7 @@ def test_paper_metrics_compute_with_located_weights(tmp_path, monkeypatch):
         paper.frechet_distance(gen.mu, gen.sigma, stats.mu, stats.sigma))
     assert res["FID"]["weights_sha256"] == {"inception": networks.sha256_of(inc)} and res["FID"]["reference_count"] == 6
     lp = networks.load_lpips(_located("vgg16", trunk), _located("lpips_heads", heads))
-    want, _ = paper.intra_lpips(lp, samples, shots)
+    want, _ = paper.intra_lpips(lp, *(to_uint8(x).float() / 127.5 - 1 for x in (samples, shots)))  # 8-bit, as saved
     assert res["Intra-LPIPS"]["available"] and res["Intra-LPIPS"]["value"] == pytest.approx(want)
     # statistics made with other Inception weights are refused, not compared
     paper.FidStats.of(ref_features, "0" * 64).save(tmp_path / "o.npz")

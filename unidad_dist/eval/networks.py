@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 
 
@@ -179,7 +180,7 @@ def _check_folder(spec: WeightSpec, path: Path, how: str, check) -> Located:
 
 
 def _load_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location=CPU, weights_only=True)
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state

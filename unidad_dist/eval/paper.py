@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from unidad_dist.core.images import to_uint8
+from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.eval import networks
 from unidad_dist.eval.networks import Located
@@ -32,7 +33,7 @@ def _batches(n: int, size: int):
 # --------------------------------------------------------------------------------------------------
 # FID
 # --------------------------------------------------------------------------------------------------
-def inception_features(net, images_u8: torch.Tensor, batch: int = 50, device="cpu") -> torch.Tensor:
+def inception_features(net, images_u8: torch.Tensor, batch: int = 50, device=CPU) -> torch.Tensor:
     """pool3 features (N, 2048), float64, of uint8 images (N, 3, H, W)."""
     net = net.to(device)
     out = []
@@ -119,7 +120,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # Intra-LPIPS
 # --------------------------------------------------------------------------------------------------
 def intra_lpips(net, samples: torch.Tensor, shots: torch.Tensor, per_cluster: int = 100, batch: int = 16,
-                device="cpu") -> tuple[float, dict]:
+                device=CPU) -> tuple[float, dict]:
     """Assign each sample to its nearest shot (LPIPS), keep up to ``per_cluster`` per shot (in sample order),
     average the mean pairwise LPIPS within each cluster of >= 2 members. Images in [-1, 1]. Returns the
     value and {"clusters_used", "cluster_sizes"}; raises UserError when no cluster has 2 members."""
@@ -176,12 +177,12 @@ def _embed(embed, processor, images_u8: torch.Tensor, batch: int, device) -> tor
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
-def clip_image_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device="cpu") -> torch.Tensor:
+def clip_image_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device=CPU) -> torch.Tensor:
     model = model.to(device)
     return _embed(lambda px: _pooled(model.get_image_features(pixel_values=px)), processor, images_u8, batch, device)
 
 
-def clip_text_embeddings(model, tokenizer, texts: Sequence[str], device="cpu") -> torch.Tensor:
+def clip_text_embeddings(model, tokenizer, texts: Sequence[str], device=CPU) -> torch.Tensor:
     model = model.to(device)
     with torch.no_grad():
         tok = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
@@ -190,7 +191,7 @@ def clip_text_embeddings(model, tokenizer, texts: Sequence[str], device="cpu") -
     return torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
 
 
-def dino_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device="cpu") -> torch.Tensor:
+def dino_embeddings(model, processor, images_u8: torch.Tensor, batch: int = 64, device=CPU) -> torch.Tensor:
     """The CLS token of the last layer (after its layer norm), unit length."""
     model = model.to(device)
     return _embed(lambda px: model(pixel_values=px).last_hidden_state[:, 0], processor, images_u8, batch, device)
@@ -225,7 +226,7 @@ class Inputs:
 PAPER_METRICS = ("FID", "Intra-LPIPS", "CLIP-I", "CLIP-T", "DINO-I")
 
 
-def paper_metrics(inp: Inputs, weights, device="cpu", per_cluster: int = 100,
+def paper_metrics(inp: Inputs, weights, device=CPU, per_cluster: int = 100,
                   locate: Callable[..., Located] = networks.locate) -> list[dict]:
     """Each of PAPER_METRICS on ``inp``: a value with its provenance, or unavailable with the reason.
     ``weights`` holds the recipe's eval.weights.<name> paths (attributes; None: the environment)."""

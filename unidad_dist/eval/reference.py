@@ -12,6 +12,7 @@ from unidad_dist.builtin import resolve_path
 from unidad_dist.core.images import to_uint8
 from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
 from unidad_dist.data.target import list_images, load_image
+from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.eval import networks, paper
 
@@ -77,7 +78,7 @@ def iter_reference(images: Optional[str] = None, shards: Optional[str] = None, r
 
 
 def fid_stats(out: str, images: Optional[str] = None, shards: Optional[str] = None, resolution: Optional[int] = None,
-              inception: Optional[str] = None, batch: int = 50, device="cpu") -> paper.FidStats:
+              inception: Optional[str] = None, batch: int = 50, device=CPU) -> paper.FidStats:
     """Reference statistics (mu, sigma, count, the Inception file's sha256) of a full data set, written to
     ``out`` (.npz). The Inception weights are checked before any image is read."""
     if not str(out).endswith(".npz"):
