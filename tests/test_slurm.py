@@ -146,6 +146,10 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
 
     # rank 1 asks SLURM to signal the whole job before iteration 2, as a preemption or a near time limit does
+    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
+    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
+    iters = 3 * first + 50
+    cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
     releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
@@ -178,14 +182,15 @@ def test_a_job_at_its_time_limit_stops_or_requeues_within_max_requeues_and_finis
     """A real time limit (--time 1): SLURM sends USR2 --signal-delay seconds before it (measured here: 8 s
     earlier still, its timer ticks every ~30 s). With --max-requeues 0 the job ends stopped (exit 128 + USR2) with
     its checkpoint; the same command with room for requeues resumes it, runs into the limit again, requeues and
-    finishes. The recipe takes longer than two jobs' training windows here (~200 iterations each, 0.17 s per
-    iteration after ~10 s of start-up); --max-requeues 8 leaves room for a machine three times slower."""
+    finishes. The second command trains to 3x the first job's iterations + 50 (train.iterations may change on
+    resume), so it needs about two more windows whatever the machine's speed (here ~200 iterations each, 0.16-0.17 s
+    per iteration after ~10 s of start-up); --max-requeues 8 leaves room."""
     why = _slurm_up()
     if why:
         pytest.skip(why)
     from unidad_dist.train import checkpoint
 
-    iters = 450
+    iters = 5000  # more than one job's window anywhere: the first job is stopped by the limit
     recipe = _recipe(tmp_path, pipes, "timed", **{"train.iterations": iters, "checkpoint.every": 0,
                                                   "logging.every": 50})
     cmd = [sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", str(recipe), "--tasks-per-node", "2",
@@ -198,6 +203,10 @@ def test_a_job_at_its_time_limit_stops_or_requeues_within_max_requeues_and_finis
     first = int(r.stdout.split("stopped at iteration ")[1].split()[0])
     assert 0 <= first < iters and checkpoint.latest_complete(tmp_path / "timed").name == checkpoint.ckpt_name(first)
 
+    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
+    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
+    iters = 3 * first + 50
+    cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
     releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
@@ -272,6 +281,10 @@ def test_the_torchrun_template_requeues_on_its_signal_and_resumes(tmp_path, pipe
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     log = tmp_path / "requeue" / "train.log"
+    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
+    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
+    iters = 3 * first + 50
+    cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
     releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
