@@ -262,8 +262,11 @@ def paper_metrics(inp: Inputs, weights, device=CPU, per_cluster: int = 100,
     cache: dict[str, object] = {}
 
     def clip():
+        """The CLIP model, processor and tokenizer, and the samples' image embeddings: loaded and computed
+        once for CLIP-I and CLIP-T."""
         if "clip" not in cache:
-            cache["clip"] = networks.load_clip(found["clip"])
+            model, proc, tok = networks.load_clip(found["clip"])
+            cache["clip"] = model, proc, tok, clip_image_embeddings(model, proc, samples_u8, device=device)
         return cache["clip"]
 
     def fid():
@@ -285,17 +288,15 @@ def paper_metrics(inp: Inputs, weights, device=CPU, per_cluster: int = 100,
         return {"value": value, **info, "per_cluster": per_cluster}
 
     def clip_i():
-        model, proc, _ = clip()
-        return {"value": mean_cosine(clip_image_embeddings(model, proc, samples_u8, device=device),
-                                     clip_image_embeddings(model, proc, to_uint8(refs), device=device)),
+        model, proc, _, img = clip()
+        return {"value": mean_cosine(img, clip_image_embeddings(model, proc, to_uint8(refs), device=device)),
                 "num_references": int(refs.shape[0])}
 
     def clip_t():
         if len(inp.prompts) != n:
             raise UserError(f"CLIP-T: {len(inp.prompts)} prompts for {n} samples")
-        model, proc, tok = clip()
+        model, _, tok, img = clip()
         texts = [without_rare_token(p, inp.rare_token) for p in inp.prompts]
-        img = clip_image_embeddings(model, proc, samples_u8, device=device)
         txt = clip_text_embeddings(model, tok, texts, device=device)
         return {"value": float((img.double() * txt.double()).sum(dim=1).mean())}
 
