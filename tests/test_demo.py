@@ -80,3 +80,32 @@ def test_the_shipped_teacher_samples_its_domain_cleanly():
                                                         cfg["layers_per_block"], cfg["norm_num_groups"])).eval()
     _, bad_raw = quality(raw, cfg, n=64)
     assert any("proxy distance" in b for b in bad_raw) and any("noise" in b for b in bad_raw), bad_raw
+
+
+def test_a_stopped_teacher_build_resumes_from_its_state_file_bit_for_bit(tmp_path):
+    """Long teacher builds (tools/build_demo_teacher.py --state) span machines' sessions: a build stopped after
+    its last state file continues from it and ends with exactly the weights of a build never stopped."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = dict(builtin.TEACHER, steps=8, warmup=2, batch=4, resolution=16)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_6(step, ema):
+        if step == 6:
+            raise Stop
+
+    builtin.pretrain_teacher(cfg, tmp_path / "straight", progress=False)
+    state = tmp_path / "state.pt"
+    with pytest.raises(Stop):  # stops after the state of step 4 was written, two steps later
+        builtin.pretrain_teacher(cfg, tmp_path / "resumed", progress=False, snapshot=stop_at_6,
+                                 state_file=state, state_every=4)
+    assert torch.load(state, weights_only=True)["step"] == 4
+    builtin.pretrain_teacher(cfg, tmp_path / "resumed", progress=False, state_file=state, state_every=4)
+    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="another teacher config"):
+        builtin.pretrain_teacher(dict(cfg, lr=1e-3), tmp_path / "other", progress=False, state_file=state)

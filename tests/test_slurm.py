@@ -146,10 +146,6 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_bit_identically(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
 
     # rank 1 asks SLURM to signal the whole job before iteration 2, as a preemption or a near time limit does
-    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
-    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
-    iters = 3 * first + 50
-    cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
     releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)
@@ -281,10 +277,6 @@ def test_the_torchrun_template_requeues_on_its_signal_and_resumes(tmp_path, pipe
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     log = tmp_path / "requeue" / "train.log"
-    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
-    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
-    iters = 3 * first + 50
-    cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
     releaser = threading.Thread(target=_release_requeued, args=(requeued, stop), daemon=True)

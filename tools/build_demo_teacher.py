@@ -4,6 +4,10 @@ tests load it through the same ``builtin:`` path as a user's model folder.
     .venv/bin/python tools/build_demo_teacher.py            # build it if missing or out of date, then publish
     .venv/bin/python tools/build_demo_teacher.py --force    # rebuild it (about 25 minutes on 2 cores)
     .venv/bin/python tools/build_demo_teacher.py --check    # is the shipped one intact and current?
+    .venv/bin/python tools/build_demo_teacher.py --name broad_teacher --state build/teachers   # a long build
+        # that writes its training state to build/teachers every 250 steps; the same command continues it
+
+Every shipped teacher of ``builtin.BUILTINS`` is handled (``--name`` picks one).
 
 It runs ``builtin.pretrain_teacher(TEACHER)`` — the code a machine without the shipped files runs to rebuild
 it into its cache — and writes ``unidad_dist/assets/demo_teacher/``: the diffusers pipeline folder,
@@ -25,7 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NAMES = ("demo_teacher",)
 
 
 def main() -> int:
@@ -34,15 +37,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the shipped files; exit 1 if one is not usable")
     ap.add_argument("--force", action="store_true", help="rebuild even what is shipped intact")
+    names = [n for n, (kind, _) in builtin.BUILTINS.items() if kind in builtin.SHIPPED_KINDS]
+    ap.add_argument("--name", choices=names, action="append", help="only this teacher (repeatable; default: all)")
+    ap.add_argument("--state", type=Path, metavar="DIR",
+                    help="build in DIR/<name>.build with its training state in DIR/<name>.state.pt every 250 steps; "
+                         "the same command run again continues a stopped build from there")
     args = ap.parse_args()
     bad = 0
-    for name in NAMES:
+    for name in args.name or names:
         folder, why = builtin.shipped(name)
         if args.check:
             print(f"{name}: shipped, intact: {folder}" if folder else f"{name}: not usable: {why}")
             bad += folder is None
         elif folder is None or args.force:
-            bad += build(name)
+            bad += build(name, args.state)
         else:
             print(f"{name}: shipped and intact ({folder}); --force rebuilds it")
     return 1 if bad else 0
@@ -80,7 +88,7 @@ def quality(unet, cfg: dict, n: int = 128) -> tuple[dict, list[str]]:
     return q, bad
 
 
-def build(name: str) -> int:
+def build(name: str, state: Path | None = None) -> int:
     import torch
     from diffusers import UNet2DModel
 
@@ -90,9 +98,14 @@ def build(name: str) -> int:
 
     _, cfg = builtin.BUILTINS[name]
     out = builtin.ASSETS / name
-    tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if state is None:
+        tmp, state_file = out.with_name(f".{name}.tmp-{os.getpid()}"), None
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # a fixed folder, kept with its quarter grids until the build completes
+        tmp, state_file = state.resolve() / f"{name}.build", state.resolve() / f"{name}.state.pt"
+        if state_file.exists():
+            print(f"{name}: continuing the build from {state_file}", flush=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     real = builtin.render_shapes(builtin.DOMAINS[cfg["domain"]], 128, cfg["resolution"],
                                  torch.Generator().manual_seed(99))
     noise_real, sharp_real = metrics.noise_and_sharpness(real)
@@ -109,8 +122,8 @@ def build(name: str) -> int:
               f"sharpness {sharp:.3f} (real {sharp_real:.3f})", flush=True)
 
     t0 = time.time()
-    builtin.pretrain_teacher(cfg, tmp, progress=True, snapshot=snapshot)
-    seconds = time.time() - t0
+    builtin.pretrain_teacher(cfg, tmp, progress=True, snapshot=snapshot, state_file=state_file)
+    seconds = time.time() - t0  # of this process only, when it continued a stopped build
     total = cfg["steps"]
     final = UNet2DModel.from_pretrained(tmp / "unet").eval()
     snapshot(total, final)
@@ -121,7 +134,10 @@ def build(name: str) -> int:
     if bad:  # never publish a teacher whose own samples are not clean: students inherit its flaws
         print(f"{name}: not published, its samples fall short ({'; '.join(bad)}); kept in {tmp}")
         return 1
-    return publish(name, tmp, seconds)
+    done = publish(name, tmp, seconds)
+    if state_file is not None and done == 0:
+        state_file.unlink(missing_ok=True)
+    return done
 
 
 def publish(name: str, tmp: Path, seconds: float) -> int:
@@ -135,7 +151,7 @@ def publish(name: str, tmp: Path, seconds: float) -> int:
     out = builtin.ASSETS / name
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != "samples.png")
     manifest = {"name": name, "kind": kind, "config": cfg, "key": builtin._key(kind, cfg),
-                "command": "python tools/build_demo_teacher.py", "torch": torch.__version__,
+                "command": f"python tools/build_demo_teacher.py --name {name}", "torch": torch.__version__,
                 "seconds": round(seconds), "sha256": {f: sha256_file(tmp / f) for f in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from unidad_dist import device
 from unidad_dist.core.images import save_images
 from unidad_dist.core.io import cache_root, sha256_file
 from unidad_dist.core.progress import progress_bar
@@ -102,8 +103,13 @@ TEACHER = {
     "prediction_type": "v_prediction",
 }
 
+# A broader source teacher (issue 11): the same network on every shape in red on every kind of background
+# (mid, dark, light, textured), trained longer (its domain is harder: 3000 steps left it at proxy distance 1.3)
+BROAD_TEACHER = dict(TEACHER, domain="red_shapes_any_background", steps=9000)
+
 BUILTINS = {
     "demo_teacher": ("teacher", TEACHER),
+    "broad_teacher": ("teacher", BROAD_TEACHER),
     "demo_target": ("shots", {"domain": "blue_discs", "n": 10, "resolution": 32, "seed": 1234}),
 }
 
@@ -225,9 +231,13 @@ def _scheduler(cfg: dict):
                          rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False))
 
 
-def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None) -> None:
+def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None,
+                     state_file: Optional[Path] = None, state_every: int = 250) -> None:
     """Train the tiny DDPM teacher of ``cfg`` on its domain and save it as a diffusers pipeline folder in
-    ``out``. ``snapshot(step, ema_unet)`` (optional) is called at every quarter of the run."""
+    ``out``. ``snapshot(step, ema_unet)`` (optional) is called at every quarter of the run. With
+    ``state_file``, the training state (weights, EMA, optimiser, random generator, step) is written there every
+    ``state_every`` steps and a run that finds it continues from it, bit for bit, so a long build can be
+    stopped and resumed (tools/build_demo_teacher.py --state)."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(cfg["seed"])
@@ -242,7 +252,19 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None)
     steps, warmup = cfg["steps"], cfg["warmup"]
     bar = progress_bar(steps, "pretraining built-in teacher", leave=False) if progress else None
     quarters = {int(steps * f) for f in (0.25, 0.5, 0.75)}
-    for step in range(steps):
+    start = 0
+    if state_file is not None and Path(state_file).exists():
+        state = torch.load(state_file, map_location=device.CPU, weights_only=True)
+        if state["cfg"] != json.dumps(cfg, sort_keys=True):
+            raise UserError(f"{state_file} holds the state of another teacher config; remove it to start anew")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        start = state["step"]
+        if bar is not None:
+            bar.update(start)
+    for step in range(start, steps):
         x0 = render_shapes(domain, cfg["batch"], cfg["resolution"], g)
         t = torch.randint(0, cfg["num_train_timesteps"], (cfg["batch"],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
@@ -266,6 +288,11 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         if snapshot is not None and step + 1 in quarters:
             snapshot(step + 1, ema)
+        if state_file is not None and (step + 1) % state_every == 0 and step + 1 < steps:
+            tmp = Path(f"{state_file}.tmp")
+            torch.save({"cfg": json.dumps(cfg, sort_keys=True), "unet": unet.state_dict(), "ema": ema.state_dict(),
+                        "opt": opt.state_dict(), "generator": g.get_state(), "step": step + 1}, tmp)
+            os.replace(tmp, state_file)
     if bar is not None:
         bar.close()
     ema.save_pretrained(out / "unet", safe_serialization=True)
