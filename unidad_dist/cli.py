@@ -68,15 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the figure's path (default: <run>/report.png)")
     p.add_argument("--no-plot", action="store_true", help="print the table only; write no figure")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p = _sub(sub, "sample", "sample the student (the method's sampler role) of a run")
+    p = _sub(sub, "sample", "sample the student (the method's sampler role) of a run; started on several ranks "
+                           "(torchrun, srun), each draws its share and rank 0 writes the same images as one rank")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: as trained)")
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--num", type=int, default=None, help="number of images (default 16; 4 per prompt with --prompts)")
     p.add_argument("--out", required=True, help="a .png grid, a folder for single PNGs, or .safetensors (floats)")
+    p.add_argument("--batch", type=int, default=16, help="images each rank draws at a time")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the run's own per-sample noise (default: the run's run.seed); image i depends "
                         "only on (seed, i), as the run's grids do")
     p.add_argument("--prompt", default=None, help="prompt for text models (default: the recipe's source prompts)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text models: a prompt file, one a line ({rare}/{cls} filled in from the recipe); image i "
+                        "takes prompt i mod count, and --num defaults to 4 per prompt (the paper's 27 x 4)")
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: latest)")
     p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA (when the run kept one)")
     p.add_argument("--generator-seed", type=int, default=None,
@@ -292,67 +297,99 @@ def cmd_config(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
+    """On every rank it is started on (torchrun, srun, ...): each draws its share, rank 0 writes them all."""
     from unidad_dist.core.images import save_grid, save_images
-    from unidad_dist.train.loop import load_run
+    from unidad_dist.device import runtime_from_env
+    from unidad_dist.models.conditioning import read_prompt_file
+    from unidad_dist.train.sampling import load_sampler, sample_all
 
-    if args.num < 1:
-        raise UserError(f"--num must be >= 1, got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    cfg, models, method, ckpt = load_run(args.run, use_ema=not args.raw, iteration=args.checkpoint)
+    for name in ("num", "steps", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.prompt and args.prompts:
+        raise UserError("give --prompt (one prompt) or --prompts (a file), not both")
+    rt = runtime_from_env()
+    if args.generator_seed is not None and rt.world_size > 1:
+        raise UserError("--generator-seed draws all the noise in one batch, as a diffusers pipeline does: run it "
+                        "as one process (without it, image i depends only on (seed, i), on any number of ranks)")
+    cfg, models, method, ckpt = load_sampler(Path(args.run), rt, use_ema=not args.raw, iteration=args.checkpoint)
     prompts = [args.prompt] if args.prompt else None
-    gen = torch.Generator().manual_seed(args.generator_seed) if args.generator_seed is not None else None
-    with torch.no_grad():
-        x = method.sample(args.num, steps=args.steps, seed=args.seed, prompts=prompts, generator=gen)
-        pixels = models.to_pixels(x).cpu()
+    if args.prompts:
+        if models.text is None:
+            raise UserError("--prompts: the run's model is not text-conditioned; drop --prompts")
+        prompts = read_prompt_file(args.prompts, cfg.data.target.rare_token, cfg.data.target.class_name)
+    num = args.num or (4 * len(prompts) if args.prompts else 16)
     out = Path(args.out)
-    if out.suffix.lower() == ".safetensors":  # the float images in [0, 1], (N, 3, H, W), as pipelines give them
+    as_float = out.suffix.lower() == ".safetensors"
+    if args.generator_seed is not None:
+        import torch
+
+        with torch.no_grad():
+            x = models.to_pixels(method.sample(num, steps=args.steps, seed=args.seed, prompts=prompts,
+                                               generator=torch.Generator().manual_seed(args.generator_seed)))
+        x = x.detach().float().cpu()
+    else:
+        x = sample_all(method, models, rt, num, steps=args.steps, seed=args.seed, prompts=prompts,
+                       batch=args.batch, use_ema=not args.raw, as_uint8=not as_float)
+    if rt.rank != 0:
+        return 0
+    if as_float:  # the float images in [0, 1], (N, 3, H, W), as pipelines give them
         from safetensors.torch import save_file
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": ((pixels.float() + 1) / 2).clamp(0, 1).contiguous()}, str(out))
+        save_file({"images": ((x + 1) / 2).clamp(0, 1).contiguous()}, str(out))
     elif out.suffix.lower() == ".png":
-        save_grid(pixels, out)
+        save_grid(x, out)
     else:
-        save_images(pixels, out)
+        save_images(x, out)
+        if models.text is not None:  # which prompt each image was drawn with (CLIP-T and the like need it)
+            used = prompts or models.data.prompts
+            (out / "prompts.json").write_text(json.dumps([used[i % len(used)] for i in range(num)], indent=1))
     steps = args.steps or method.sampling_info()["steps"]
-    print(f"wrote {_n(args.num, 'sample')} ({_n(steps, 'step')}, {ckpt.name}) to {out}")
+    ranks = f" on {rt.world_size} ranks" if rt.world_size > 1 else ""
+    print(f"wrote {_n(num, 'sample')} ({_n(steps, 'step')}, {ckpt.name}){ranks} to {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from unidad_dist.train.evaluate import checkpoints_to_evaluate, evaluate_checkpoint, format_record, watch
+    """On every rank it is started on: each draws its share of the samples, rank 0 measures and prints."""
+    from unidad_dist.device import runtime_from_env
+    from unidad_dist.train.evaluate import (EVAL_DIST_TIMEOUT, checkpoints_to_evaluate, evaluate_checkpoint,
+                                            format_record, watch)
 
     for name in ("steps", "num"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.watch and args.interval <= 0:
+        raise UserError(f"--interval must be > 0 seconds, got {args.interval}")
+    if not (Path(args.run) / "config.yaml").is_file():
+        raise UserError(f"'{args.run}' is not a run folder (no config.yaml); pass the run.dir of a training run"
+                        + (" (or start the run first)" if args.watch else ""))
+    rt = runtime_from_env(EVAL_DIST_TIMEOUT)
+
     def one(it):
         rec = evaluate_checkpoint(Path(args.run), it, steps=args.steps, num=args.num, use_ema=not args.raw,
-                                  overrides=args.overrides)
-        if not args.json:
+                                  overrides=args.overrides, rt=rt)
+        if rec is not None and not args.json:
             print(format_record(rec), flush=True)
         return rec
 
-    if args.watch:
-        if args.interval <= 0:
-            raise UserError(f"--interval must be > 0 seconds, got {args.interval}")
-        if not (Path(args.run) / "config.yaml").is_file():
-            raise UserError(f"'{args.run}' is not a run folder (no config.yaml); start the run first, or wait for it")
-        records = watch(Path(args.run), args.interval, one, log=lambda m: print(m, file=sys.stderr, flush=True))
-        if args.json:
-            print(json.dumps(records, indent=2))
-        return 0
     records = []
-    for it in checkpoints_to_evaluate(Path(args.run), args.checkpoint, args.all):
-        try:
-            records.append(one(it))
-        except CheckpointGone as e:
-            if not args.all:
-                raise
-            print(f"skipped iteration {it}: {e}", file=sys.stderr)  # pruned by checkpoint.keep meanwhile
-    if args.json:
+    if args.watch:
+        records = watch(Path(args.run), args.interval, one, log=lambda m: print(m, file=sys.stderr, flush=True), rt=rt)
+    else:
+        for it in checkpoints_to_evaluate(Path(args.run), args.checkpoint, args.all, rt):
+            try:
+                rec = one(it)
+            except CheckpointGone as e:
+                if not args.all:
+                    raise
+                if rt.rank == 0:
+                    print(f"skipped iteration {it}: {e}", file=sys.stderr)  # pruned by checkpoint.keep meanwhile
+                continue
+            if rec is not None:
+                records.append(rec)
+    if args.json and rt.rank == 0:
         print(json.dumps(records, indent=2))
     return 0
 

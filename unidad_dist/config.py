@@ -183,6 +183,7 @@ def validate_eval(ev) -> None:
     """The eval section's checks (also for `evaluate`'s eval.* overrides of a finished run's recipe)."""
     positive("eval.num_samples", ev.num_samples)
     positive("eval.lpips_per_cluster", ev.lpips_per_cluster)
+    positive("eval.batch", ev.batch)
     if ev.select is not None:
         choice("eval.select", ev.select, SELECTABLE)
     if ev.steps is not None:

@@ -9,12 +9,19 @@ import torch
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (N, 3, H, W) -> uint8 on the CPU."""
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 on the CPU (uint8 images pass through)."""
+    if images.dtype == torch.uint8:
+        return images.cpu()
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (what to_uint8 gives back unchanged)."""
+    return images.float() / 127.5 - 1
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_cell: int = 96) -> Path:
-    """A PNG grid of images in [-1, 1] (N, 3, H, W); small images are upscaled (nearest) for viewing."""
+    """A PNG grid of images in [-1, 1] or uint8 (N, 3, H, W); small images are upscaled (nearest) for viewing."""
     from PIL import Image
 
     n = images.shape[0]
@@ -38,7 +45,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_
 
 
 def save_images(images: torch.Tensor, folder: Path, pattern: str = "{:05d}.png") -> list[Path]:
-    """One PNG per image (in [-1, 1]), named by ``pattern.format(index)``."""
+    """One PNG per image (in [-1, 1], or uint8), named by ``pattern.format(index)``."""
     from PIL import Image
 
     folder = Path(folder)

@@ -163,6 +163,10 @@ class EvalConfig:
     fid_stats: Optional[str] = path_field()
     reference: Optional[str] = path_field()  # folder of reference photos for CLIP-I / DINO-I (None: the target shots)
     lpips_per_cluster: int = 100  # Intra-LPIPS: samples kept per few-shot cluster (the paper's 100)
+    # text models: a prompt file (one a line, {rare}/{cls} filled in; sample i takes prompt i mod count, so
+    # num_samples = 4 x 27 gives the paper's 27 prompts x 4 seeds); None: the run's own sampling prompts
+    prompts: Optional[str] = path_field()
+    batch: int = 16  # samples each rank draws at a time (evaluate and sample run on every rank they are started on)
     # the metric `evaluate` picks the best checkpoint on (eval/best.json, `export --best`, kept from pruning):
     # proxy_distance | fid (lower is better) | intra_lpips | clip_i | clip_t | dino_i (higher); null: none
     select: Optional[str] = None

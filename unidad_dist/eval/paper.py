@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from unidad_dist.core.images import to_uint8
+from unidad_dist.core.images import from_uint8, to_uint8
 from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.eval import networks
@@ -283,7 +283,7 @@ def paper_metrics(inp: Inputs, weights, device=CPU, per_cluster: int = 100,
 
     def lpips():
         net = networks.load_lpips(found["vgg16"], found["lpips_heads"])
-        quantised = [to_uint8(x).float() / 127.5 - 1 for x in (inp.samples, inp.shots)]  # as saved PNGs, in [-1, 1]
+        quantised = [from_uint8(to_uint8(x)) for x in (inp.samples, inp.shots)]  # as saved PNGs, in [-1, 1]
         value, info = intra_lpips(net, *quantised, per_cluster=per_cluster, device=device)
         return {"value": value, **info, "per_cluster": per_cluster}
 

@@ -158,6 +158,10 @@ class Method:
         raise NotImplementedError
 
     def sample(self, n: int, steps: Optional[int] = None, **kw) -> torch.Tensor:
+        """Samples ``first`` … ``first + n - 1`` (``first`` a keyword, default 0) of the sampler role in model
+        space. Sample i depends only on (seed, i) — its noise and, for text models, prompt i mod len(prompts)
+        — so the ranks of train/sampling.py can each draw a share. Keywords: seed, batch, prompts, use_ema,
+        generator (see UniDAD.sample)."""
         raise NotImplementedError
 
     def grids(self, n: int) -> dict[str, torch.Tensor]:

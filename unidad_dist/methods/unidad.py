@@ -503,23 +503,25 @@ class UniDAD(Method):
     @torch.no_grad()
     def sample(self, n: int, steps: Optional[int] = None, seed: Optional[int] = None, batch: int = 64,
                prompts: Optional[list[str]] = None, use_ema: bool = True,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n student samples in model space, drawn from noise keyed by (seed, "sample", index) — or, with a
-        (CPU) ``generator``, in one batch drawn as a diffusers pipeline draws it: the initial noise, then the
-        re-noising noise of each step, in that order (so an exported pipeline gives the same images)."""
+               generator: Optional[torch.Generator] = None, first: int = 0) -> torch.Tensor:
+        """Student samples ``first`` … ``first + n - 1`` in model space, each drawn from noise keyed by (seed,
+        "sample", its index) and, for text models, with prompt ``index mod len(prompts)`` — so a rank that
+        draws a share of the indices gets exactly those images of the whole set. With a (CPU) ``generator``:
+        in one batch drawn as a diffusers pipeline draws it, the initial noise, then the re-noising noise of
+        each step, in that order (so an exported pipeline gives the same images)."""
         steps = steps or len(self.timesteps)
         ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
         with self.role("student").inference_weights(use_ema) as module:
-            return self._sample(module, n, ts, seed, batch, prompts, generator)
+            return self._sample(module, n, ts, seed, batch, prompts, generator, first)
 
     def _sample(self, module, n: int, ts, seed: Optional[int], batch: int, prompts: Optional[list[str]],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+                generator: Optional[torch.Generator], first: int = 0) -> torch.Tensor:
         seed = self.seed if seed is None else seed
         out = []
         if generator is not None:
             batch = n
-        for start in range(0, n, batch):
-            idx = list(range(start, min(n, start + batch)))
+        for start in range(first, first + n, batch):
+            idx = list(range(start, min(first + n, start + batch)))
             d = SampleDraws(seed, -1, idx, self.rt.device)
             if generator is not None:
                 shape = (len(idx),) + tuple(self.m.sample_shape)

@@ -8,6 +8,7 @@ A *condition* is a dict the UNet forward understands: ``{}`` for pixel models,
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,6 +20,21 @@ from unidad_dist.models.backbones import BackboneSpec
 
 def fill_prompt(template: str, rare: str, cls: str) -> str:
     return re.sub(r"\s+", " ", template.replace("{rare}", rare).replace("{cls}", cls)).strip()
+
+
+def read_prompt_file(path, rare: str, cls: str, what: str = "--prompts") -> list[str]:
+    """The prompts of a text file, one per line (blank lines and lines starting with # skipped), with {rare}
+    and {cls} filled in (the evaluation sets of the paper: 27 prompts a subject)."""
+    f = Path(path).expanduser()
+    try:
+        lines = f.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} '{path}': cannot read it ({type(e).__name__}: {e}); give a text file with one "
+                        "prompt per line ({rare} and {cls} are filled in)") from None
+    prompts = [fill_prompt(line, rare, cls) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{what} '{path}' holds no prompt; write one prompt per line")
+    return prompts
 
 
 def strip_rare_token(prompt: str, rare: str) -> str:

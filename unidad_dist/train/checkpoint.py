@@ -116,6 +116,11 @@ def ckpt_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def iteration_of(ckpt: Path) -> int:
+    """The iteration of a checkpoint folder (iter_0000100 -> 100)."""
+    return int(Path(ckpt).name[len("iter_"):])
+
+
 class _Files:
     """This rank's files of one checkpoint: written at once, or — given a ``Stager`` (``checkpoint.async``) —
     copied into host memory now and written by ``write()`` later, from the background writer."""

@@ -5,6 +5,11 @@ samples ``eval.num_samples`` images (noise keyed by (run.seed, sample index)), a
 demo-scale proxies (labelled as proxies) and the paper's metrics (eval/paper.py; unavailable ones say which
 file they need). The result goes to ``<run>/eval/<iteration>.json``; the run's checkpoints are only read,
 and one pruned by ``checkpoint.keep`` while it is read is skipped with a note.
+
+Started on several ranks (torchrun, srun), every rank draws its share of the samples (train/sampling.py: the
+same images as one rank) and rank 0 measures and writes; rank 0 also picks the checkpoints (``--all``,
+``--watch``), so every rank evaluates the same ones. The others wait for rank 0's metrics inside a
+collective, hence the long process-group timeout (EVAL_DIST_TIMEOUT).
 """
 from __future__ import annotations
 
@@ -19,18 +24,22 @@ import torch
 
 from unidad_dist.builtin import resolve_path
 from unidad_dist.config import SELECTABLE, deep_merge, from_dict, parse_overrides, to_dict, validate_eval
+from unidad_dist.core.images import from_uint8
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
 from unidad_dist.data.target import load_target_folder
+from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import CheckpointGone, UserError
 from unidad_dist.eval import paper
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.eval.reference import reference_photos
+from unidad_dist.models.conditioning import read_prompt_file
 from unidad_dist.train import checkpoint
-from unidad_dist.train.loop import load_run
+from unidad_dist.train.sampling import from_rank0, load_sampler, sample_all
 from unidad_dist.train.status import run_status
 
 EVAL_DIR = "eval"
+EVAL_DIST_TIMEOUT = 4 * 3600.0  # seconds a rank may wait for rank 0's metrics (FID of thousands of samples)
 
 
 def target_shots(cfg, resolution: int) -> torch.Tensor:
@@ -53,9 +62,12 @@ def target_shots(cfg, resolution: int) -> torch.Tensor:
     return load_target_folder(t.path, resolution)[0]
 
 
-def checkpoints_to_evaluate(rdir: Path, which: Optional[int], every: bool) -> list[Optional[int]]:
+def checkpoints_to_evaluate(rdir: Path, which: Optional[int], every: bool,
+                            rt: Optional[Runtime] = None) -> list[Optional[int]]:
+    """``[which]``, or with ``every`` the complete checkpoints as rank 0 sees them."""
     if every:
-        its = [int(p.name[len("iter_"):]) for p in checkpoint.all_checkpoints(rdir) if checkpoint.is_complete(p)]
+        its = [checkpoint.iteration_of(p) for p in checkpoint.all_checkpoints(rdir) if checkpoint.is_complete(p)]
+        its = from_rank0(rt, its) if rt is not None else its
         if not its:
             raise UserError(f"run '{rdir}' has no complete checkpoint to evaluate")
         return its
@@ -77,27 +89,40 @@ def with_eval_overrides(cfg, overrides: list[str]):
 
 
 def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[int] = None,
-                        num: Optional[int] = None, use_ema: bool = True, overrides: Optional[list[str]] = None) -> dict:
-    """Sample from one checkpoint and measure; writes and returns the eval/<iteration>.json record."""
+                        num: Optional[int] = None, use_ema: bool = True, overrides: Optional[list[str]] = None,
+                        rt: Optional[Runtime] = None) -> Optional[dict]:
+    """Sample from one checkpoint on every rank (train/sampling.py) and measure on rank 0; writes and returns
+    the eval/<iteration>.json record there (None on the other ranks)."""
     t0 = time.time()
-    cfg, models, method, ckpt = load_run(rdir, use_ema=use_ema, iteration=iteration)
+    rt = rt or runtime_from_env(EVAL_DIST_TIMEOUT)
+    cfg, models, method, ckpt = load_sampler(rdir, rt, use_ema=use_ema, iteration=iteration)
     cfg = with_eval_overrides(cfg, list(overrides or []))
     if cfg.eval.fid_stats:
         paper.FidStats.load(cfg.eval.fid_stats)  # a bad reference file stops here, before any sampling
-    it = int(ckpt.name[len("iter_"):])
+    it = checkpoint.iteration_of(ckpt)
     n = num or cfg.eval.num_samples
     k = steps or cfg.eval.steps or method.sampling_info()["steps"]
-    with torch.no_grad():
-        pixels = models.to_pixels(method.sample(n, steps=k, seed=cfg.run.seed)).cpu().float()
+    # text models: sample i is drawn with prompt i mod len (eval.prompts, else the run's sampling prompts)
+    prompts = None
+    if cfg.eval.prompts:
+        if models.text is None:
+            raise UserError("eval.prompts: the run's model is not text-conditioned; unset eval.prompts")
+        prompts = read_prompt_file(cfg.eval.prompts, cfg.data.target.rare_token, cfg.data.target.class_name,
+                                   "eval.prompts")
+    u8 = sample_all(method, models, rt, n, steps=k, seed=cfg.run.seed, prompts=prompts, batch=cfg.eval.batch,
+                    use_ema=use_ema)
+    if rt.rank != 0:
+        return None
+    pixels = from_uint8(u8)
+    prompts = prompts or (models.data.prompts if models.text is not None else None)
+    prompts = [prompts[i % len(prompts)] for i in range(n)] if prompts else None
     shots = target_shots(cfg, models.resolution)
-    # text models: sample i is drawn with the run's sampling prompt i mod len (UniDAD.sample)
-    prompts = ([models.data.prompts[i % len(models.data.prompts)] for i in range(n)]
-               if models.text is not None and models.data.prompts else None)
     inp = paper.Inputs(samples=pixels, shots=shots, steps=k, prompts=prompts, rare_token=cfg.data.target.rare_token,
                        references=reference_photos(cfg.eval.reference, models.resolution), fid_stats=cfg.eval.fid_stats)
-    device = method.rt.device
+    device = rt.device
     record = {
         "iteration": it, "checkpoint": ckpt.name, "steps": k, "num_samples": n, "weights": "ema" if use_ema else "raw",
+        "ranks": rt.world_size,
         "proxies": {"label": PROXY_FEATURE, **all_metrics(pixels, shots)},
         "paper": paper.paper_metrics(inp, cfg.eval.weights, device=device, per_cluster=cfg.eval.lpips_per_cluster),
     }
@@ -183,25 +208,36 @@ def best_checkpoint(rdir: Path) -> tuple[int, bool]:
     return it, weights == "ema"
 
 
-def watch(rdir: Path, interval: float, evaluate, log=print) -> list[dict]:
+def watch(rdir: Path, interval: float, evaluate, log=print, rt: Optional[Runtime] = None) -> list[dict]:
     """Evaluate each complete checkpoint without an eval record, as it appears, until the run has ended
     (finished, stopped or failed, with no live process) and nothing is left; a checkpoint pruned meanwhile
-    is skipped. ``evaluate(iteration)`` -> record."""
+    is skipped. ``evaluate(iteration)`` -> record (None on ranks other than 0). On several ranks, rank 0's
+    view of the folder decides what every rank evaluates and when they stop."""
     records, skipped = [], set()
+    main = rt is None or rt.rank == 0
     while True:
-        st = run_status(rdir)  # read before the scan: a checkpoint published after it is seen next round
-        done = {int(p.stem) for p in (rdir / EVAL_DIR).glob("*.json") if p.stem.isdigit()} | skipped
-        todo = [int(c.name[len("iter_"):]) for c in checkpoint.all_checkpoints(rdir)
-                if int(c.name[len("iter_"):]) not in done and checkpoint.is_complete(c)]
+        todo, ended, state = None, None, None
+        if main:
+            st = run_status(rdir)  # read before the scan: a checkpoint published after it is seen next round
+            done = {int(p.stem) for p in (rdir / EVAL_DIR).glob("*.json") if p.stem.isdigit()} | skipped
+            todo = [checkpoint.iteration_of(c) for c in checkpoint.all_checkpoints(rdir)
+                    if checkpoint.iteration_of(c) not in done and checkpoint.is_complete(c)]
+            ended = st["state"] != "live" and (st["last_outcome"] is not None or st["state"].startswith("died"))
+            state = st["state"].split(";")[0]
+        if rt is not None:
+            todo, ended, state = from_rank0(rt, (todo, ended, state))
         for it in todo:
             try:
-                records.append(evaluate(it))
+                rec = evaluate(it)
+                if rec is not None:
+                    records.append(rec)
             except CheckpointGone:
                 skipped.add(it)
-                log(f"skipped iteration {it}: pruned by checkpoint.keep before it was read")
-        ended = st["state"] != "live" and (st["last_outcome"] is not None or st["state"].startswith("died"))
+                if main:
+                    log(f"skipped iteration {it}: pruned by checkpoint.keep before it was read")
         if ended and not todo:
-            log(f"the run is {st['state'].split(';')[0]}; evaluated {len(records)} checkpoint(s)")
+            if main:
+                log(f"the run is {state}; evaluated {len(records)} checkpoint(s)")
             return records
         if not todo:
             time.sleep(interval)

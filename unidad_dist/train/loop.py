@@ -412,7 +412,7 @@ def pick_checkpoint(rdir: Path, iteration: Optional[int] = None) -> Path:
         return ckpt
     ckpt = rdir / "checkpoints" / checkpoint.ckpt_name(iteration)
     if not ckpt.is_dir():
-        have = sorted(int(p.name[5:]) for p in (rdir / "checkpoints").glob("iter_*") if p.is_dir()) \
+        have = sorted(checkpoint.iteration_of(p) for p in (rdir / "checkpoints").glob("iter_*") if p.is_dir()) \
             if (rdir / "checkpoints").is_dir() else []
         raise CheckpointGone(f"run '{rdir}' has no checkpoint of iteration {iteration}; it has {have or 'none'}")
     if not checkpoint.is_complete(ckpt):
