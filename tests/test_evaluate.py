@@ -169,6 +169,14 @@ def test_best_checkpoint_on_eval_select_export_best_and_kept_from_pruning(run, t
     assert "eval.select='loss' is not one of" in capsys.readouterr().err
     # training prunes to checkpoint.keep but keeps the checkpoint best.json names
     assert checkpoint.best_checkpoint_name(run) == f"iter_{want:07d}"
+    # the report says which one, on what, and what was evaluated
+    from unidad_dist.train.report import format_report, report
+
+    rep, _ = report(run, plot=False)
+    assert rep["best_checkpoint"]["checkpoint"] == f"iter_{want:07d}"
+    text = format_report(rep)
+    assert f"best       iter_{want:07d}: proxy_distance" in text and "eval.select=proxy_distance" in text
+    assert f"evaluated  {len(records)} checkpoint(s)" in text
 
 
 def test_pruning_keeps_the_recorded_best(pipes, tmp_path):
@@ -327,3 +335,50 @@ def test_sample_bad_input(run, tmp_path, capsys):
 
     with pytest.raises(UserError, match="holds no prompt"):
         read_prompt_file(tmp_path / "empty.txt", "sks", "cat")
+
+
+def _during_run(pipes, tmp_path, nproc: int, **over):
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
+        "train.iterations": 3, "checkpoint.every": 1, "checkpoint.keep": 5, "eval.num_samples": 3, "eval.batch": 1,
+        "eval.every": 1, "student.ema": 0.5, "logging.every": 3, **over})  # an eval record between metrics records
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    if nproc == 1:
+        assert main(["train", "--config", str(tmp_path / "r.yaml")]) == 0
+    else:
+        assert main(["launch", "local", "--nproc", str(nproc), "--config", str(tmp_path / "r.yaml")]) == 0
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_eval_every_measures_during_training_what_evaluate_measures_of_the_checkpoint(pipes, tmp_path, nproc,
+                                                                                      no_weights):
+    """eval.every=1: after each iteration the sampler's ranks draw eval.num_samples (on 2 ranks under ZeRO-3,
+    3 samples in blocks of 1, so rank 1 runs one block of nothing in lockstep), rank 0 measures: eval/<key>
+    records in metrics.jsonl and eval/during_<N>.json — the proxies `evaluate` measures of checkpoint N (the
+    same EMA, steps, samples)."""
+    over = {"student.zero_stage": 3} if nproc == 2 else {}
+    run = _during_run(pipes, tmp_path, nproc, **over)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval/proxy_distance" in r]
+    assert [r["iteration"] for r in evals] == [0, 1, 2]
+    assert all("seconds_per_iteration" not in r and not any(k.startswith("eval/fid") for k in r) for r in evals)
+    for done in (1, 3):
+        during = json.loads((run / "eval" / f"during_{done}.json").read_text())
+        assert during["num_samples"] == 3 and not any(r["available"] for r in during["paper"])
+        assert main(["evaluate", "--run", str(run), "--checkpoint", str(done), "eval.num_samples=3"]) == 0
+        after = json.loads((run / "eval" / f"{done}.json").read_text())
+        for key in ("proxy_distance", "copy_rate", "diversity", "noise_level"):
+            assert during["proxies"][key] == pytest.approx(after["proxies"][key], rel=1e-6, abs=1e-8), key
+            assert evals[done - 1][f"eval/{key}"] == pytest.approx(during["proxies"][key], rel=1e-6, abs=1e-8)
+    # the report counts training time without the evaluation records
+    from unidad_dist.train.report import report
+
+    rep, _ = report(run, plot=False)
+    metrics_spi = [r for r in lines if "seconds_per_iteration" in r]
+    assert rep["train_s_from_metrics"] == pytest.approx(sum(  # the evaluation records do not cut the sum short
+        r["seconds_per_iteration"] * max(1, r["iteration"] - (metrics_spi[i - 1]["iteration"] if i else -1))
+        for i, r in enumerate(metrics_spi)))
+    from unidad_dist.train.report import format_report
+
+    text = format_report(rep)
+    assert "eval.every 3 iteration(s) recorded in eval/, the latest (iteration 3): proxy_distance" in text

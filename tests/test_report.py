@@ -125,7 +125,7 @@ def test_the_table_holds_the_run_folders_numbers(tiny, tmp_path):
                  "step_s 3.5", "eval/fid 60", "memory     max_allocated_gib 1.125  rss_gib 2.5 (the largest over the ranks)", "samples/s  2 ",
                  "world      2 ranks (from iter_0000010), placement colocated", "train 12.2 s",
                  f"{_v(n / 1e3)[:4]}", "skipped 3 unreadable lines of metrics.jsonl",
-                 "no evaluation over checkpoints ranks them; latest complete: iter_0000010",
+                 "best       none recorded (`unidad-dist evaluate --run DIR --all eval.select=<metric>` picks one); latest complete: iter_0000010",
                  "state      finished", "iteration  10 of 10", "also source_teacher.png"):
         assert part in text, (part, text)
     row = next(line for line in text.splitlines() if "proxy_distance " in line)

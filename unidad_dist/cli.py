@@ -301,7 +301,8 @@ def cmd_sample(args) -> int:
     from unidad_dist.core.images import save_grid, save_images
     from unidad_dist.device import runtime_from_env
     from unidad_dist.models.conditioning import read_prompt_file
-    from unidad_dist.train.sampling import load_sampler, sample_all
+    from unidad_dist.train.evaluate import load_sampler
+    from unidad_dist.train.sampling import sample_all
 
     for name in ("num", "steps", "batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -184,6 +184,7 @@ def validate_eval(ev) -> None:
     positive("eval.num_samples", ev.num_samples)
     positive("eval.lpips_per_cluster", ev.lpips_per_cluster)
     positive("eval.batch", ev.batch)
+    positive("eval.every", ev.every, allow_zero=True)
     if ev.select is not None:
         choice("eval.select", ev.select, SELECTABLE)
     if ev.steps is not None:

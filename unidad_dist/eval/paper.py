@@ -224,6 +224,8 @@ class Inputs:
 
 
 PAPER_METRICS = ("FID", "Intra-LPIPS", "CLIP-I", "CLIP-T", "DINO-I")
+# each metric's key (eval.select, the eval/<key> values training logs with eval.every)
+METRIC_KEYS = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
 
 
 def paper_metrics(inp: Inputs, weights, device=CPU, per_cluster: int = 100,

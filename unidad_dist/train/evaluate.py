@@ -24,22 +24,18 @@ import torch
 
 from unidad_dist.builtin import resolve_path
 from unidad_dist.config import SELECTABLE, deep_merge, from_dict, parse_overrides, to_dict, validate_eval
-from unidad_dist.core.images import from_uint8
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.data.shards import decode_sample, is_shard_folder, open_shards
 from unidad_dist.data.target import load_target_folder
 from unidad_dist.device import Runtime, runtime_from_env
 from unidad_dist.errors import CheckpointGone, UserError
 from unidad_dist.eval import paper
-from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
-from unidad_dist.eval.reference import reference_photos
-from unidad_dist.models.conditioning import read_prompt_file
 from unidad_dist.train import checkpoint
-from unidad_dist.train.sampling import from_rank0, load_sampler, sample_all
+from unidad_dist.train.loop import load_run, pick_checkpoint
+from unidad_dist.train.sampling import EVAL_DIST_TIMEOUT, any_rank, eval_prompts, from_rank0, measure, sample_all
 from unidad_dist.train.status import run_status
 
 EVAL_DIR = "eval"
-EVAL_DIST_TIMEOUT = 4 * 3600.0  # seconds a rank may wait for rank 0's metrics (FID of thousands of samples)
 
 
 def target_shots(cfg, resolution: int) -> torch.Tensor:
@@ -74,6 +70,24 @@ def checkpoints_to_evaluate(rdir: Path, which: Optional[int], every: bool,
     return [which]
 
 
+def load_sampler(rdir: Path, rt: Runtime, use_ema: bool = True, iteration: Optional[int] = None):
+    """``load_run`` on every rank, of one checkpoint: rank 0's choice (the latest complete one when
+    ``iteration`` is None), and a checkpoint pruned under any rank is CheckpointGone on all of them."""
+    if rt.world_size == 1:
+        return load_run(rdir, rt=rt, use_ema=use_ema, iteration=iteration)
+    ckpt = pick_checkpoint(rdir, iteration)  # nothing to load: the same error on every rank
+    iteration = from_rank0(rt, iteration if iteration is not None else checkpoint.iteration_of(ckpt))
+    gone = None
+    try:
+        loaded = load_run(rdir, rt=rt, use_ema=use_ema, iteration=iteration)
+    except CheckpointGone as e:
+        gone = e
+    if any_rank(rt, gone is not None):
+        raise gone or CheckpointGone(f"checkpoint {checkpoint.ckpt_name(iteration)} of {rdir} was removed while "
+                                     "another rank read it (checkpoint.keep pruned it)")
+    return loaded
+
+
 def with_eval_overrides(cfg, overrides: list[str]):
     """The run's config with ``eval.*`` overrides on top (weights, reference statistics; paths relative to
     the working directory); any other key is an error: evaluation does not change what was trained."""
@@ -102,29 +116,15 @@ def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[in
     it = checkpoint.iteration_of(ckpt)
     n = num or cfg.eval.num_samples
     k = steps or cfg.eval.steps or method.sampling_info()["steps"]
-    # text models: sample i is drawn with prompt i mod len (eval.prompts, else the run's sampling prompts)
-    prompts = None
-    if cfg.eval.prompts:
-        if models.text is None:
-            raise UserError("eval.prompts: the run's model is not text-conditioned; unset eval.prompts")
-        prompts = read_prompt_file(cfg.eval.prompts, cfg.data.target.rare_token, cfg.data.target.class_name,
-                                   "eval.prompts")
+    prompts = eval_prompts(cfg, models)  # text models: sample i takes prompt i mod len
     u8 = sample_all(method, models, rt, n, steps=k, seed=cfg.run.seed, prompts=prompts, batch=cfg.eval.batch,
                     use_ema=use_ema)
     if rt.rank != 0:
         return None
-    pixels = from_uint8(u8)
-    prompts = prompts or (models.data.prompts if models.text is not None else None)
-    prompts = [prompts[i % len(prompts)] for i in range(n)] if prompts else None
-    shots = target_shots(cfg, models.resolution)
-    inp = paper.Inputs(samples=pixels, shots=shots, steps=k, prompts=prompts, rare_token=cfg.data.target.rare_token,
-                       references=reference_photos(cfg.eval.reference, models.resolution), fid_stats=cfg.eval.fid_stats)
-    device = rt.device
     record = {
         "iteration": it, "checkpoint": ckpt.name, "steps": k, "num_samples": n, "weights": "ema" if use_ema else "raw",
         "ranks": rt.world_size,
-        "proxies": {"label": PROXY_FEATURE, **all_metrics(pixels, shots)},
-        "paper": paper.paper_metrics(inp, cfg.eval.weights, device=device, per_cluster=cfg.eval.lpips_per_cluster),
+        **measure(cfg, models, u8, target_shots(cfg, models.resolution), k, prompts, rt.device),
     }
     record["seconds"] = round(time.time() - t0, 2)
     # the recipe's own settings write eval/<iteration>.json (what best.json is chosen from); a quick look with
@@ -140,16 +140,13 @@ def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[in
     return record
 
 
-PAPER_NAMES = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
-
-
 def selected_value(record: dict, metric: str) -> tuple[Optional[float], str, dict]:
     """eval.select's ``metric`` in an eval record: (value or None, why none, what it was measured against —
     weights and reference — so that only like is compared with like)."""
     if metric == "proxy_distance":
         value, why, against = float(record["proxies"]["proxy_distance"]), "", {}
     else:
-        r = next(r for r in record["paper"] if r["metric"] == PAPER_NAMES[metric])
+        r = next(r for r in record["paper"] if r["metric"] == paper.METRIC_KEYS[metric])
         if not r.get("available"):
             return None, r.get("reason", "unavailable"), {}
         value, why = float(r["value"]), ""

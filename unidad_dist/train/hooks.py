@@ -23,9 +23,12 @@ import torch
 
 from unidad_dist.core.images import save_grid
 from unidad_dist.core.io import atomic_write_text
+from unidad_dist.device import host_group
+from unidad_dist.eval import paper
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.train.logging import RunLogger
 from unidad_dist.train.perf import Perf
+from unidad_dist.train.sampling import EVAL_DIST_TIMEOUT, eval_prompts, measure, sample_all
 
 
 class Hook:
@@ -151,6 +154,60 @@ class SampleGrids(Hook):
             self.metrics.logger.image("samples", path, iteration)
 
 
+class PeriodicEvaluation(Hook):
+    """``eval.every``: every N iterations the ranks that hold the sampler draw ``eval.num_samples`` — each its
+    share, in lockstep (train/sampling.py), gathered to rank 0 as uint8 — and rank 0 measures them (the proxies
+    and the paper's metrics with the weights the recipe names; unavailable ones are recorded as such): the
+    values go to metrics.jsonl and wandb as ``eval/<key>``, the whole record to ``eval/during_<iteration>.json``.
+    Meanwhile every other rank waits on a host group of its own with a long timeout (EVAL_DIST_TIMEOUT), never
+    inside a training collective, so no wait trips ``run.dist_timeout``."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.prompts = None
+        self.wait_group = None
+
+    def on_train_start(self, run, start: int) -> None:
+        ev = run.cfg.eval
+        if not ev.every:
+            return
+        self.prompts = eval_prompts(run.cfg, run.models)  # a bad prompt file or .npz fails before iterating
+        if ev.fid_stats:
+            paper.FidStats.load(ev.fid_stats)
+        if run.rt.world_size > 1:
+            self.wait_group = host_group(EVAL_DIST_TIMEOUT)
+
+    def on_step_end(self, run, iteration, logs) -> None:
+        every, done = run.cfg.eval.every, iteration + 1
+        if not every or done % every:
+            return
+        t0 = time.time()
+        ev, u8 = run.cfg.eval, None
+        steps = ev.steps or run.method.sampling_info()["steps"]
+        perf = self.metrics.perf
+        with perf.timer.phase("eval") if perf is not None else contextlib.nullcontext():  # time/eval_s
+            if run.samples_here:
+                placement = run.models.placement
+                u8 = sample_all(run.method, run.models, run.rt, ev.num_samples, steps=steps, seed=run.cfg.run.seed,
+                                prompts=self.prompts, batch=ev.batch, ranks=placement.side_ranks,
+                                group=placement.group_handles.get(placement.side), lockstep=True)
+            if run.rt.is_main:
+                record = {"iteration": iteration, "steps": steps, "num_samples": ev.num_samples,
+                          **measure(run.cfg, run.models, u8, run.models.data.images, steps, self.prompts,
+                                    run.rt.device)}
+                record["seconds"] = round(time.time() - t0, 2)
+                (run.dir / "eval").mkdir(exist_ok=True)
+                atomic_write_text(run.dir / "eval" / f"during_{done}.json", json.dumps(record, indent=2))
+                values = {f"eval/{k}": v for k, v in record["proxies"].items() if k != "label"}
+                by_name = {r["metric"]: r for r in record["paper"]}
+                values.update({f"eval/{key}": by_name[name]["value"] for key, name in paper.METRIC_KEYS.items()
+                               if by_name.get(name, {}).get("available")})
+                values["eval/seconds"] = record["seconds"]
+                self.metrics.logger.log_values(iteration, values)
+            if self.wait_group is not None:
+                torch.distributed.barrier(group=self.wait_group)
+
+
 class Evaluation(Hook):
     """The demo-scale proxies (eval/metrics.py) of the sampler before training and at the end, the grids
     (target shots, the method's own, the sampler before/after) and summary.json (main rank writes). With wandb:
@@ -239,4 +296,4 @@ class Evaluation(Hook):
 
 def default_hooks(lock) -> list[Hook]:
     metrics = Metrics(Perf())
-    return [Heartbeat(lock), metrics, SampleGrids(metrics), Evaluation(metrics)]
+    return [Heartbeat(lock), metrics, SampleGrids(metrics), PeriodicEvaluation(metrics), Evaluation(metrics)]

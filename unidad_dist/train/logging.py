@@ -170,6 +170,16 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
+    def log_values(self, iteration: int, values: dict) -> None:
+        """A record of ``values`` alone (no speed: evaluation results between the logged windows)."""
+        if not self.is_main:
+            return
+        rec = {"iteration": iteration, **{k: float(v) for k, v in values.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb is not None and iteration >= self._wandb_floor:
+            self.wandb.log(rec, step=iteration)
+
     def image(self, key: str, path: Path, step: int) -> None:
         """An image (a grid file) to wandb at ``step`` (an iteration; the same row as that iteration's record)."""
         if self.wandb is not None and step >= self._wandb_floor:

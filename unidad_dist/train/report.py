@@ -220,9 +220,9 @@ def _timings(rep: dict, summary: Optional[dict], records: list[dict]) -> None:
     rep["wall_time_s"] = {k: v for k, v in phases.items() if _number(v)} if isinstance(phases, dict) else None
     trained, prev = 0.0, -1
     for rec in records:
-        if _number(rec.get("seconds_per_iteration")):
+        if _number(rec.get("seconds_per_iteration")):  # an evaluation's record (eval.every) carries no speed
             trained += rec["seconds_per_iteration"] * max(1, rec["iteration"] - prev)
-        prev = rec["iteration"]
+            prev = rec["iteration"]
     rep["train_s_from_metrics"] = trained if records else None
 
 
@@ -280,11 +280,35 @@ def collect(rdir: str | Path) -> tuple[dict, list[dict]]:
         notes.append(f"summary.json (wall time, proxies after) is from the end of an earlier train.iterations="
                      f"{summary.get('iterations')}; this run now trains to {st['iterations']}")
     rep["checkpoints"] = [p.name for p in checkpoint.all_checkpoints(rdir)]
-    rep["best_checkpoint"] = None  # no evaluation over checkpoints ranks them
+    best = _json(rdir / checkpoint.BEST)  # `evaluate` with eval.select
+    rep["best_checkpoint"] = ({k: best.get(k) for k in ("checkpoint", "metric", "value", "chosen_on")}
+                              if isinstance(best, dict) and best.get("checkpoint") else None)
+    rep["evaluations"] = _evaluations(rdir)
     rep["grids"] = [[title, str(p)] for title, p in _grids(rdir, sampler)]
     rep["other_pngs"] = sorted(p.name for p in (rdir / "samples").glob("*.png")
                                if str(p) not in {g[1] for g in rep["grids"]}) if (rdir / "samples").is_dir() else []
     return rep, records
+
+
+def _evaluations(rdir: Path) -> dict:
+    """What `evaluate` (eval/<iteration>.json) and eval.every (eval/during_<iteration>.json) recorded: how many,
+    and the latest of each, as {checkpoint or iteration, proxy distance, the paper metrics that were available}."""
+    out: dict = {}
+    for kind, pattern, key in (("checkpoints", "[0-9]*.json", "checkpoint"), ("during", "during_*.json", "iteration")):
+        found = []
+        for f in (rdir / "eval").glob(pattern) if (rdir / "eval").is_dir() else []:
+            stem = f.stem.removeprefix("during_")
+            if stem.isdigit():
+                found.append((int(stem), f))
+        latest = _json(max(found)[1]) if found else None
+        values = {}
+        if isinstance(latest, dict):
+            values["proxy_distance"] = (latest.get("proxies") or {}).get("proxy_distance")
+            for r in latest.get("paper") or []:
+                if isinstance(r, dict) and r.get("available"):
+                    values[r.get("metric")] = r.get("value")
+        out[kind] = {"count": len(found), "latest": max(found)[0] if found else None, "values": values}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,9 +409,19 @@ def format_report(rep: dict) -> str:
         out.append("proxies    - (eval_before.json is written before the first iteration, summary.json at the end)")
     if rep["summary_values"]:
         out.append("summary    " + _pairs(rep["summary_values"]))
-    ck = rep["checkpoints"]
-    out.append("best       no evaluation over checkpoints ranks them; latest complete: "
-               + (st["latest_checkpoint"] or "none yet") + (f" (present: {', '.join(ck)})" if ck else ""))
+    ck, ev = rep["checkpoints"], rep.get("evaluations") or {}
+    for kind, label, what in (("checkpoints", "evaluated  ", "checkpoint"), ("during", "eval.every ", "iteration")):
+        e = ev.get(kind) or {}
+        if e.get("count"):
+            out.append(f"{label}{e['count']} {what}(s) recorded in eval/, the latest ({what} {e['latest']}): "
+                       + (_pairs(e["values"]) or "-"))
+    b = rep["best_checkpoint"]
+    if b:
+        out.append(f"best       {b['checkpoint']}: {b['metric']} {_v(b['value'])} ({b.get('chosen_on') or 'eval/best.json'})"
+                   + (f"; present: {', '.join(ck)}" if ck else ""))
+    else:
+        out.append("best       none recorded (`unidad-dist evaluate --run DIR --all eval.select=<metric>` picks one); "
+                   "latest complete: " + (st["latest_checkpoint"] or "none yet") + (f" (present: {', '.join(ck)})" if ck else ""))
     grids = rep["grids"]
     out.append("samples    " + (", ".join(Path(p).name for _, p in grids) if grids else "no sample grids yet")
                + (f"; also {', '.join(rep['other_pngs'])}" if rep["other_pngs"] else ""))
