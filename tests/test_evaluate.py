@@ -382,3 +382,30 @@ def test_eval_every_measures_during_training_what_evaluate_measures_of_the_check
 
     text = format_report(rep)
     assert "eval.every 3 iteration(s) recorded in eval/, the latest (iteration 3): proxy_distance" in text
+
+
+def test_eval_every_bad_input_fails_before_training_and_a_failed_measurement_does_not_end_it(pipes, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A weight file the recipe names that fails its check, or an empty eval.prompts file: one error before the
+    first iteration. A measurement that fails during training is recorded in eval/during_<N>.json with a warning,
+    and training goes on to its end."""
+    from unidad_dist.train import hooks
+
+    bad = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"x": torch.zeros(1)}, bad)  # the right name, another hash
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "bad", **{
+        "train.iterations": 1, "eval.every": 1, "eval.weights.inception": str(bad)})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.every" in err and "6726825d" in err
+    assert not (tmp_path / "bad" / "checkpoints" / "iter_0000001").exists()
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(hooks, "measure", broken)
+    run = _during_run(pipes, tmp_path, 1, **{"train.iterations": 2})
+    during = json.loads((run / "eval" / "during_1.json").read_text())
+    assert "RuntimeError: out of memory, say" in during["error"]
+    assert (run / "summary.json").is_file() and (run / "checkpoints" / "iter_0000002").is_dir()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,8 @@ import torch
 from unidad_dist.core.images import save_grid
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.device import host_group
-from unidad_dist.eval import paper
+from unidad_dist.errors import UserError
+from unidad_dist.eval import networks, paper
 from unidad_dist.eval.metrics import PROXY_FEATURE, all_metrics
 from unidad_dist.train.logging import RunLogger
 from unidad_dist.train.perf import Perf
@@ -171,9 +173,15 @@ class PeriodicEvaluation(Hook):
         ev = run.cfg.eval
         if not ev.every:
             return
-        self.prompts = eval_prompts(run.cfg, run.models)  # a bad prompt file or .npz fails before iterating
+        # a bad prompt file, .npz or weight file the recipe names fails here, before the first iteration
+        self.prompts = eval_prompts(run.cfg, run.models)
         if ev.fid_stats:
             paper.FidStats.load(ev.fid_stats)
+        for name in networks.SPECS:
+            named = getattr(ev.weights, name, None)
+            found = networks.locate(name, named) if named else None
+            if found is not None and not found.available:
+                raise UserError(f"eval.every: {found.reason}")
         if run.rt.world_size > 1:
             self.wait_group = host_group(EVAL_DIST_TIMEOUT)
 
@@ -192,9 +200,14 @@ class PeriodicEvaluation(Hook):
                                 prompts=self.prompts, batch=ev.batch, ranks=placement.side_ranks,
                                 group=placement.group_handles.get(placement.side), lockstep=True)
             if run.rt.is_main:
-                record = {"iteration": iteration, "steps": steps, "num_samples": ev.num_samples,
-                          **measure(run.cfg, run.models, u8, run.models.data.images, steps, self.prompts,
-                                    run.rt.device)}
+                record = {"iteration": iteration, "steps": steps, "num_samples": ev.num_samples}
+                try:
+                    record.update(measure(run.cfg, run.models, u8, run.models.data.images, steps, self.prompts,
+                                          run.rt.device))
+                except Exception as e:  # noqa: BLE001 - a failed measurement never ends the training run
+                    record.update({"proxies": {}, "paper": [], "error": f"{type(e).__name__}: {e}"})
+                    warnings.warn(f"eval.every at iteration {done}: the measurement failed ({type(e).__name__}: {e}); "
+                                  f"training goes on, the error is in eval/during_{done}.json")
                 record["seconds"] = round(time.time() - t0, 2)
                 (run.dir / "eval").mkdir(exist_ok=True)
                 atomic_write_text(run.dir / "eval" / f"during_{done}.json", json.dumps(record, indent=2))
