@@ -409,3 +409,33 @@ def test_eval_every_bad_input_fails_before_training_and_a_failed_measurement_doe
     during = json.loads((run / "eval" / "during_1.json").read_text())
     assert "RuntimeError: out of memory, say" in during["error"]
     assert (run / "summary.json").is_file() and (run / "checkpoints" / "iter_0000002").is_dir()
+
+
+def test_watch_follows_a_live_training_run_to_its_end(pipes, tmp_path):
+    """`evaluate --watch` beside a real training process: it starts while the run trains, evaluates checkpoints
+    as they are published (some pruned under it by checkpoint.keep=2), leaves the run's files alone — the
+    training ends normally — and returns once the run has finished, with the final checkpoint evaluated."""
+    import subprocess
+    import sys
+    import time as _time
+
+    rec = testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **{
+        "train.iterations": 24, "checkpoint.every": 3, "checkpoint.keep": 2, "eval.num_samples": 4})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    train = subprocess.Popen([sys.executable, "-m", "unidad_dist", "train", "--config", str(tmp_path / "r.yaml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "run"
+    deadline = _time.time() + 600
+    while not (run / "config.yaml").is_file() and train.poll() is None and _time.time() < deadline:
+        _time.sleep(0.2)
+    watch = subprocess.run([sys.executable, "-m", "unidad_dist", "evaluate", "--run", str(run), "--watch",
+                            "--interval", "0.5", "--json"], capture_output=True, text=True, timeout=900)
+    out, _ = train.communicate(timeout=900)
+    assert train.returncode == 0, out[-3000:]
+    assert watch.returncode == 0, watch.stderr[-3000:]
+    records = json.loads(watch.stdout)
+    its = [r["iteration"] for r in records]
+    assert 24 in its and all(i % 3 == 0 for i in its) and its == sorted(set(its))
+    assert "the run is finished" in watch.stderr
+    assert all((run / "eval" / f"{i}.json").is_file() for i in its)
+    assert (run / "summary.json").is_file()
