@@ -146,6 +146,9 @@ def test_fid_stats_and_evaluate_bad_input(run, tmp_path, monkeypatch, capsys, no
     assert "only eval.* overrides" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(run), "--checkpoint", "7"]) == 2
     assert "no checkpoint of iteration 7" in capsys.readouterr().err
+    # --watch records with the recipe's settings only (a quick look's record would never count as done)
+    assert main(["evaluate", "--run", str(run), "--watch", "--num", "4"]) == 2
+    assert "eval.num_samples=N" in capsys.readouterr().err
 
 
 def test_best_checkpoint_on_eval_select_export_best_and_kept_from_pruning(run, tmp_path, capsys, no_weights):
@@ -250,6 +253,11 @@ def test_update_best_compares_like_with_like_and_skips_gone_or_non_finite(tmp_pa
         ev.update_best(tmp_path, record(it, "CLIP-I", v), "clip_i")
     assert best()["iteration"] == 8 and best()["lower_is_better"] is False and best()["measured_with"]["weights"] == "ema"
     assert ev.best_checkpoint(tmp_path) == (8, True)
+    # measured on 8-bit samples (this version) vs an older version's float samples: not compared either
+    r = record(10, "FID", 99.0)
+    r["sample_bits"] = 8
+    (tmp_path / "eval" / "10.json").write_text(json.dumps(r))
+    assert ev.update_best(tmp_path, r, "fid")["candidates"] == 1
 
 
 def _on_2_ranks(*args, env=None):
@@ -439,3 +447,26 @@ def test_watch_follows_a_live_training_run_to_its_end(pipes, tmp_path):
     assert "the run is finished" in watch.stderr
     assert all((run / "eval" / f"{i}.json").is_file() for i in its)
     assert (run / "summary.json").is_file()
+
+
+def test_eval_every_keeps_the_run_lock_fresh_while_it_lasts():
+    """A long evaluation (FID of thousands of samples) must not make the run look dead to `status`, `--watch`
+    or a second `train` (run.lock_stale_s): a thread beats while it runs, and stops after."""
+    import time as _time
+
+    from unidad_dist.train import hooks
+
+    class Lock:
+        beats = 0
+
+        def heartbeat(self):
+            Lock.beats += 1
+
+    lock = Lock()
+    assert [h for h in hooks.default_hooks(lock) if isinstance(h, hooks.PeriodicEvaluation)][0].lock is lock
+    with hooks._beating(lock, every_s=0.01):
+        _time.sleep(0.2)
+    after = Lock.beats
+    assert after >= 5
+    _time.sleep(0.05)
+    assert Lock.beats == after  # stopped with the block

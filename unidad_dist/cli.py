@@ -363,6 +363,9 @@ def cmd_evaluate(args) -> int:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.watch and args.interval <= 0:
         raise UserError(f"--interval must be > 0 seconds, got {args.interval}")
+    if args.watch and (args.num or args.steps or args.raw):
+        raise UserError("--watch evaluates with the recipe's eval settings (the records best.json is chosen from); "
+                        "instead of --num/--steps/--raw pass eval.num_samples=N or eval.steps=K")
     if not (Path(args.run) / "config.yaml").is_file():
         raise UserError(f"'{args.run}' is not a run folder (no config.yaml); pass the run.dir of a training run"
                         + (" (or start the run first)" if args.watch else ""))

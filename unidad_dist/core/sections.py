@@ -168,7 +168,7 @@ class EvalConfig:
     prompts: Optional[str] = path_field()
     batch: int = 16  # samples each rank draws at a time (evaluate and sample run on every rank they are started on)
     # every N iterations during training: the sampler's ranks draw num_samples, rank 0 measures (proxies and the
-    # paper's metrics) into metrics.jsonl as eval/<key>, wandb and eval/during_<iteration>.json; 0: off
+    # paper's metrics) into metrics.jsonl as eval/<key>, wandb and eval/during_<N>.json (N iterations done); 0: off
     every: int = 0
     # the metric `evaluate` picks the best checkpoint on (eval/best.json, `export --best`, kept from pruning):
     # proxy_distance | fid (lower is better) | intra_lpips | clip_i | clip_t | dino_i (higher); null: none

@@ -75,8 +75,15 @@ def load_sampler(rdir: Path, rt: Runtime, use_ema: bool = True, iteration: Optio
     ``iteration`` is None), and a checkpoint pruned under any rank is CheckpointGone on all of them."""
     if rt.world_size == 1:
         return load_run(rdir, rt=rt, use_ema=use_ema, iteration=iteration)
-    ckpt = pick_checkpoint(rdir, iteration)  # nothing to load: the same error on every rank
-    iteration = from_rank0(rt, iteration if iteration is not None else checkpoint.iteration_of(ckpt))
+    picked = None
+    if rt.rank == 0:  # rank 0 alone looks (another node's view may lag), every rank gets its answer
+        try:
+            picked = (checkpoint.iteration_of(pick_checkpoint(rdir, iteration)), None)
+        except (CheckpointGone, UserError) as e:
+            picked = (None, e)
+    iteration, error = from_rank0(rt, picked)
+    if error is not None:
+        raise error
     gone = None
     try:
         loaded = load_run(rdir, rt=rt, use_ema=use_ema, iteration=iteration)
@@ -123,7 +130,7 @@ def evaluate_checkpoint(rdir: Path, iteration: Optional[int], steps: Optional[in
         return None
     record = {
         "iteration": it, "checkpoint": ckpt.name, "steps": k, "num_samples": n, "weights": "ema" if use_ema else "raw",
-        "ranks": rt.world_size,
+        "ranks": rt.world_size, "sample_bits": 8,  # measured on the 8-bit images (as saved PNGs)
         **measure(cfg, models, u8, target_shots(cfg, models.resolution), k, prompts, rt.device),
     }
     record["seconds"] = round(time.time() - t0, 2)
@@ -155,7 +162,7 @@ def selected_value(record: dict, metric: str) -> tuple[Optional[float], str, dic
     if not math.isfinite(value):
         return None, f"{metric} is {value}", {}
     return value, why, {"steps": record["steps"], "num_samples": record["num_samples"],
-                        "weights": record["weights"], **against}
+                        "weights": record["weights"], "sample_bits": record.get("sample_bits"), **against}
 
 
 def update_best(rdir: Path, record: dict, metric: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -160,12 +161,13 @@ class PeriodicEvaluation(Hook):
     """``eval.every``: every N iterations the ranks that hold the sampler draw ``eval.num_samples`` — each its
     share, in lockstep (train/sampling.py), gathered to rank 0 as uint8 — and rank 0 measures them (the proxies
     and the paper's metrics with the weights the recipe names; unavailable ones are recorded as such): the
-    values go to metrics.jsonl and wandb as ``eval/<key>``, the whole record to ``eval/during_<iteration>.json``.
+    values go to metrics.jsonl and wandb as ``eval/<key>``, the whole record to ``eval/during_<N>.json`` (N iterations done).
     Meanwhile every other rank waits on a host group of its own with a long timeout (EVAL_DIST_TIMEOUT), never
     inside a training collective, so no wait trips ``run.dist_timeout``."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, lock=None):
         self.metrics = metrics
+        self.lock = lock  # run.lock: kept fresh while the evaluation lasts (it may outlast run.lock_stale_s)
         self.prompts = None
         self.wait_group = None
 
@@ -193,32 +195,60 @@ class PeriodicEvaluation(Hook):
         ev, u8 = run.cfg.eval, None
         steps = ev.steps or run.method.sampling_info()["steps"]
         perf = self.metrics.perf
-        with perf.timer.phase("eval") if perf is not None else contextlib.nullcontext():  # time/eval_s
-            if run.samples_here:
-                placement = run.models.placement
-                u8 = sample_all(run.method, run.models, run.rt, ev.num_samples, steps=steps, seed=run.cfg.run.seed,
-                                prompts=self.prompts, batch=ev.batch, ranks=placement.side_ranks,
-                                group=placement.group_handles.get(placement.side), lockstep=True)
-            if run.rt.is_main:
-                record = {"iteration": iteration, "steps": steps, "num_samples": ev.num_samples}
-                try:
-                    record.update(measure(run.cfg, run.models, u8, run.models.data.images, steps, self.prompts,
-                                          run.rt.device))
-                except Exception as e:  # noqa: BLE001 - a failed measurement never ends the training run
-                    record.update({"proxies": {}, "paper": [], "error": f"{type(e).__name__}: {e}"})
-                    warnings.warn(f"eval.every at iteration {done}: the measurement failed ({type(e).__name__}: {e}); "
-                                  f"training goes on, the error is in eval/during_{done}.json")
-                record["seconds"] = round(time.time() - t0, 2)
-                (run.dir / "eval").mkdir(exist_ok=True)
-                atomic_write_text(run.dir / "eval" / f"during_{done}.json", json.dumps(record, indent=2))
-                values = {f"eval/{k}": v for k, v in record["proxies"].items() if k != "label"}
-                by_name = {r["metric"]: r for r in record["paper"]}
-                values.update({f"eval/{key}": by_name[name]["value"] for key, name in paper.METRIC_KEYS.items()
-                               if by_name.get(name, {}).get("available")})
-                values["eval/seconds"] = record["seconds"]
-                self.metrics.logger.log_values(iteration, values)
-            if self.wait_group is not None:
-                torch.distributed.barrier(group=self.wait_group)
+        with perf.timer.phase("eval") if perf is not None else contextlib.nullcontext(), _beating(self.lock):
+            try:
+                if run.samples_here:
+                    placement = run.models.placement
+                    u8 = sample_all(run.method, run.models, run.rt, ev.num_samples, steps=steps,
+                                    seed=run.cfg.run.seed, prompts=self.prompts, batch=ev.batch,
+                                    ranks=placement.side_ranks, group=placement.group_handles.get(placement.side),
+                                    lockstep=True)
+                if run.rt.is_main:
+                    self._measure(run, iteration, u8, steps, t0)
+            finally:  # every rank meets here, also when rank 0 failed (it then raises after the others go on)
+                if self.wait_group is not None:
+                    torch.distributed.barrier(group=self.wait_group)
+
+    def _measure(self, run, iteration: int, u8, steps: int, t0: float) -> None:
+        ev, done = run.cfg.eval, iteration + 1
+        record = {"iteration": done, "steps": steps, "num_samples": ev.num_samples}  # iterations done, as checkpoints
+        try:
+            record.update(measure(run.cfg, run.models, u8, run.models.data.images, steps, self.prompts,
+                                  run.rt.device))
+        except Exception as e:  # noqa: BLE001 - a failed measurement never ends the training run
+            record.update({"proxies": {}, "paper": [], "error": f"{type(e).__name__}: {e}"})
+            warnings.warn(f"eval.every after iteration {done}: the measurement failed ({type(e).__name__}: {e}); "
+                          f"training goes on, the error is in eval/during_{done}.json")
+        record["seconds"] = round(time.time() - t0, 2)
+        (run.dir / "eval").mkdir(exist_ok=True)
+        atomic_write_text(run.dir / "eval" / f"during_{done}.json", json.dumps(record, indent=2))
+        values = {f"eval/{k}": v for k, v in record["proxies"].items() if k != "label"}
+        by_name = {r["metric"]: r for r in record["paper"]}
+        values.update({f"eval/{key}": by_name[name]["value"] for key, name in paper.METRIC_KEYS.items()
+                       if by_name.get(name, {}).get("available")})
+        values["eval/seconds"] = record["seconds"]
+        self.metrics.logger.log_values(iteration, values)
+
+
+@contextlib.contextmanager
+def _beating(lock, every_s: float = 30.0):
+    """Keep ``lock`` (run.lock) fresh from a thread while the block runs (None: nothing to do)."""
+    if lock is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            lock.heartbeat()
+
+    t = threading.Thread(target=beat, name="eval-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 class Evaluation(Hook):
@@ -309,4 +339,4 @@ class Evaluation(Hook):
 
 def default_hooks(lock) -> list[Hook]:
     metrics = Metrics(Perf())
-    return [Heartbeat(lock), metrics, SampleGrids(metrics), PeriodicEvaluation(metrics), Evaluation(metrics)]
+    return [Heartbeat(lock), metrics, SampleGrids(metrics), PeriodicEvaluation(metrics, lock), Evaluation(metrics)]

@@ -51,7 +51,8 @@ def sample_all(method, models, rt: Runtime, n: int, steps: Optional[int] = None,
     so every rank makes the same forward calls (ZeRO-3)."""
     if n < 1 or batch < 1:
         raise ValueError(f"n and batch must be >= 1 (got {n}, {batch})")
-    ranks = list(range(rt.world_size)) if ranks is None else list(ranks)
+    # sorted: the gather returns the blocks in rank order, and rank 0 (which always has a block) comes first
+    ranks = list(range(rt.world_size)) if ranks is None else sorted(ranks)
     me = ranks.index(rt.rank)
     out: list[torch.Tensor] = []
     for round_ in blocks(n, len(ranks), batch):
