@@ -119,14 +119,21 @@ def test_a_signal_before_the_loop_listens_requeues_the_same_task_until_max_reque
 
 
 def _release_requeued(job_ids: set, stop: threading.Event) -> None:
-    """SLURM holds a requeued job ~2 minutes (BeginTime); release it at once, as an operator would."""
+    """SLURM holds a requeued job ~2 minutes (BeginTime); release it sooner, as an operator would, once the old
+    allocation has wound down: released while a step of the last start is still ending, slurmd refuses to launch
+    it ("Job credential revoked") and the job FAILS (seen in CI)."""
+    seen: dict = {}
     while not stop.is_set():
         r = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True)
         for line in r.stdout.splitlines():
             jid, state, reason = (line.split() + ["", "", ""])[:3]
             if state == "PENDING" and reason == "BeginTime":
                 job_ids.add(jid)
-                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                first = seen.setdefault(jid, time.time())
+                steps = subprocess.run(["squeue", "-h", "-s", "-j", jid], capture_output=True, text=True).stdout
+                if time.time() - first >= 10 and not steps.strip():
+                    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                    seen.pop(jid)
         stop.wait(1.0)
 
 
@@ -286,9 +293,13 @@ def test_the_torchrun_template_requeues_on_its_signal_and_resumes(tmp_path, pipe
         while time.time() < deadline and not (log.is_file() and "training: iterations 1-" in log.read_text()):
             time.sleep(0.2)
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
-        while time.time() < deadline:
+        # the job passes through a moment with no queue entry (or a CANCELLED one) while it requeues: it is over
+        # when the script printed its last line, or when it has been out of the queue for 20 s in a row
+        deadline, gone = time.time() + 900, 0
+        while time.time() < deadline and "training exited with code" not in (out.read_text() if out.is_file() else ""):
             state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
-            if not state.strip() or state.strip() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            gone = gone + 1 if not state.strip() or state.strip() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else 0
+            if gone >= 20:
                 break
             time.sleep(1)
     finally:
