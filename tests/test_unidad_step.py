@@ -460,3 +460,106 @@ def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt,
             assert out["target_warm_start_loss"] > 0
     with pytest.raises(UserError, match="target_teacher.mode=online"):
         make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.warm_start": 5})
+
+
+# -- algorithm.a: auto (docs/algorithm.md §9) ----------------------------------------------------------
+AUTO = {"algorithm.a": "auto", "target_teacher.mode": "online", "gan_heads.lambda_g": 0.0}
+
+
+def test_auto_a_follows_the_controller_rule_on_probe_iterations_only(make_cfg, rt):
+    """a starts at auto_min; on iterations = 0 mod auto_every it moves auto_rate of the way to the aim
+    auto_min + (auto_max - auto_min) * clamp((1 - L_t/L_s) / auto_gap, 0, 1); between probes it stays; it is
+    logged, and the student's loss weighs the two DMD branches with it."""
+    cfg, models, m = _setup(make_cfg, rt, **AUTO, **{"algorithm.auto_min": 0.1, "algorithm.auto_max": 0.9,
+                                                    "algorithm.auto_gap": 0.5, "algorithm.auto_rate": 0.5,
+                                                    "algorithm.auto_every": 2})
+    assert m.a == 0.1
+    probes = iter([(1.0, 0.8), (2.0, 0.5), (1.0, 1.3)])  # gaps 0.2, 0.75 (beyond auto_gap), -0.3 (clamped to 0)
+    m.probe_teachers = lambda: next(probes)
+    expected, a = [], 0.1
+    for it in range(6):
+        if it % 2 == 0:
+            l_s, l_t = {0: (1.0, 0.8), 2: (2.0, 0.5), 4: (1.0, 1.3)}[it]
+            aim = 0.1 + 0.8 * min(1.0, max(0.0, (1 - l_t / l_s) / 0.5))
+            a = a + 0.5 * (aim - a)
+        expected.append(a)
+        logs = m.step(it)
+        assert logs["algorithm/a"] == pytest.approx(a, abs=1e-12), it
+        assert ("algorithm/a_gap" in logs) == (it % 2 == 0)
+    assert expected[0] == pytest.approx(0.26) and expected[2] == pytest.approx(0.58) and expected[4] == pytest.approx(0.34)
+    # the student's loss takes the current a: (1 - a) * DMD_src + a * DMD_trg
+    m.a = 0.3
+    d = _draws(rt, it=7)
+    batch = models.data.batch(d)
+    x = m.generate_train(d, batch, None)
+    loss, logs = m.student_loss(x, batch, d)
+    assert logs["dmd_src"] != pytest.approx(logs["dmd_trg"])
+    assert float(loss.detach()) == pytest.approx(0.7 * logs["dmd_src"] + 0.3 * logs["dmd_trg"], rel=1e-5)
+
+
+def _spy_forwards(models, seen):
+    for name in ("source_teacher", "target_teacher"):
+        role = getattr(models, name)
+
+        def spy(x_t, t, cond, force_fp32=False, orig=role.forward, name=name):
+            seen[name] = (x_t.clone(), t.clone(), None if cond is None else cond["encoder_hidden_states"].clone())
+            return orig(x_t, t, cond, force_fp32)
+
+        role.forward = spy
+
+
+def test_auto_a_probe_compares_the_two_teachers_on_the_shots(make_cfg, rt):
+    """The probe: equal losses while the online target teacher is still a copy of the source (a stays at
+    auto_min), a lower target loss once it has fitted the shots (a rises by the rule); the same noised shots
+    at every probe."""
+    over = {**AUTO, "train.batch_size": 4, "algorithm.auto_rate": 1.0, "algorithm.auto_max": 0.8,
+            "target_teacher.warm_start": 30, "target_teacher.warm_start_lr": 2e-3}
+    cfg = make_cfg("pixel", **over)
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)  # before the engines: the target teacher's warm start below trains it
+    seen: dict = {}
+    _spy_forwards(models, seen)
+    l_s, l_t = m.probe_teachers()
+    assert l_s > 0 and l_t == pytest.approx(l_s, rel=1e-6)
+    assert torch.equal(seen["source_teacher"][0], seen["target_teacher"][0])
+    assert torch.equal(seen["source_teacher"][1], seen["target_teacher"][1])
+    m.update_auto_a(0)
+    assert m.a == pytest.approx(0.0, abs=1e-6)
+    first_x = seen["source_teacher"][0]
+    m.prepare()  # the target teacher learns the shots
+    l_s2, l_t2 = m.probe_teachers()
+    assert l_s2 == pytest.approx(l_s, rel=1e-6) and l_t2 < 0.9 * l_s2, (l_s2, l_t2)
+    assert torch.equal(seen["source_teacher"][0], first_x)
+    m.update_auto_a(10)
+    assert m.a == pytest.approx(0.8 * min(1.0, (1 - l_t2 / l_s2) / 0.5), rel=1e-6) and m.a > 0
+
+
+def test_auto_a_probe_gives_the_source_teacher_the_captions_without_the_rare_token(make_cfg, rt):
+    cfg, models, m = _setup(make_cfg, rt, "sd15", **AUTO, **{"train.batch_size": 2, "data.target.rare_token": "sks"})
+    seen: dict = {}
+    _spy_forwards(models, seen)
+    m.probe_teachers()
+    prompts = models.data.batch(SampleDraws(0, -1, range(2), rt.device)).real_prompts
+    assert len(prompts) == 2 and all("sks" in p for p in prompts)
+    enc = models.data.conditioner.encode
+    torch.testing.assert_close(seen["target_teacher"][2], enc(prompts)["encoder_hidden_states"])
+    torch.testing.assert_close(seen["source_teacher"][2],
+                               enc([p.replace("sks ", "") for p in prompts])["encoder_hidden_states"])
+
+
+def test_auto_a_is_kept_in_the_method_state(make_cfg, rt):
+    cfg, models, m = _setup(make_cfg, rt, **AUTO)
+    m.probe_teachers = lambda: (1.0, 0.6)
+    m.step(0)
+    state = m.state_dict()
+    assert state["auto_a"]["a"] == m.a > 0 and state["auto_a"]["probe"]["gap"] == pytest.approx(0.4)
+    again = UniDAD(cfg, models, rt)
+    assert again.a == 0.0
+    again.load_state_dict(state)
+    assert again.a == m.a and again.auto_probe == m.auto_probe
+    assert UniDAD.merge_state_dicts([state, {**state, "auto_a": {"a": 0.5, "probe": {}}}])["auto_a"] == state["auto_a"]
+    from unidad_dist.errors import UserError
+
+    with pytest.raises(UserError, match="holds no controller state"):
+        again.load_state_dict({k: v for k, v in state.items() if k != "auto_a"})
+    assert m.summary()["a"] == "auto" and m.summary()["a_final"] == m.a

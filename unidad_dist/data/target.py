@@ -15,7 +15,7 @@ used as they are, so training calls neither the VAE nor the text encoders for th
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -131,6 +131,7 @@ class Batch:
     real_cond: Optional[dict]
     prompts: list[str]
     prompts_src: list[str]
+    real_prompts: list[str] = field(default_factory=list)  # the shots' captions (real_cond's prompts)
 
 
 def _check_precomputed(shards, spec, key: str, backbone_key: str) -> None:
@@ -356,6 +357,7 @@ class DataSource:
         batch = Batch(
             cond=self.encode(prompts), cond_src=self.encode(prompts_src), uncond=self.encode([""] * B),
             real=real.to(d.device), real_cond=self.encode(real_prompts), prompts=prompts, prompts_src=prompts_src,
+            real_prompts=real_prompts,
         )
         if tgt is not None or src is not None:  # a stream's samples are used once: keep the cache small
             for k in [k for k in self._cache if k not in self._keep]:

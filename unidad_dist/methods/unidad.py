@@ -32,7 +32,7 @@ from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
 from unidad_dist.methods.base import IterationPlan, Method, NonFiniteLoss, Pass, RoleSpec, register_method
 from unidad_dist.methods.generate import generate, student_timesteps
-from unidad_dist.models.conditioning import cat_cond
+from unidad_dist.models.conditioning import cat_cond, strip_rare_token
 from unidad_dist.models.gan_heads import GanHeads
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
 
@@ -95,10 +95,33 @@ class TargetTeacherConfig(TrainableRoleConfig):
 
 @dataclass
 class UniDADAlgorithmConfig(AlgorithmConfig):
-    a: float | str = 0.0  # weight of the target-teacher DMD term; "auto" is reserved
+    a: float | str = 0.0  # weight of the target-teacher DMD term, or "auto" (moved by the auto_* controller)
+    auto_min: float = 0.0  # a: auto — a at the start and when the teachers denoise the shots equally well
+    auto_max: float = 0.75  # a: auto — a once the target teacher denoises the shots auto_gap better than the source
+    auto_gap: float = 0.5  # a: auto — the relative loss gap 1 - L_target/L_source at which a reaches auto_max
+    auto_every: int = 10  # a: auto — iterations between probes of the two teachers on the shots
+    auto_rate: float = 0.2  # a: auto — each probe moves a this fraction of the way to its aim
     t_min: int = 20  # smallest noise timestep of the DMD draw (fake-teacher and GAN draws use 0..T-1)
     t_max: int = 980  # largest noise timestep of the DMD draw
     t_sampling: str = "uniform"  # uniform | karras_index (the DMD, fake-teacher and GAN noise levels)
+
+
+def a_bounds(cfg) -> tuple[float, float]:
+    """The smallest and largest value a can take in this run (fixed a: that value twice)."""
+    al = cfg.algorithm
+    if al.a == "auto":
+        return min(al.auto_min, al.auto_max), max(al.auto_min, al.auto_max)
+    return float(al.a), float(al.a)
+
+
+def auto_a_aim(cfg, loss_source: float, loss_target: float) -> tuple[float, float]:
+    """The controller's aim for a from one probe (docs/algorithm.md §9): the relative gap g = 1 - L_t / L_s
+    by which the target teacher denoises the shots better than the source teacher, mapped linearly from
+    auto_min (g <= 0: the source already covers the target) to auto_max (g >= auto_gap). Returns (aim, g)."""
+    al = cfg.algorithm
+    g = 1.0 - loss_target / loss_source if loss_source > 0 else 0.0
+    frac = min(1.0, max(0.0, g / al.auto_gap))
+    return al.auto_min + (al.auto_max - al.auto_min) * frac, g
 
 
 def select_cond(mask: torch.Tensor, a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
@@ -144,20 +167,21 @@ class UniDAD(Method):
     @classmethod
     def validate(cls, cfg) -> None:
         a = cfg.algorithm.a
-        if isinstance(a, str):
-            if a == "auto":
-                raise UserError("algorithm.a='auto' is reserved and not implemented yet; set a number in [0, 1]")
-            raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
-        if not 0.0 <= a <= 1.0:
-            raise UserError(f"algorithm.a must be in [0, 1], got {a}; 0 = source teacher only, 1 = target only")
         tc = cfg.target_teacher
+        if isinstance(a, str):
+            if a != "auto":
+                raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
+            cls._validate_auto(cfg)
+        elif not 0.0 <= a <= 1.0:
+            raise UserError(f"algorithm.a must be in [0, 1], got {a}; 0 = source teacher only, 1 = target only")
+        lo, a = a_bounds(cfg)
         choice("target_teacher.mode", tc.mode, ("off", "online", "frozen"))
         if a > 0 and tc.mode == "off":
             raise UserError(
                 f"algorithm.a={a} needs a target teacher but target_teacher.mode=off; "
                 "set target_teacher.mode=online (or frozen with target_teacher.init) or algorithm.a=0"
             )
-        if a < 1 and not cfg.source_teacher.enabled:
+        if lo < 1 and not cfg.source_teacher.enabled:
             raise UserError(
                 f"algorithm.a={a} < 1 needs the source teacher but source_teacher.enabled=false; "
                 "enable it or set algorithm.a=1"
@@ -212,6 +236,25 @@ class UniDAD(Method):
         if not 0 <= al.t_min <= al.t_max:
             raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
 
+    @staticmethod
+    def _validate_auto(cfg) -> None:
+        al, tc = cfg.algorithm, cfg.target_teacher
+        if tc.mode == "off":
+            raise UserError("algorithm.a=auto moves a by how much better the target teacher denoises the shots than the "
+                            "source teacher, but target_teacher.mode=off; set target_teacher.mode=online (or frozen "
+                            "with target_teacher.init), or give a number for algorithm.a")
+        if not cfg.source_teacher.enabled:
+            raise UserError("algorithm.a=auto compares the target teacher with the source teacher, but "
+                            "source_teacher.enabled=false; enable it or give a number for algorithm.a")
+        for key in ("auto_min", "auto_max"):
+            if not 0.0 <= getattr(al, key) <= 1.0:
+                raise UserError(f"algorithm.{key} must be in [0, 1], got {getattr(al, key)}")
+        if not 0.0 < al.auto_gap <= 1.0:
+            raise UserError(f"algorithm.auto_gap must be in (0, 1] (a relative loss gap), got {al.auto_gap}")
+        if not 0.0 < al.auto_rate <= 1.0:
+            raise UserError(f"algorithm.auto_rate must be in (0, 1] (1 = jump to each probe's aim), got {al.auto_rate}")
+        positive("algorithm.auto_every", al.auto_every)
+
     @classmethod
     def iteration_plan(cls, cfg, iteration: int) -> IterationPlan:
         train_g = iteration % cfg.train.fake_updates_per_student == 0
@@ -232,7 +275,7 @@ class UniDAD(Method):
     def passes(cls, cfg, iteration: int, conditional: bool) -> list[list[Pass]]:
         ip = cls.iteration_plan(cfg, iteration)
         K, k_grad = cfg.student.steps, ip.extra["k_grad"]
-        a = float(cfg.algorithm.a)
+        a_lo, a_hi = a_bounds(cfg)
         gan = cfg.gan_heads
         src_b = 2 if (cfg.source_teacher.cfg != 1.0 and conditional) else 1
         trg_b = 2 if (cfg.target_teacher.cfg != 1.0 and conditional) else 1
@@ -245,9 +288,9 @@ class UniDAD(Method):
                 else:
                     p.append(Pass("student", "both", count=K))
                 p.append(Pass("fake_teacher", "none", phase="student"))
-                if a > 0:
+                if a_hi > 0:
                     p.append(Pass("target_teacher", "none", batch=trg_b, phase="student"))
-                if a < 1:
+                if a_lo < 1:
                     p.append(Pass("source_teacher", "none", batch=src_b, phase="student"))
                 if gan.enabled and gan.lambda_g > 0:
                     p.append(Pass("fake_teacher", "input", discriminate=True, phase="student"))
@@ -268,7 +311,12 @@ class UniDAD(Method):
         self.schedule = models.schedule
         self.T = self.schedule.T
         self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
-        self.a = float(cfg.algorithm.a)
+        self.auto = cfg.algorithm.a == "auto"
+        lo, hi = a_bounds(cfg)
+        self.use_src, self.use_trg = lo < 1.0, hi > 0.0  # which DMD branches run (fixed for the run)
+        # a: the recipe's, or the controller's current value (starts at auto_min; kept in checkpoints)
+        self.a = float(cfg.algorithm.auto_min) if self.auto else float(cfg.algorithm.a)
+        self.auto_probe: dict = {}  # the last probe: iteration, the two teachers' losses, gap, aim
         # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (docs/algorithm.md §4, precision).
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
         self.karras = karras_index_timesteps(self.schedule) if cfg.algorithm.t_sampling == "karras_index" else None
@@ -343,7 +391,7 @@ class UniDAD(Method):
         fb = {}
         with torch.no_grad():
             fb["x_fk"] = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
-            if self.a > 0.0:
+            if self.use_trg:
                 fb["x_trg"] = self.teacher_x0("target_teacher", x_t, t, batch.cond, batch.uncond,
                                               cfg.target_teacher.cfg, self.dmd_fp32)
         if self.uses_gan_g:
@@ -357,7 +405,7 @@ class UniDAD(Method):
     def feedback_shapes(self, shape) -> dict:
         """The critic's feedback tensors and their shapes (the exchange packs them)."""
         out = {"x_fk": shape}
-        if self.a > 0.0:
+        if self.use_trg:
             out["x_trg"] = shape
         if self.uses_gan_g:
             out["g_gan"] = shape
@@ -373,13 +421,13 @@ class UniDAD(Method):
         logs = {}
         loss = torch.zeros((), device=x.device)
         branches = []
-        if self.a < 1.0:
+        if self.use_src:
             x_t, t = self.dmd_point(x, d)
             with torch.no_grad():
                 x_src = self.teacher_x0("source_teacher", x_t, t, batch.cond_src, batch.uncond,
                                         cfg.source_teacher.cfg, self.dmd_fp32)
             branches.append(("src", 1.0 - self.a, x_src))
-        if self.a > 0.0:
+        if self.use_trg:
             branches.append(("trg", self.a, fb["x_trg"]))
         for name, weight, x_k in branches:
             g = losses.dmd_gradient(x, fb["x_fk"], x_k)
@@ -444,6 +492,46 @@ class UniDAD(Method):
         l_t = losses.denoising_loss(pred, self.schedule.target(real, n, t))
         return l_t, {"target_denoise": float(l_t.detach())}
 
+    # -- the automatic a (docs/algorithm.md §9) ----------------------------------------------------
+    @torch.no_grad()
+    def probe_teachers(self) -> tuple[float, float]:
+        """The source and the target teacher's denoising losses on the same noised shots: train.batch_size
+        shots (with their flips) at noise levels of the DMD range, drawn by the same keys at every probe, so a
+        change between probes is the target teacher's training, not the draw. Each loss is computed where its
+        teacher lives and handed to the other side; every rank gets both."""
+        cfg = self.cfg
+        d = SampleDraws(self.seed, -1, range(cfg.train.batch_size), self.rt.device)
+
+        data = self.m.data
+
+        def loss(role_name: str, source: bool):
+            def fn():
+                batch = data.batch(d)
+                cond = batch.real_cond
+                if source and cond:  # the source teacher sees the captions without the rare token (as in DMD)
+                    cond = data.encode([strip_rare_token(p, data.rare) for p in batch.real_prompts])
+                x = batch.real
+                t = d.randint(cfg.algorithm.t_min, cfg.algorithm.t_max + 1, "auto_a", "t")
+                n = d.randn(self.m.sample_shape, "auto_a", "noise")
+                self.calls[role_name] += 1
+                pred = self.role(role_name).forward(self.schedule.add_noise(x, n, t), t, cond)
+                return {"loss": losses.denoising_loss(pred.float(), self.schedule.target(x, n, t)).reshape(())}
+            return float(self.ex.run_at(role_name, fn, {"loss": ()})["loss"])
+
+        return loss("source_teacher", True), loss("target_teacher", False)
+
+    def update_auto_a(self, iteration: int) -> None:
+        """On probe iterations (iteration = 0 mod algorithm.auto_every): move a a fraction auto_rate of the way
+        to the probe's aim (``auto_a_aim``). A function of the run's state and the teachers' weights only, the
+        same on every rank; between probes a stays."""
+        al = self.cfg.algorithm
+        if iteration % al.auto_every:
+            return
+        l_s, l_t = self.probe_teachers()
+        aim, gap = auto_a_aim(self.cfg, l_s, l_t)
+        self.a = self.a + al.auto_rate * (aim - self.a)
+        self.auto_probe = {"iteration": iteration, "loss_source": l_s, "loss_target": l_t, "gap": gap, "aim": aim}
+
     # -- one iteration ---------------------------------------------------------------------------
     def step(self, iteration: int) -> dict:
         """One iteration (docs/algorithm.md §5), micro-batch by micro-batch: the student's samples are made where
@@ -461,6 +549,12 @@ class UniDAD(Method):
         shape = self.sample_shape(cfg.train.batch_size)
         logs: dict = defaultdict(float)
         skipped: set = set()  # roles whose step this iteration is skipped (a non-finite loss on some rank)
+        if self.auto:
+            with timer.phase("auto_a"):
+                self.update_auto_a(iteration)
+            logs["algorithm/a"] = self.a
+            if self.auto_probe.get("iteration") == iteration:
+                logs["algorithm/a_gap"] = self.auto_probe["gap"]
         for micro in range(n_micro):
             with timer.phase("data"):
                 idx = global_indices(iteration, micro, n_micro, ex.dp_rank, ex.dp_size, cfg.train.batch_size)
@@ -674,7 +768,35 @@ class UniDAD(Method):
                                              progress)}
 
     def summary(self) -> dict:
-        return {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
+        out = {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
+        if self.auto:
+            out.update({"a_final": self.a, "a_last_probe": dict(self.auto_probe)})
+        return out
+
+    # -- its state: the controller's a --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        if self.auto:
+            out["auto_a"] = {"a": self.a, "probe": dict(self.auto_probe)}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.auto:
+            if "auto_a" not in state:
+                raise UserError("algorithm.a=auto, but the checkpoint holds no controller state (it was written "
+                                "with a fixed a); resume with the a it was trained with, or start a new run")
+            self.a = float(state["auto_a"]["a"])
+            self.auto_probe = dict(state["auto_a"]["probe"])
+
+    @classmethod
+    def merge_state_dicts(cls, states: list[dict]) -> dict:
+        out = super().merge_state_dicts(states)
+        for st in states:  # the same on every rank
+            if "auto_a" in st:
+                out["auto_a"] = st["auto_a"]
+                break
+        return out
 
     def sampling_info(self) -> dict:
         st = self.cfg.student
