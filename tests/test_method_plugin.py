@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from unidad_dist import testing
+
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,13 +34,7 @@ def _recipe(pipes, run_dir, **over) -> dict:
         "logging": {"progress": False, "grid_size": 4, "every": 1},
         "eval": {"num_samples": 4},
     }
-    for k, v in over.items():
-        node = rec
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return rec
+    return testing.apply_overrides(rec, over)
 
 
 def _launch(recipe: Path, kill: str | None = None):

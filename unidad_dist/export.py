@@ -63,6 +63,22 @@ def lcm_scheduler_config(schedule_config: dict, output: str, T: int) -> dict:
     return dict(LCMScheduler.from_config(cfg).config)
 
 
+def ddim_scheduler_config(schedule_config: dict, output: str, clip_sample: Optional[float]) -> dict:
+    """A DDIMScheduler that reproduces a method's DDIM sampler (methods.generate.ddim with "trailing" timesteps
+    from T-1 and diffusers' step rule): eta = 0, the last step returning x̂0 (set_alpha_to_one), x̂0 clipped as
+    the schedule clips it."""
+    from diffusers import DDIMScheduler
+
+    base = {k: v for k, v in schedule_config.items() if not k.startswith("_")}
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "rescale_betas_zero_snr")
+    cfg = {k: base[k] for k in keep if k in base}
+    cfg.update(prediction_type=output, clip_sample=clip_sample is not None, clip_sample_range=clip_sample or 1.0,
+               thresholding=False, set_alpha_to_one=True, timestep_spacing="trailing",
+               steps_offset=1)  # unused by "trailing"; SD pipelines warn on any other value
+    return dict(DDIMScheduler.from_config(cfg).config)
+
+
 UNET_AUTOCAST_FORWARD = """\
 unet_forward = pipe.unet.forward
 def forward(*args, **kwargs):
@@ -143,8 +159,17 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
 
         T = int(models.schedule.alphas_cumprod.shape[0])
         output = info["output"]
-        sched_cfg = lcm_scheduler_config(models.spec.scheduler_config, output, T)
-        LCMScheduler.from_config(sched_cfg).save_pretrained(str(tmp / "scheduler"))
+        if info.get("scheduler", "lcm") == "ddim":  # a many-step sampler (e.g. a fine-tuned teacher)
+            from diffusers import DDIMScheduler
+
+            scheduler = "DDIMScheduler"
+            DDIMScheduler.from_config(ddim_scheduler_config(models.spec.scheduler_config, output,
+                                                            models.schedule.clip_sample)).save_pretrained(
+                str(tmp / "scheduler"))
+        else:
+            scheduler = "LCMScheduler"
+            LCMScheduler.from_config(lcm_scheduler_config(models.spec.scheduler_config, output, T)).save_pretrained(
+                str(tmp / "scheduler"))
         default_ts = not info["explicit_timesteps"]
         pipeline = None
         src = models.spec
@@ -159,7 +184,7 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
             pipeline = PIPELINE_CLASS[spec.kind]
             index["_class_name"] = pipeline
             index["unet"] = ["diffusers", type(unet).__name__]
-            index["scheduler"] = ["diffusers", "LCMScheduler"]
+            index["scheduler"] = ["diffusers", scheduler]
             if pipeline == "StableDiffusionPipeline":
                 index.setdefault("safety_checker", [None, None])
                 index.setdefault("feature_extractor", [None, None])

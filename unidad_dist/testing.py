@@ -116,6 +116,11 @@ def tiny_recipe(backbone: Path, target: Path, run_dir: Path, **overrides) -> dic
         "logging": {"progress": False, "grid_size": 4},
         "eval": {"num_samples": 4},
     }
+    return apply_overrides(rec, overrides)
+
+
+def apply_overrides(rec: dict, overrides: dict) -> dict:
+    """Set dotted keys (``"train.iterations": 4``) in a recipe dict, creating sections as needed; returns it."""
     for k, v in overrides.items():
         node = rec
         parts = k.split(".")

@@ -248,7 +248,7 @@ class Method:
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
-BUILTIN = {"unidad": "unidad_dist.methods.unidad:UniDAD"}  # imported when first asked for
+BUILTIN = {"unidad": "unidad_dist.methods.unidad:UniDAD", "finetune": "unidad_dist.methods.finetune:Finetune"}  # imported when first asked for
 _REGISTRY: dict[str, type] = {}
 
 

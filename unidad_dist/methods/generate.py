@@ -1,8 +1,10 @@
-"""K-step student generation; training and sampling share this code (docs/algorithm.md §3)."""
+"""K-step student generation; training and sampling share this code (docs/algorithm.md §3). Also the
+deterministic many-step DDIM sampler of teachers."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from unidad_dist.errors import UserError
@@ -54,3 +56,41 @@ def generate(
             t_next = torch.full_like(t, int(timesteps[k + 1]))
             x_t = schedule.add_noise(x0.detach() if grad_step is not None else x0, noise_for_step(k + 1), t_next)
     return x0
+
+
+def ddim_timesteps(steps: int, T: int, spacing: str = "linspace") -> list[int]:
+    """A DDIM sampler's timesteps as diffusers' DDIMScheduler spaces them: "linspace" (``steps`` evenly spaced
+    from T-1 down to 0, rounded) or "trailing" (round(T, T - T/steps, ...) - 1: from T-1, the spacing for
+    zero-terminal-SNR schedules, and the one whose steps diffusers takes exactly when T % steps == 0)."""
+    if spacing == "trailing":
+        return (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1).tolist()
+    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+
+
+def ddim(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, timesteps: Sequence[int],
+         schedule: NoiseSchedule, prev: Optional[Sequence[int]] = None, eps_from_clipped: bool = True) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from pure noise ``z`` over ``timesteps`` (decreasing). ``call(x_t, t)``
+    returns x̂0 (fp32), or (x̂0, ε̂); x̂0 is clipped when the schedule clips samples. Step i goes to ``prev[i]``
+    (default: the next timestep of the list; a negative one ends there, returning x̂0). ``eps_from_clipped``:
+    the noise that carries to the next step is recomputed from the clipped x̂0 (the teachers' grids and
+    warm-start pairs); False keeps the model's own (ε̂ when ``call`` gives it), as diffusers'
+    DDIMScheduler.step does (with ``prev[i] = t - T // steps``, its rule, the two agree)."""
+    prev = list(timesteps[1:]) + [-1] if prev is None else list(prev)
+    x = z
+    for i, t in enumerate(timesteps):
+        tt = torch.full((z.shape[0],), int(t), dtype=torch.long, device=z.device)
+        out = call(x, tt)
+        x0, eps_model = out if isinstance(out, tuple) else (out, None)
+        a, s = schedule.coefficients(tt, x.ndim, x.device)
+        eps = None if eps_from_clipped else eps_model if eps_model is not None else (x.float() - a * x0) / s
+        if schedule.clip_sample is not None:
+            x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)
+        if prev[i] >= 0:
+            tn = torch.full_like(tt, int(prev[i]))
+            if eps is None:
+                eps = (x.float() - a * x0) / s
+            a2, s2 = schedule.coefficients(tn, x.ndim, x.device)
+            x = a2 * x0 + s2 * eps
+        else:
+            return x0
+    return x

@@ -31,7 +31,7 @@ from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
 from unidad_dist.methods.base import IterationPlan, Method, NonFiniteLoss, Pass, RoleSpec, register_method
-from unidad_dist.methods.generate import generate, student_timesteps
+from unidad_dist.methods.generate import ddim, ddim_timesteps, generate, student_timesteps
 from unidad_dist.models.conditioning import cat_cond, strip_rare_token
 from unidad_dist.models.gan_heads import GanHeads
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
@@ -637,7 +637,7 @@ class UniDAD(Method):
                        purpose: str = "teacher_sample") -> tuple[torch.Tensor, torch.Tensor, list]:
         """Deterministic DDIM (η = 0) samples of the source teacher: returns (z, x0, prompts)."""
         seed = self.seed if seed is None else seed
-        ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+        ts = ddim_timesteps(steps, self.T)
         zs, xs, all_prompts = [], [], []
         for start in range(0, n, batch):
             idx = list(range(start, min(n, start + batch)))
@@ -648,20 +648,8 @@ class UniDAD(Method):
             if self.m.text is not None:
                 b = self.m.data.batch(d)
                 ps, cond_src, uncond = b.prompts, b.cond_src, b.uncond
-            x = z
-            for i, t in enumerate(ts):
-                tt = torch.full((len(idx),), t, dtype=torch.long, device=z.device)
-                x0 = self.teacher_x0("source_teacher", x, tt, cond_src, uncond, self.cfg.source_teacher.cfg)
-                if self.schedule.clip_sample is not None:
-                    x0 = x0.clamp(-self.schedule.clip_sample, self.schedule.clip_sample)
-                if i + 1 < len(ts):
-                    tn = torch.full_like(tt, ts[i + 1])
-                    a, s = self.schedule.coefficients(tt, x.ndim, x.device)
-                    eps = (x.float() - a * x0) / s
-                    a2, s2 = self.schedule.coefficients(tn, x.ndim, x.device)
-                    x = a2 * x0 + s2 * eps
-                else:
-                    x = x0
+            x = ddim(lambda x_t, tt: self.teacher_x0("source_teacher", x_t, tt, cond_src, uncond,
+                                                     self.cfg.source_teacher.cfg), z, ts, self.schedule)
             zs.append(z)
             xs.append(x)
             all_prompts.extend(ps or [])

@@ -51,6 +51,16 @@ class NoiseSchedule:
             return a * x_t - s * pred
         return pred
 
+    def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise a prediction implies (as diffusers' schedulers compute it: ε itself; v: √ᾱ·v + √(1−ᾱ)·x_t)."""
+        pred, x_t = pred.float(), x_t.float()
+        a, s = self.coefficients(t, x_t.ndim, x_t.device)
+        if self.prediction_type == "epsilon":
+            return pred
+        if self.prediction_type == "v_prediction":
+            return a * pred + s * x_t
+        return (x_t - a * pred) / s
+
     def x0_to_prediction(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str | None = None):
         """Inverse of ``to_x0``: what a network of this type would output for the given x̂0."""
         ptype = prediction_type or self.prediction_type
