@@ -250,11 +250,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(config: Path | str, overrides: list[str], shown: str | None = None) -> int:
-    from unidad_dist.config import load_config
-    from unidad_dist.train.loop import train
+    from unidad_dist.launch.chain import run_recipe
 
-    cfg = load_config(config, overrides)
-    rdir = train(cfg)
+    rdir = run_recipe(config, overrides)  # a plain recipe, or a chain's stages
     summary = rdir / "summary.json"
     if summary.is_file() and int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {rdir}")

@@ -161,6 +161,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     if path is not None:
         file = recipe_path(path)
         recipe = load_recipe_dict(file)
+        if "stages" in recipe:
+            raise UserError(f"'{path}' is a chained recipe (stages:): `unidad-dist train` and `unidad-dist launch` run "
+                            "it; for this command give one stage's recipe, or a stage's run folder")
         recipe = resolve_recipe_paths(config_class(_method_of(recipe)), recipe, file.resolve().parent)
         data = deep_merge(data, recipe)
         data.setdefault("run", {})

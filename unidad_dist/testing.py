@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from unidad_dist.builtin import tiny_pixel_unet_config
+from unidad_dist.core.schema import nest_dotted
 from unidad_dist.device import prepare_deepspeed_env
 
 
@@ -121,10 +122,4 @@ def tiny_recipe(backbone: Path, target: Path, run_dir: Path, **overrides) -> dic
 
 def apply_overrides(rec: dict, overrides: dict) -> dict:
     """Set dotted keys (``"train.iterations": 4``) in a recipe dict, creating sections as needed; returns it."""
-    for k, v in overrides.items():
-        node = rec
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return rec
+    return nest_dotted(overrides, rec)

@@ -288,15 +288,26 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    tree: dict = {}
+    """``["train.iterations=100", ...]`` (values read as YAML) -> a nested mapping."""
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key.sub=value (e.g. train.iterations=100)")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        pairs.append((key.strip(), parse_yaml(raw, f"override '{item}'") if raw.strip() != "" else "", item))
+    return nest_dotted(pairs)
+
+
+def nest_dotted(pairs, tree: dict | None = None) -> dict:
+    """(dotted key, value[, how it was given]) pairs, or a mapping of dotted keys, set into a nested mapping
+    (``tree`` when given), creating sections as needed."""
+    tree = {} if tree is None else tree
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    for key, value, *given in items:
+        item = given[0] if given else f"{key}={value}"
+        key = str(key)
         if not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}' has an empty key; write key.sub=value")
-        value = parse_yaml(raw, f"override '{item}'") if raw.strip() != "" else ""
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 
-from unidad_dist.config import batch_for_world, load_config
+from unidad_dist.config import batch_for_world
 from unidad_dist.device import free_port
 from unidad_dist.errors import UserError
+from unidad_dist.launch.chain import launch_config
 from unidad_dist.train.signals import SIGNALS
 
 STOP_SIGNALS = SIGNALS  # what the ranks stop on, forwarded to them
@@ -42,7 +43,7 @@ def _die_with_launcher() -> None:
 def launch_local(nproc: int, config: str, overrides: list[str], grace_s: float | None = None) -> int:
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
-    cfg = load_config(config, overrides)  # bad input fails here, before any rank starts
+    cfg = launch_config(config, overrides)  # bad input fails here, before any rank starts (every stage of a chain)
     batch_for_world(cfg, nproc)  # a global batch this many ranks cannot split
     grace = cfg.run.dist_timeout if grace_s is None else grace_s
     port = free_port()

@@ -37,11 +37,11 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import batch_for_world, load_config, run_dir
-from unidad_dist.device import backend_for_gpus, runtime_from_env
+from unidad_dist.config import batch_for_world, run_dir
+from unidad_dist.device import backend_for_gpus
 from unidad_dist.errors import UserError
+from unidad_dist.launch.chain import launch_config, run_recipe
 from unidad_dist.train.hooks import Hook
-from unidad_dist.train.loop import train
 from unidad_dist.train.runlock import LAUNCH_ID_ENV, live_writer
 from unidad_dist.train.signals import SIGNALS as STOP_SIGNALS
 
@@ -111,9 +111,8 @@ def _worker(spec: dict) -> None:
     if record.exists():  # a restart after this launch's input error: it would recur
         return
     try:
-        cfg = load_config(spec["config"], spec["overrides"])
-        rt = runtime_from_env(cfg.run.dist_timeout, device=ray.train.torch.get_device())
-        train(cfg, rt, hooks=[RayReport(), StopRequest()])
+        run_recipe(spec["config"], spec["overrides"], hooks=[RayReport(), StopRequest()],
+                   device=ray.train.torch.get_device())  # a plain recipe, or a chain's stages
     except UserError as e:  # deterministic: returned, not raised, so FailureConfig does not retry it
         rank = int(os.environ.get("RANK", "0"))
         try:
@@ -300,7 +299,7 @@ def _fit_signalled(trainer, rdir: Path, o: RayOptions, record: Path) -> int:
 
 
 def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
-    cfg = load_config(config, overrides)  # bad input fails here, before anything starts
+    cfg = launch_config(config, overrides)  # bad input fails here, before anything starts
     _check_options(o)
     batch_for_world(cfg, o.num_workers)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()

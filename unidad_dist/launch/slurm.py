@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from unidad_dist.config import batch_for_world, load_config, run_dir
+from unidad_dist.config import batch_for_world, run_dir
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.errors import StoppedBySignal, UserError
+from unidad_dist.launch.chain import launch_config, run_recipe
 from unidad_dist.train.logging import TRAIN_LOG
-from unidad_dist.train.loop import train
 from unidad_dist.train.runlock import live_writer
 from unidad_dist.train.signals import STOP_SIGNALS_ENV, signal_by_name
 
@@ -127,8 +127,7 @@ class SlurmTask:
     def _train(self) -> int:
         """``unidad-dist train`` in this process: 0, 2 (bad input) or 128 + the signal that stopped it."""
         try:
-            cfg = load_config(self.config, self.overrides)
-            rdir = train(cfg)
+            rdir = run_recipe(self.config, self.overrides)  # a plain recipe, or a chain's stages
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -242,7 +241,7 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: float = 2.0) -> int:
-    cfg = load_config(config, overrides)  # bad input fails here, before anything is submitted
+    cfg = launch_config(config, overrides)  # bad input fails here, before anything is submitted
     tasks = _tasks_per_node(o)
     batch_for_world(cfg, o.nodes * tasks)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()
@@ -309,7 +308,7 @@ def _runs(config: str, overrides: list[str], rdir: Path, sweep: list[str]) -> li
         run = rdir / point_name(point)
         over = [*overrides, *(f"{k}={v}" for k, v in point), f"run.dir={run}"]
         try:
-            load_config(config, over)  # every point's values are checked before anything is submitted
+            launch_config(config, over)  # every point's values are checked before anything is submitted
         except UserError as e:
             raise UserError(f"--sweep point {point_name(point)}: {e}; nothing submitted") from None
         runs.append((point, over, run))

@@ -104,11 +104,14 @@ class UniDADAlgorithmConfig(AlgorithmConfig):
     t_min: int = 20  # smallest noise timestep of the DMD draw (fake-teacher and GAN draws use 0..T-1)
     t_max: int = 980  # largest noise timestep of the DMD draw
     t_sampling: str = "uniform"  # uniform | karras_index (the DMD, fake-teacher and GAN noise levels)
+    dmd: bool = True  # false: the student learns from the GAN term alone, no teacher is called (Distill-then-Adapt)
 
 
 def a_bounds(cfg) -> tuple[float, float]:
     """The smallest and largest value a can take in this run (fixed a: that value twice)."""
     al = cfg.algorithm
+    if not al.dmd:
+        raise ValueError("a_bounds: algorithm.dmd=false runs no DMD branch")
     if al.a == "auto":
         return min(al.auto_min, al.auto_max), max(al.auto_min, al.auto_max)
     return float(al.a), float(al.a)
@@ -166,40 +169,12 @@ class UniDAD(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        a = cfg.algorithm.a
         tc = cfg.target_teacher
-        if isinstance(a, str):
-            if a != "auto":
-                raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
-            cls._validate_auto(cfg)
-        elif not 0.0 <= a <= 1.0:
-            raise UserError(f"algorithm.a must be in [0, 1], got {a}; 0 = source teacher only, 1 = target only")
-        lo, a = a_bounds(cfg)
         choice("target_teacher.mode", tc.mode, ("off", "online", "frozen"))
-        if a > 0 and tc.mode == "off":
-            raise UserError(
-                f"algorithm.a={a} needs a target teacher but target_teacher.mode=off; "
-                "set target_teacher.mode=online (or frozen with target_teacher.init) or algorithm.a=0"
-            )
-        if lo < 1 and not cfg.source_teacher.enabled:
-            raise UserError(
-                f"algorithm.a={a} < 1 needs the source teacher but source_teacher.enabled=false; "
-                "enable it or set algorithm.a=1"
-            )
-        if tc.mode == "frozen" and not tc.init:
-            raise UserError("target_teacher.mode=frozen needs target_teacher.init (the target model's weights)")
-        if a > 0 and tc.cfg != 1.0:  # CFG on the target teacher needs a model trained with condition dropout
-            if tc.mode == "online" and tc.cond_dropout == 0:
-                raise UserError(
-                    f"target_teacher.cfg={tc.cfg} but the online target teacher trains with "
-                    "target_teacher.cond_dropout=0, so it never learns the unconditional prediction CFG needs; set "
-                    "target_teacher.cond_dropout (e.g. 0.1) or target_teacher.cfg=1"
-                )
-            if tc.mode == "frozen":
-                warnings.warn(
-                    f"target_teacher.cfg={tc.cfg} on a frozen target teacher: CFG is meaningful only if "
-                    f"{tc.init} was trained with condition dropout (this cannot be checked here); otherwise set "
-                    "target_teacher.cfg=1", UserWarning, stacklevel=2)
+        if cfg.algorithm.dmd:
+            cls._validate_dmd(cfg)
+        else:
+            cls._validate_gan_only(cfg)
         st = cfg.student
         if st.steps < 1:
             raise UserError(f"student.steps must be >= 1, got {st.steps}")
@@ -235,6 +210,55 @@ class UniDAD(Method):
         choice("algorithm.t_sampling", al.t_sampling, ("uniform", "karras_index"))
         if not 0 <= al.t_min <= al.t_max:
             raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
+
+    @staticmethod
+    def _validate_dmd(cfg) -> None:
+        """The DMD branches' teachers and the weight a."""
+        a = cfg.algorithm.a
+        tc = cfg.target_teacher
+        if isinstance(a, str):
+            if a != "auto":
+                raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
+            UniDAD._validate_auto(cfg)
+        elif not 0.0 <= a <= 1.0:
+            raise UserError(f"algorithm.a must be in [0, 1], got {a}; 0 = source teacher only, 1 = target only")
+        lo, a = a_bounds(cfg)
+        if a > 0 and tc.mode == "off":
+            raise UserError(
+                f"algorithm.a={a} needs a target teacher but target_teacher.mode=off; "
+                "set target_teacher.mode=online (or frozen with target_teacher.init) or algorithm.a=0"
+            )
+        if lo < 1 and not cfg.source_teacher.enabled:
+            raise UserError(
+                f"algorithm.a={a} < 1 needs the source teacher but source_teacher.enabled=false; "
+                "enable it or set algorithm.a=1"
+            )
+        if tc.mode == "frozen" and not tc.init:
+            raise UserError("target_teacher.mode=frozen needs target_teacher.init (the target model's weights)")
+        if a > 0 and tc.cfg != 1.0:  # CFG on the target teacher needs a model trained with condition dropout
+            if tc.mode == "online" and tc.cond_dropout == 0:
+                raise UserError(
+                    f"target_teacher.cfg={tc.cfg} but the online target teacher trains with "
+                    "target_teacher.cond_dropout=0, so it never learns the unconditional prediction CFG needs; set "
+                    "target_teacher.cond_dropout (e.g. 0.1) or target_teacher.cfg=1"
+                )
+            if tc.mode == "frozen":
+                warnings.warn(
+                    f"target_teacher.cfg={tc.cfg} on a frozen target teacher: CFG is meaningful only if "
+                    f"{tc.init} was trained with condition dropout (this cannot be checked here); otherwise set "
+                    "target_teacher.cfg=1", UserWarning, stacklevel=2)
+
+    @staticmethod
+    def _validate_gan_only(cfg) -> None:
+        gan = cfg.gan_heads
+        if not gan.enabled or gan.lambda_g <= 0:
+            raise UserError("algorithm.dmd=false leaves the student the GAN term alone, but it is off (gan_heads.enabled="
+                            f"{gan.enabled}, gan_heads.lambda_g={gan.lambda_g}); enable it or set algorithm.dmd=true")
+        if cfg.target_teacher.mode != "off" or cfg.source_teacher.enabled:
+            raise UserError("algorithm.dmd=false calls no teacher: set source_teacher.enabled=false and "
+                            "target_teacher.mode=off (they would only take memory)")
+        if cfg.algorithm.a == "auto":
+            raise UserError("algorithm.a=auto weighs the DMD branches, but algorithm.dmd=false runs none")
 
     @staticmethod
     def _validate_auto(cfg) -> None:
@@ -275,7 +299,8 @@ class UniDAD(Method):
     def passes(cls, cfg, iteration: int, conditional: bool) -> list[list[Pass]]:
         ip = cls.iteration_plan(cfg, iteration)
         K, k_grad = cfg.student.steps, ip.extra["k_grad"]
-        a_lo, a_hi = a_bounds(cfg)
+        dmd = cfg.algorithm.dmd
+        a_lo, a_hi = a_bounds(cfg) if dmd else (1.0, 0.0)  # GAN only: neither branch
         gan = cfg.gan_heads
         src_b = 2 if (cfg.source_teacher.cfg != 1.0 and conditional) else 1
         trg_b = 2 if (cfg.target_teacher.cfg != 1.0 and conditional) else 1
@@ -287,7 +312,8 @@ class UniDAD(Method):
                     p += [Pass("student", "none", count=k_grad), Pass("student", "params")]
                 else:
                     p.append(Pass("student", "both", count=K))
-                p.append(Pass("fake_teacher", "none", phase="student"))
+                if dmd:
+                    p.append(Pass("fake_teacher", "none", phase="student"))
                 if a_hi > 0:
                     p.append(Pass("target_teacher", "none", batch=trg_b, phase="student"))
                 if a_lo < 1:
@@ -311,11 +337,12 @@ class UniDAD(Method):
         self.schedule = models.schedule
         self.T = self.schedule.T
         self.timesteps = student_timesteps(cfg.student.steps, self.T, cfg.student.timesteps)
-        self.auto = cfg.algorithm.a == "auto"
-        lo, hi = a_bounds(cfg)
+        self.auto = cfg.algorithm.a == "auto" and cfg.algorithm.dmd
+        self.dmd = cfg.algorithm.dmd
+        lo, hi = a_bounds(cfg) if self.dmd else (1.0, 0.0)
         self.use_src, self.use_trg = lo < 1.0, hi > 0.0  # which DMD branches run (fixed for the run)
         # a: the recipe's, or the controller's current value (starts at auto_min; kept in checkpoints)
-        self.a = float(cfg.algorithm.auto_min) if self.auto else float(cfg.algorithm.a)
+        self.a = float(cfg.algorithm.auto_min) if self.auto else float(cfg.algorithm.a) if self.dmd else 0.0
         self.auto_probe: dict = {}  # the last probe: iteration, the two teachers' losses, gap, aim
         # Teacher forwards for DMD in fp32 when √ᾱ at t_max is tiny (docs/algorithm.md §4, precision).
         self.dmd_fp32 = self.schedule.sqrt_alpha(min(cfg.algorithm.t_max, self.T - 1)) < 0.05
@@ -390,7 +417,8 @@ class UniDAD(Method):
         x_t, t = self.dmd_point(x, d)
         fb = {}
         with torch.no_grad():
-            fb["x_fk"] = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
+            if self.dmd:
+                fb["x_fk"] = self.teacher_x0("fake_teacher", x_t, t, batch.cond, None, 1.0, self.dmd_fp32)
             if self.use_trg:
                 fb["x_trg"] = self.teacher_x0("target_teacher", x_t, t, batch.cond, batch.uncond,
                                               cfg.target_teacher.cfg, self.dmd_fp32)
@@ -404,7 +432,7 @@ class UniDAD(Method):
 
     def feedback_shapes(self, shape) -> dict:
         """The critic's feedback tensors and their shapes (the exchange packs them)."""
-        out = {"x_fk": shape}
+        out = {"x_fk": shape} if self.dmd else {}
         if self.use_trg:
             out["x_trg"] = shape
         if self.uses_gan_g:
