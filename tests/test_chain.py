@@ -89,7 +89,7 @@ def test_a_chain_runs_on_two_ranks_through_launch_local(pipes, tmp_path):
         assert json.loads((tmp_path / "chain" / stage / "summary.json").read_text())["iterations"] == 1
 
 
-def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path):
+def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path, rt):
     from unidad_dist.launch.chain import load_chain
 
     with pytest.raises(UserError, match=r"stage 'distill' refers to \{stage:adpt\}, which is not an earlier stage"):
@@ -107,6 +107,13 @@ def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path):
         f = tmp_path / "x.yaml"
         f.write_text(yaml.safe_dump({"stages": [{"name": "a", "recipe": _finetune(pipes)}], "train": {}}))
         load_chain(f)
+    # paths in a stage's overrides are relative to the chain file, those in its recipe file to that file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "stage.yaml").write_text(yaml.safe_dump({**_finetune(pipes), "data": {"target": {"path": "shots"}}}))
+    c = load_chain(_chain(tmp_path, [{"name": "a", "recipe": "sub/stage.yaml"},
+                                     {"name": "b", "recipe": "sub/stage.yaml", "overrides": {"data.target.path": "mine"}}]))
+    assert c.stages[0].cfg.data.target.path == str(tmp_path / "sub" / "shots")
+    assert c.stages[1].cfg.data.target.path == str(tmp_path / "mine")
     # an earlier stage's export gone while a later one needs it: one error naming both
     from unidad_dist.launch.chain import Chain, run_chain
 
@@ -115,7 +122,7 @@ def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path):
                                       "overrides": {"target_teacher.init": "{stage:adapt}/unet"}}]))
     only_second = Chain(c.name, c.dir, c.stages[1:])  # as if stage 1 had run and its export were then removed
     with pytest.raises(UserError, match=r"stage 'distill' needs the output of stage 'adapt' .* which is missing"):
-        run_chain(only_second, None)
+        run_chain(only_second, rt)
 
 
 def test_gan_only_student_step_calls_no_teacher_and_moves_the_student(make_cfg, rt):

@@ -163,7 +163,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         recipe = load_recipe_dict(file)
         if "stages" in recipe:
             raise UserError(f"'{path}' is a chained recipe (stages:): `unidad-dist train` and `unidad-dist launch` run "
-                            "it; for this command give one stage's recipe, or a stage's run folder")
+                            "it; for this command give one of its stages' recipes")
         recipe = resolve_recipe_paths(config_class(_method_of(recipe)), recipe, file.resolve().parent)
         data = deep_merge(data, recipe)
         data.setdefault("run", {})
@@ -325,4 +325,4 @@ def batch_for_world(cfg, world: int):
 
 
 def run_dir(cfg) -> Path:
-    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+    return cfg.run.folder()

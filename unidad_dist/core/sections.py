@@ -8,6 +8,7 @@ subclassing it (Uni-DAD adds ``train.fake_updates_per_student``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from unidad_dist.core.schema import path_field
@@ -24,6 +25,10 @@ class RunConfig:
     lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
     discard_damaged: bool = False  # a folder whose checkpoints all fail verification: move it aside, start over
     signal_grace_s: float = 300.0  # launch local: after forwarding a stop signal, kill ranks still running then
+
+    def folder(self) -> Path:
+        """The run folder: ``dir``, else runs/<name> (relative: to the working directory)."""
+        return Path(self.dir) if self.dir else Path("runs") / self.name
 
 
 @dataclass

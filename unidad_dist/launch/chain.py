@@ -22,6 +22,7 @@ stage's export deleted) is one error naming the stage.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,13 +31,16 @@ from typing import Optional
 
 import torch
 
-from unidad_dist.config import _method_of, config_class, from_dict, load_config, load_recipe_dict, recipe_path, validate
+from unidad_dist.config import (_method_of, batch_for_world, config_class, from_dict, load_config, load_recipe_dict,
+                                recipe_path, validate)
 from unidad_dist.core.schema import deep_merge, nest_dotted, parse_overrides, resolve_recipe_paths
 from unidad_dist.core.io import atomic_write_text
-from unidad_dist.device import Runtime, runtime_from_env
+from unidad_dist.device import Runtime, host_group, runtime_from_env
 from unidad_dist.errors import UserError
 from unidad_dist.export import export
+from unidad_dist.train import checkpoint
 from unidad_dist.train.loop import say, train
+from unidad_dist.train.sampling import from_rank0
 
 STAGE_REF = re.compile(r"\{stage:([^}]*)\}")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -122,22 +126,27 @@ def load_chain(path: str | Path, overrides: Optional[list[str]] = None) -> Chain
         sname = str(st["name"])
         if not STAGE_NAME.match(sname) or sname in earlier:
             raise UserError(f"{where}: stage name {sname!r} must be unique and made of letters, digits, _ and -")
-        recipe = st["recipe"]
+        recipe, here = st["recipe"], file.resolve().parent
         if isinstance(recipe, dict):
-            rec, rfolder = recipe, file.resolve().parent
-        elif isinstance(recipe, str):
-            rfile = Path(recipe) if Path(recipe).is_absolute() else file.resolve().parent / recipe
-            rfile = rfile if rfile.is_file() else recipe_path(recipe)
+            rec, rfolder = recipe, here
+        elif isinstance(recipe, str):  # a file beside the chain (or absolute), else a shipped recipe's name
+            rfile = Path(recipe) if Path(recipe).is_absolute() else here / recipe
+            try:
+                rfile = rfile if rfile.is_file() else recipe_path(recipe)
+            except UserError as e:
+                raise UserError(f"{where} ({sname}): {e}") from None
             rec, rfolder = load_recipe_dict(rfile), rfile.resolve().parent
         else:
             raise UserError(f"{where} ({sname}): recipe must be a mapping or a recipe file name")
         if "stages" in rec:
             raise UserError(f"{where} ({sname}): its recipe is itself a chain; stages hold plain recipes")
         needs: list = []
-        merged = deep_merge(rec, _dotted(st.get("overrides") or {}, f"{where} ({sname})"))
-        merged = _substitute(merged, sname, earlier, needs)
+        over = _substitute(_dotted(st.get("overrides") or {}, f"{where} ({sname})"), sname, earlier, needs)
+        rec = _substitute(rec, sname, earlier, needs)
         try:
-            merged = resolve_recipe_paths(config_class(_method_of(merged)), merged, rfolder)
+            method = config_class(_method_of(deep_merge(rec, over)))
+            # paths in the stage's recipe are relative to its file, those in the chain's overrides to the chain's
+            merged = deep_merge(resolve_recipe_paths(method, rec, rfolder), resolve_recipe_paths(method, over, here))
             merged = deep_merge(merged, cli)
             merged = deep_merge(merged, {"run": {"name": f"{name}.{sname}", "dir": str(base / sname),
                                                  **({"seed": run["seed"]} if "seed" in run and "seed" not in
@@ -155,27 +164,58 @@ def stage_output(chain: Chain, stage: Stage) -> Path:
     return chain.dir / stage.name / EXPORT
 
 
+EXPORT_TIMEOUT = 4 * 3600.0  # the other ranks wait this long (on a gloo group) while rank 0 exports a stage
+
+
+def _finished(stage: Stage, rdir: Path) -> bool:
+    last = checkpoint.latest_complete(rdir)
+    return last is not None and checkpoint.iteration_of(last) >= stage.cfg.train.iterations
+
+
 def run_chain(chain: Chain, rt: Runtime, hooks: Optional[list] = None) -> Path:
-    """Run the stages in order on every rank (skipping those already exported); rank 0 exports each."""
+    """Run the stages in order on every rank (skipping those already exported); rank 0 exports each. Rank 0
+    decides what is done (one view of the shared folders) and tells the others; a stage stopped before its
+    last iteration (a signal, a launcher's stop request) ends the chain there, to be resumed by the same
+    command."""
+    for stage in chain.stages:  # a later stage's global batch this world cannot split fails now, not hours later
+        batch_for_world(stage.cfg, rt.world_size)
+    group = host_group(EXPORT_TIMEOUT) if rt.world_size > 1 else None
     last = chain.dir
     for i, stage in enumerate(chain.stages):
         out = stage_output(chain, stage)
-        if (out / "unidad_student.json").is_file():
+        done, missing = from_rank0(rt, ((out / "unidad_student.json").is_file(),
+                                        [n for n in stage.needs
+                                         if not (chain.dir / n / EXPORT / "unidad_student.json").is_file()]))
+        if done:
             say(rt, f"chain {chain.name}: stage {i + 1}/{len(chain.stages)} '{stage.name}' is done ({out}); skipped")
             last = out.parent
             continue
-        for need in stage.needs:
-            src = chain.dir / need / EXPORT
-            if not (src / "unidad_student.json").is_file():
-                raise UserError(f"stage '{stage.name}' needs the output of stage '{need}' ({src}), which is missing; "
-                                f"remove {chain.dir / need} and run the same command again to make it anew")
+        if missing:
+            need = missing[0]
+            raise UserError(f"stage '{stage.name}' needs the output of stage '{need}' ({chain.dir / need / EXPORT}), "
+                            f"which is missing; remove {chain.dir / need} and run the same command again to make it "
+                            "anew")
         say(rt, f"chain {chain.name}: stage {i + 1}/{len(chain.stages)} '{stage.name}' ({stage.cfg.method.name})")
         rdir = train(stage.cfg, rt, hooks)
+        if not from_rank0(rt, _finished(stage, rdir)):
+            say(rt, f"chain {chain.name}: stage '{stage.name}' stopped before its last iteration; the same command "
+                    "resumes it")
+            return rdir
+        error = None
         if rt.is_main:
-            export(str(rdir), str(out))
-            atomic_write_text(chain.dir / "chain.json", _progress(chain, i))
-        if rt.distributed:  # the next stage reads the export rank 0 wrote
-            torch.distributed.barrier()
+            gc.collect()  # the stage's networks are gone; export builds its sampler anew
+            try:
+                export(str(rdir), str(out))
+                atomic_write_text(chain.dir / "chain.json", _progress(chain, i))
+            except Exception as e:  # every rank fails with it, none waits for an export that will not come
+                error = f"{type(e).__name__}: {e}"
+        if group is not None:  # the others wait on a gloo group with a long timeout: a big export takes a while
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+            error = box[0]
+        if error is not None:
+            raise UserError(f"chain {chain.name}: exporting stage '{stage.name}' to {out} failed ({error}); the "
+                            "stage's run is intact: run the same command again to retry the export")
         last = rdir
     return last
 
@@ -195,13 +235,22 @@ def launch_config(config: str | Path, overrides: Optional[list[str]] = None):
     return dataclasses.replace(first, run=dataclasses.replace(first.run, name=chain.name, dir=str(chain.dir)))
 
 
+def run_folders(config: str | Path, overrides: Optional[list[str]] = None) -> list[Path]:
+    """The folders a launcher checks for a live run and follows the train.log of: the run's, or a chain's own
+    folder and each stage's in order."""
+    if not is_chain(config):
+        return [load_config(config, overrides).run.folder()]
+    chain = load_chain(config, overrides)
+    return [chain.dir] + [st.cfg.run.folder() for st in chain.stages]
+
+
 def run_recipe(config: str | Path, overrides: Optional[list[str]] = None, rt: Optional[Runtime] = None,
                hooks: Optional[list] = None, device=None) -> Path:
     """``unidad-dist train``'s work on this rank, for every launcher: a plain recipe's run, or a chain's stages.
     Returns the run folder (a chain: its last stage's)."""
     if is_chain(config):
         chain = load_chain(config, overrides)
-        rt = rt or runtime_from_env(chain.stages[0].cfg.run.dist_timeout, device=device)
+        rt = rt or runtime_from_env(max(st.cfg.run.dist_timeout for st in chain.stages), device=device)
         return run_chain(chain, rt, hooks)
     cfg = load_config(config, overrides)
     if rt is None and device is not None:

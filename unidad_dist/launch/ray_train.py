@@ -40,7 +40,7 @@ from typing import Optional
 from unidad_dist.config import batch_for_world, run_dir
 from unidad_dist.device import backend_for_gpus
 from unidad_dist.errors import UserError
-from unidad_dist.launch.chain import launch_config, run_recipe
+from unidad_dist.launch.chain import launch_config, run_folders, run_recipe
 from unidad_dist.train.hooks import Hook
 from unidad_dist.train.runlock import LAUNCH_ID_ENV, live_writer
 from unidad_dist.train.signals import SIGNALS as STOP_SIGNALS
@@ -90,10 +90,14 @@ class StopRequest(Hook):
     """Stops the loop at the next iteration boundary, with a checkpoint, once ``<run>/stop.request`` exists (the
     launcher writes it on SIGINT / SIGTERM). Ray Train runs the loop outside the worker's main thread, where
     signal handlers cannot be installed, so the request travels through the run folder (shared by all nodes);
-    rank 0 looks, the loop agrees over all ranks."""
+    rank 0 looks, the loop agrees over all ranks. ``path``: the file the launcher writes (a chain's stages run in
+    folders below the one the launcher watches); default ``<run>/stop.request``."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path
 
     def should_stop(self, run, done: int) -> bool:
-        return run.rt.is_main and (run.dir / STOP_REQUEST).exists()
+        return run.rt.is_main and (self.path or run.dir / STOP_REQUEST).exists()
 
 
 def _worker(spec: dict) -> None:
@@ -111,7 +115,7 @@ def _worker(spec: dict) -> None:
     if record.exists():  # a restart after this launch's input error: it would recur
         return
     try:
-        run_recipe(spec["config"], spec["overrides"], hooks=[RayReport(), StopRequest()],
+        run_recipe(spec["config"], spec["overrides"], hooks=[RayReport(), StopRequest(Path(spec["stop_file"]))],
                    device=ray.train.torch.get_device())  # a plain recipe, or a chain's stages
     except UserError as e:  # deterministic: returned, not raised, so FailureConfig does not retry it
         rank = int(os.environ.get("RANK", "0"))
@@ -222,7 +226,8 @@ def _trainer(config: str, overrides: list[str], o: RayOptions, cfg, rdir: Path, 
     # the run folder as an absolute path: a worker whose node lacks this directory still finds it
     spec = {"config": str(Path(config).resolve()) if Path(config).is_file() else config,
             "overrides": [*overrides, f"run.dir={rdir}"], "cwd": os.getcwd(), "cpus_per_worker": o.cpus_per_worker,
-            "launch_id": launch_id, "error_record": str(_error_record(rdir, launch_id))}
+            "launch_id": launch_id, "error_record": str(_error_record(rdir, launch_id)),
+            "stop_file": str((rdir / STOP_REQUEST).resolve())}
     resources = {"CPU": o.cpus_per_worker, **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}
     return TorchTrainer(
         _worker, train_loop_config=spec,
@@ -303,9 +308,10 @@ def launch_ray(config: str, overrides: list[str], o: RayOptions) -> int:
     _check_options(o)
     batch_for_world(cfg, o.num_workers)  # a global batch this many ranks cannot split
     rdir = run_dir(cfg).resolve()
-    busy = live_writer(rdir, cfg.run.lock_stale_s)
-    if busy:
-        raise UserError(busy + "; nothing started")
+    for folder in [rdir] + [f.resolve() for f in run_folders(config, overrides)[1:]]:  # a chain: its stages' too
+        busy = live_writer(folder, cfg.run.lock_stale_s)
+        if busy:
+            raise UserError(busy + "; nothing started")
     try:
         import ray.train.torch  # noqa: F401
     except ImportError:

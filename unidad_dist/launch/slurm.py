@@ -39,7 +39,7 @@ from typing import Optional
 from unidad_dist.config import batch_for_world, run_dir
 from unidad_dist.core.io import atomic_write_text
 from unidad_dist.errors import StoppedBySignal, UserError
-from unidad_dist.launch.chain import launch_config, run_recipe
+from unidad_dist.launch.chain import launch_config, run_folders, run_recipe
 from unidad_dist.train.logging import TRAIN_LOG
 from unidad_dist.train.runlock import live_writer
 from unidad_dist.train.signals import STOP_SIGNALS_ENV, signal_by_name
@@ -248,7 +248,8 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     name = o.job_name or f"unidad-{cfg.run.name}"
     params = _executor_parameters(o, tasks, name)
     runs = _runs(config, overrides, rdir, o.sweep)
-    for _, _, run in runs:
+    folders = [f.resolve() for f in run_folders(config, overrides)] if not o.sweep else []  # a chain: its stages'
+    for run in [r for _, _, r in runs] + folders[1:]:
         busy = live_writer(run, cfg.run.lock_stale_s)
         if busy:
             raise UserError(busy + "; nothing submitted")
@@ -296,7 +297,7 @@ def launch_slurm(config: str, overrides: list[str], o: SlurmOptions, poll_s: flo
     if o.no_wait:
         print(f"follow it with `unidad-dist status --run {rdir}` or `tail -f {rdir / 'train.log'}`")
         return 0
-    return wait(job, rdir, o, poll_s)
+    return wait(job, rdir, o, poll_s, logs=[f / TRAIN_LOG for f in folders] or None)
 
 
 def _runs(config: str, overrides: list[str], rdir: Path, sweep: list[str]) -> list[tuple[list, list[str], Path]]:
@@ -380,13 +381,15 @@ def _status(job, o: SlurmOptions, last_state: Optional[str]) -> tuple[int, str]:
     return (128 + signal_by_name(o.signal) if "stopped by" in last else 1), f"did not finish: {last}"
 
 
-def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0) -> int:
-    """Stream rank 0's train.log until the job leaves the queue (through requeues); its exit status."""
-    log = rdir / TRAIN_LOG
-    pos = [log.stat().st_size if log.is_file() else 0]
+def wait(job, rdir: Path, o: SlurmOptions, poll_s: float = 2.0, logs: Optional[list] = None) -> int:
+    """Stream rank 0's train.log (``logs``: each of these in turn, a chain's stages) until the job leaves the
+    queue (through requeues); its exit status."""
+    logs = logs or [rdir / TRAIN_LOG]
+    pos = {log: log.stat().st_size if log.is_file() else 0 for log in logs}
 
     def follow() -> None:
-        pos[0] = _follow(log, pos[0])
+        for log in logs:
+            pos[log] = _follow(log, pos[log])
 
     last_state = _watch([job], poll_s, hide=("RUNNING",), tick=follow).get(job.job_id)  # the log shows it runs
     code, how = _status(job, o, last_state)

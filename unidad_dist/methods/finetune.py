@@ -17,6 +17,7 @@ reproduces them).
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 
 from unidad_dist.core.draws import SampleDraws, global_indices
 from unidad_dist.core.images import from_uint8, save_images, to_uint8
+from unidad_dist.core.io import atomic_write_text
 from unidad_dist.core.schema import path_field, positive
 from unidad_dist.core.sections import AlgorithmConfig, TrainableRoleConfig
 from unidad_dist.errors import UserError
@@ -102,7 +104,7 @@ class Finetune(Method):
     @property
     def prior_dir(self) -> Path:
         al = self.cfg.algorithm
-        return Path(al.prior_dir) if al.prior_dir else Path(self.cfg.run.dir) / "prior_images"
+        return Path(al.prior_dir) if al.prior_dir else self.cfg.run.folder() / "prior_images"
 
     def class_prompts(self) -> list[str]:
         data = self.m.data
@@ -119,7 +121,7 @@ class Finetune(Method):
     def _read_prior(self, n: int) -> tuple[torch.Tensor, list[str]]:
         from PIL import Image
 
-        files = sorted(self.prior_dir.glob("*.png"))[:n]
+        files = sorted(p for p in self.prior_dir.glob("*.png") if not p.name.startswith("."))[:n]
         imgs = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
         prompts_file = self.prior_dir / "prompts.json"
         prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else []
@@ -139,11 +141,12 @@ class Finetune(Method):
                 raise UserError(f"algorithm.prior_dir {self.prior_dir} holds {len(have)} class images but the run "
                                 f"trained with {n}; restore the folder (or give algorithm.prior_dir) to resume")
             more, more_prompts = self.draw_prior(len(have), n)
-            if self.rt.is_main:
+            if self.rt.is_main:  # each file written whole under a temporary name, then renamed
                 self.prior_dir.mkdir(parents=True, exist_ok=True)
                 for i, img in enumerate(more):
-                    save_images(img[None], self.prior_dir, pattern=f"{len(have) + i:05d}.png")
-                (self.prior_dir / "prompts.json").write_text(json.dumps(prompts + more_prompts, indent=1))
+                    tmp = save_images(img[None], self.prior_dir, pattern=f".{len(have) + i:05d}.png.tmp.png")[0]
+                    os.replace(tmp, self.prior_dir / f"{len(have) + i:05d}.png")
+                atomic_write_text(self.prior_dir / "prompts.json", json.dumps(prompts + more_prompts, indent=1))
             have = torch.cat([have.reshape((-1,) + tuple(more.shape[1:])), more]) if len(have) else more
             prompts = prompts + more_prompts
         # contiguous: the images drawn here come channels-last out of the VAE, those read back do not, and the
@@ -155,8 +158,8 @@ class Finetune(Method):
     def draw_prior(self, start: int, stop: int) -> tuple[torch.Tensor, list[str]]:
         """Class images ``start`` … ``stop - 1`` drawn by the teacher as it is now (uint8, pixels)."""
         prompts = self.class_prompts()
-        ps = [prompts[i % len(prompts)] for i in range(start, stop)]
-        x = self.sample(stop - start, first=start, prompts=None if self.m.text is None else ps, seed=self.seed,
+        ps = [prompts[i % len(prompts)] for i in range(start, stop)]  # image i takes prompt i mod len (sample's rule)
+        x = self.sample(stop - start, first=start, prompts=None if self.m.text is None else prompts, seed=self.seed,
                         purpose="prior", use_ema=False)
         return to_uint8(self.m.to_pixels(x)), ps
 

@@ -250,6 +250,9 @@ class UniDAD(Method):
 
     @staticmethod
     def _validate_gan_only(cfg) -> None:
+        a = cfg.algorithm.a
+        if isinstance(a, str) and a != "auto":
+            raise UserError(f"algorithm.a must be a number in [0, 1] (or 'auto'), got {a!r}")
         gan = cfg.gan_heads
         if not gan.enabled or gan.lambda_g <= 0:
             raise UserError("algorithm.dmd=false leaves the student the GAN term alone, but it is off (gan_heads.enabled="
