@@ -60,14 +60,15 @@ def _strip(out: Path, runs: list[Path]) -> None:
     canvas.save(out)
 
 
-def _source_samples(n: int = 64):
-    """n 25-step DDIM samples of the shipped demo teacher (seed 5): the source distribution before adaptation."""
+def _source_samples(n: int = 64, name: str = "demo_teacher"):
+    """n 25-step DDIM samples of the built-in teacher the runs start from (seed 5): the source distribution
+    before adaptation."""
     from diffusers import UNet2DModel
 
     from unidad_dist import builtin
 
-    _, cfg = builtin.BUILTINS["demo_teacher"]
-    unet = UNet2DModel.from_pretrained(builtin.resolve("builtin:demo_teacher") / "unet").eval()
+    _, cfg = builtin.BUILTINS[name]
+    unet = UNet2DModel.from_pretrained(builtin.resolve(f"builtin:{name}") / "unet").eval()
     return builtin.teacher_samples(unet, cfg, n, seed=5)
 
 
@@ -124,7 +125,9 @@ def main() -> int:
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         summaries = dict(pool.map(run, tasks))
-    source = _source_samples()
+    teacher = next((o.split("=", 1)[1].split(":", 1)[1] for o in args.overrides
+                    if o.startswith("source_teacher.backbone=builtin:")), "demo_teacher")
+    source = _source_samples(name=teacher)
     source_distance = {name: proxy_distance(source, _shots(out / name / "shots")) for name in args.domains.split(",")}
     rows = []
     for name, seed, variant in tasks:
