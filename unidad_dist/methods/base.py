@@ -57,6 +57,7 @@ class RoleSpec:
     heads: Optional[Callable[[dict], nn.Module]] = None  # extra modules it owns, built from its UNet config
     heads_key: str = ""  # the heads' initial weights are a function of (run.seed, heads_key)
     train_filter: Optional[Callable[[str, nn.Parameter], bool]] = None  # parameters that train (None: all)
+    train_filter_doc: str = ""  # what the filter selects, for the error when a network has none of it
     record_frozen: bool = True  # frozen: its weight file recorded by path + sha256, checked on resume
     ema: float = 0.0  # decay of an EMA of its weights (0: none); sampled and exported when kept
 
@@ -123,6 +124,12 @@ class Method:
     def passes(cls, cfg, iteration: int, conditional: bool) -> list[list[Pass]]:
         """The passes of one iteration, one list per micro-batch."""
         raise NotImplementedError
+
+    @classmethod
+    def feature_networks(cls, cfg) -> Optional[str]:
+        """The feature networks its losses use (``eval.alignment``: "paper" or "stand_in"), built for a training
+        run as ``models.features``; None: none."""
+        return None
 
     @classmethod
     def plan_period(cls, cfg) -> int:
@@ -248,7 +255,8 @@ class Method:
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
-BUILTIN = {"unidad": "unidad_dist.methods.unidad:UniDAD", "finetune": "unidad_dist.methods.finetune:Finetune"}  # imported when first asked for
+BUILTIN = {"unidad": "unidad_dist.methods.unidad:UniDAD", "finetune": "unidad_dist.methods.finetune:Finetune",
+           "opad": "unidad_dist.methods.opad:OPAD"}  # imported when first asked for
 _REGISTRY: dict[str, type] = {}
 
 

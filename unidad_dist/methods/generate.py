@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from unidad_dist.core.draws import SampleDraws
 from unidad_dist.errors import UserError
 from unidad_dist.models.schedule import NoiseSchedule
 
@@ -56,6 +57,36 @@ def generate(
             t_next = torch.full_like(t, int(timesteps[k + 1]))
             x_t = schedule.add_noise(x0.detach() if grad_step is not None else x0, noise_for_step(k + 1), t_next)
     return x0
+
+
+def sample_by_index(x0: Callable, models, ts: Sequence[int], seed: int, n: int, batch: int, device,
+                    prompts: Optional[list[str]] = None, generator: Optional[torch.Generator] = None,
+                    first: int = 0) -> torch.Tensor:
+    """A K-step student's samples ``first`` … ``first + n - 1`` (``x0(x_t, t, cond)`` its x̂0), each from noise
+    keyed by (seed, "sample", its index) and, for text models, with prompt ``index mod len(prompts)`` (default:
+    the data's prompts) — so a rank that draws a share of the indices gets exactly those images of the whole
+    set. With a (CPU) ``generator``: in one batch drawn as a diffusers pipeline draws it, the initial noise,
+    then the re-noising noise of each step, in that order (an exported pipeline gives the same images)."""
+    out = []
+    if generator is not None:
+        batch = n
+    for start in range(first, first + n, batch):
+        idx = list(range(start, min(first + n, start + batch)))
+        d = SampleDraws(seed, -1, idx, device)
+        if generator is not None:
+            shape = (len(idx),) + tuple(models.sample_shape)
+            z = torch.randn(shape, generator=generator, device=generator.device).to(device)
+            renoise = lambda k: torch.randn(shape, generator=generator, device=generator.device).to(device)  # noqa: E731
+        else:
+            z = d.randn(models.sample_shape, "sample", "z")
+            renoise = lambda k: d.randn(models.sample_shape, "sample", f"renoise_{k}")  # noqa: E731
+        cond = None
+        if models.text is not None:
+            ps = prompts or models.data.prompts
+            cond = models.data.encode([ps[i % len(ps)] for i in idx])
+        x = generate(lambda x_t, t: x0(x_t, t, cond), z, ts, models.schedule, renoise)
+        out.append(x.float())
+    return torch.cat(out)
 
 
 def ddim_timesteps(steps: int, T: int, spacing: str = "linspace") -> list[int]:

@@ -31,7 +31,7 @@ from unidad_dist.device import CPU
 from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
 from unidad_dist.methods.base import IterationPlan, Method, NonFiniteLoss, Pass, RoleSpec, register_method
-from unidad_dist.methods.generate import ddim, ddim_timesteps, generate, student_timesteps
+from unidad_dist.methods.generate import ddim, ddim_timesteps, generate, sample_by_index, student_timesteps
 from unidad_dist.models.conditioning import cat_cond, strip_rare_token
 from unidad_dist.models.gan_heads import GanHeads
 from unidad_dist.models.schedule import cfg_combine, karras_index_timesteps
@@ -637,31 +637,9 @@ class UniDAD(Method):
         steps = steps or len(self.timesteps)
         ts = self.timesteps if steps == len(self.timesteps) else student_timesteps(steps, self.T)
         with self.role("student").inference_weights(use_ema) as module:
-            return self._sample(module, n, ts, seed, batch, prompts, generator, first)
-
-    def _sample(self, module, n: int, ts, seed: Optional[int], batch: int, prompts: Optional[list[str]],
-                generator: Optional[torch.Generator], first: int = 0) -> torch.Tensor:
-        seed = self.seed if seed is None else seed
-        out = []
-        if generator is not None:
-            batch = n
-        for start in range(first, first + n, batch):
-            idx = list(range(start, min(first + n, start + batch)))
-            d = SampleDraws(seed, -1, idx, self.rt.device)
-            if generator is not None:
-                shape = (len(idx),) + tuple(self.m.sample_shape)
-                z = torch.randn(shape, generator=generator, device=generator.device).to(self.rt.device)
-                renoise = lambda k: torch.randn(shape, generator=generator, device=generator.device).to(self.rt.device)  # noqa: E731
-            else:
-                z = d.randn(self.m.sample_shape, "sample", "z")
-                renoise = lambda k: d.randn(self.m.sample_shape, "sample", f"renoise_{k}")  # noqa: E731
-            ps = None
-            if self.m.text is not None:
-                ps = [(prompts or self.m.data.prompts)[i % len(prompts or self.m.data.prompts)] for i in idx]
-            cond = self.m.data.encode(ps) if ps else None
-            x = generate(lambda x_t, t: self.student_x0(x_t, t, cond, module=module), z, ts, self.schedule, renoise)
-            out.append(x.float())
-        return torch.cat(out)
+            return sample_by_index(lambda x_t, t, cond: self.student_x0(x_t, t, cond, module=module), self.m, ts,
+                                   self.seed if seed is None else seed, n, batch, self.rt.device, prompts, generator,
+                                   first)
 
     @torch.no_grad()
     def teacher_sample(self, n: int, steps: int = 25, seed: Optional[int] = None, batch: int = 64,

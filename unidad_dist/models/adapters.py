@@ -32,11 +32,12 @@ def prepare_trainable(unet: torch.nn.Module, rc, role: str, seed: int) -> torch.
     return unet
 
 
-def apply_train_filter(net: torch.nn.Module, keep, role: str) -> None:
+def apply_train_filter(net: torch.nn.Module, keep, role: str, doc: str = "") -> None:
     """Freeze every parameter of a plain network (before any engine wraps it) that ``keep(name, param)``
     does not select: a method's choice of what trains (e.g. only cross-attention K/V)."""
     for pname, p in net.named_parameters():
         if not keep(pname, p):
             p.requires_grad_(False)
     if not any(p.requires_grad for p in net.parameters()):
-        raise UserError(f"{role}: the method trains no parameter of this network (its filter matched none)")
+        raise UserError(f"{role}: the method trains no parameter of this network (its filter matched none)"
+                        + (f"; it trains {doc}" if doc else ""))

@@ -131,4 +131,9 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return self.decode_differentiable(latents).clamp(-1, 1)
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels of latents, with gradients to the latents (the VAE stays frozen) and no clamp (a clamp
+        would stop them): for losses in image space."""
+        return self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.float()

@@ -476,6 +476,11 @@ def _read(path: Path) -> dict:
         raise UserError(f"plan: '{path}' is not valid JSON ({e}); re-save the model with save_pretrained") from None
 
 
+# parameters of the feature networks a method trains against (eval.alignment): transformers' CLIPModel for
+# ViT-B/32 (151 277 313) + torchvision's VGG16 features (14 714 688) + the five LPIPS heads (1 472)
+FEATURE_PARAMS = {"paper": 151_277_313 + 14_714_688 + 1_472}
+
+
 def _helpers_bytes(spec, cache: PlanCache) -> float:
     """Frozen text encoders + VAE, replicated (their own dtype: we keep them in fp32)."""
     if spec.kind == "pixel" or spec.root is None:
@@ -793,6 +798,12 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
             roles[ph].activation_bytes = activations(
                 ph, lambda r, ph=ph: bool(set(roles[r].ranks) & set(roles[ph].ranks)))
     helpers = _helpers_bytes(spec, cache)
+    features = FEATURE_PARAMS.get(cfg.method.feature_networks(cfg), 0) * 4.0
+    if features:
+        helpers += features
+        notes.append(f"algorithm.features={cfg.method.feature_networks(cfg)}: CLIP ViT-B/32 + LPIPS-VGG in fp32 on "
+                     f"every rank ({features / GIB:.2f} GiB, counted with the helpers); the activations they keep "
+                     "for the student's backward are not in this estimate")
     per_rank = {}
     for r in range(world_size):
         held = [p for p in roles.values() if r in p.ranks]

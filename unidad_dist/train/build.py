@@ -17,6 +17,7 @@ from unidad_dist.core.draws import key_seed
 from unidad_dist.data.target import DataSource
 from unidad_dist.device import Runtime
 from unidad_dist.errors import UserError
+from unidad_dist.eval.alignment import build_features
 from unidad_dist.methods.base import RoleSpec
 from unidad_dist.models.adapters import apply_train_filter, prepare_trainable
 from unidad_dist.models.backbones import BackboneSpec, build_unet, load_unet, load_weights, resolve_backbone
@@ -45,6 +46,7 @@ class Models:
     role_sections: tuple  # every role section of the method (some may be absent from this run)
     placement: Placement
     exchange: Exchange
+    features: Optional[torch.nn.Module] = None  # feature networks the method trains against (Method.feature_networks)
 
     def __getattr__(self, name: str):
         sections = self.__dict__.get("role_sections", ())
@@ -146,7 +148,7 @@ def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime)
         unet = prepare_trainable(unet, rc, spec.name, cfg.run.seed)
     net = RoleNet(unet, heads)
     if spec.trainable and spec.train_filter is not None:
-        apply_train_filter(net, spec.train_filter, spec.name)
+        apply_train_filter(net, spec.train_filter, spec.name, spec.train_filter_doc)
     return Role(spec.name, net, rc.precision, rt.device, trainable=spec.trainable,
                 grad_accum=getattr(rc, "grad_accum", 1), staged=spec.trainable or rc.zero_stage == 3)
 
@@ -190,6 +192,10 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
                       dp=dp or ((placement.dp_rank, placement.dp_size) if roles is None else (rt.rank, rt.world_size)),
                       sampling_prompts=sampling_prompts)
 
+    features = None  # the method's feature networks: a training run only (checked before any role is built)
+    kind = method.feature_networks(cfg)
+    if kind is not None and roles is None:
+        features = build_features(kind, cfg.eval.weights, cfg.run.seed, rt.device)
     # the networks roles are copies of, loaded once (the primary always: every role's default)
     template = {method.primary: load_unet(spec, primary.init, primary.strict, method.primary)}
     for name in sorted(held):
@@ -204,4 +210,4 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
     return Models(spec=spec, schedule=schedule, sample_shape=sample_shape, codec=codec, text=text,
                   resolution=resolution, data=data, roles=built, specs=specs,
                   role_sections=tuple(method.role_sections()), placement=placement,
-                  exchange=Exchange(placement, rt.device))
+                  exchange=Exchange(placement, rt.device), features=features)

@@ -1,0 +1,112 @@
+"""Feature networks a method trains against (OPAD's alignment terms, docs/algorithm.md §12): an identity
+embedding (``identity(images)``: unit vectors) and a perceptual distance (``perceptual(x, y)``: one value
+per pair), both differentiable with respect to the images (in [-1, 1]) and frozen themselves.
+
+``paper``: CLIP ViT-B/32's image embedding (transformers ``CLIPModel`` from ``eval.weights.clip``) and
+LPIPS-VGG (``eval.weights.vgg16`` + the lpips heads), the evaluation networks, located and checked exactly as
+evaluation checks them (eval/networks.py); a missing or wrong file is an error naming it, before any role is
+built. ``stand_in``: a fixed random convolutional network (weights a function of the run's seed), named as a
+stand-in wherever it is reported — for machines without those weights (the CPU tests and demos); its numbers
+are not CLIP or LPIPS numbers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unidad_dist.core.draws import keyed_generator
+from unidad_dist.errors import UserError
+from unidad_dist.eval.networks import load_clip, load_lpips, locate
+
+KINDS = ("paper", "stand_in")
+STAND_IN_WIDTHS = (16, 32, 64)
+
+
+class StandInFeatures(nn.Module):
+    """Three 3x3 stride-2 convolutions with ReLU, He-initialised from a keyed generator and frozen. Identity:
+    the unit vector of the last map's channel means and standard deviations; perceptual: LPIPS' form with
+    unit weights (each map unit-normalised over channels, squared difference, spatial mean, summed)."""
+
+    name = "stand-in: fixed random conv net (not CLIP / LPIPS)"
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = keyed_generator(seed, "alignment_stand_in")
+        convs, cin = [], 3
+        for w in STAND_IN_WIDTHS:
+            conv = nn.Conv2d(cin, w, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2.0 / (cin * 9)) ** 0.5)
+                conv.bias.zero_()
+            convs.append(conv)
+            cin = w
+        self.convs = nn.ModuleList(convs)
+        self.requires_grad_(False).eval()
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, h = [], x.float()
+        for conv in self.convs:
+            h = F.relu(conv(h))
+            out.append(h)
+        return out
+
+    def identity(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.taps(x)[-1]
+        return F.normalize(torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1), dim=1)
+
+    def perceptual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def unit(h):
+            return h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        return sum((unit(a) - unit(b)).pow(2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(self.taps(x), self.taps(y)))
+
+
+class PaperFeatures(nn.Module):
+    """CLIP ViT-B/32 image embeddings (its processor's resize, centre crop and normalisation, in torch so
+    gradients pass) and LPIPS-VGG."""
+
+    def __init__(self, clip_model, processor, lpips_net, sha256: dict):
+        super().__init__()
+        self.clip = clip_model
+        self.lpips = lpips_net
+        size = processor.crop_size if isinstance(processor.crop_size, dict) else {"height": processor.crop_size}
+        self.crop = int(size.get("height") or size.get("shortest_edge"))
+        short = processor.size if isinstance(processor.size, dict) else {"shortest_edge": processor.size}
+        self.short = int(short.get("shortest_edge") or short.get("height"))
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1))
+        self.sha256 = sha256
+        self.name = "CLIP ViT-B/32 image embedding + LPIPS-VGG"
+        self.requires_grad_(False).eval()
+
+    def identity(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() + 1) / 2
+        h, w = x.shape[-2:]
+        s = self.short / min(h, w)
+        x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
+        x = x[..., top:top + self.crop, left:left + self.crop]
+        out = self.clip.get_image_features(pixel_values=(x - self.mean) / self.std)
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return F.normalize(out.float(), dim=-1)
+
+    def perceptual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lpips(x.float(), y.float())
+
+
+def build_features(kind: str, weights, seed: int, device: torch.device, key: str = "algorithm.features"):
+    """The feature networks of ``kind`` on ``device`` (``weights``: the recipe's ``eval.weights``)."""
+    if kind == "stand_in":
+        return StandInFeatures(seed).to(device)
+    if kind != "paper":
+        raise UserError(f"{key}={kind!r} is not one of {', '.join(KINDS)}")
+    located = {name: locate(name, getattr(weights, name, None)) for name in ("clip", "vgg16", "lpips_heads")}
+    missing = [loc.reason for loc in located.values() if not loc.available]
+    if missing:
+        raise UserError(f"{key}=paper trains against CLIP and LPIPS, whose weights are not usable here: "
+                        + "; ".join(missing) + f". Supply them, or set {key}=stand_in to train against a fixed "
+                        "random feature network instead (reported as a stand-in)")
+    model, processor, _ = load_clip(located["clip"])
+    lpips_net = load_lpips(located["vgg16"], located["lpips_heads"])
+    sha = {name: loc.sha256 for name, loc in located.items()}
+    return PaperFeatures(model, processor, lpips_net, sha).to(device)
