@@ -326,3 +326,34 @@ def test_the_shipped_recipe_runs_with_a_tiny_model(pipes, tmp_path, repo_root):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2 and "stand-in" in summary["features"]
     assert summary["collab_pool_iteration"] == 1
+
+
+def test_paper_features_are_the_evaluation_networks_and_pass_gradients(tmp_path, monkeypatch):
+    """algorithm.features=paper: the identity embedding is CLIP's image embedding as evaluation computes it (the
+    processor's resize/crop/normalisation done in torch), the perceptual distance is evaluation's LPIPS-VGG, and
+    both pass gradients to the images."""
+    from eval_fixtures import seeded_images, seeded_state
+    from test_eval_networks import FIXTURE, _file, _located, _tiny_clip
+
+    from unidad_dist.core.images import to_uint8
+    from unidad_dist.eval import alignment, networks, paper
+
+    clip_dir = _tiny_clip(tmp_path / "clip")
+    trunk = _file(tmp_path, "vgg.pth", seeded_state(FIXTURE["vgg16_keys"]))
+    heads = _file(tmp_path, "heads.pth", seeded_state(FIXTURE["lpips_heads_keys"]))
+    found = {"clip": networks.locate("clip", str(clip_dir), check=(("model_type", "clip"),)),
+             "vgg16": _located("vgg16", trunk), "lpips_heads": _located("lpips_heads", heads)}
+    monkeypatch.setattr(alignment, "locate", lambda name, configured=None: found[name])
+    feats = alignment.build_features("paper", None, 0, torch.device("cpu"))
+    x = to_uint8(seeded_images(4, 32, 1)).float() / 127.5 - 1  # 8-bit images: the processor's input exactly
+    y = to_uint8(seeded_images(4, 32, 2)).float() / 127.5 - 1
+    model, proc, _ = networks.load_clip(found["clip"])
+    want = paper.clip_image_embeddings(model, proc, to_uint8(x))
+    torch.testing.assert_close(feats.identity(x), want, atol=1e-5, rtol=1e-4)
+    lp = networks.load_lpips(found["vgg16"], found["lpips_heads"])
+    torch.testing.assert_close(feats.perceptual(x, y), lp(x, y))
+    xg = x.clone().requires_grad_(True)
+    ((1 - (feats.identity(xg) * feats.identity(y)).sum(-1)).mean() + feats.perceptual(xg, y).mean()).backward()
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+    assert not any(p.requires_grad for p in feats.parameters())
+    assert set(feats.sha256) == {"clip", "vgg16", "lpips_heads"}

@@ -61,6 +61,18 @@ class StandInFeatures(nn.Module):
         return sum((unit(a) - unit(b)).pow(2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(self.taps(x), self.taps(y)))
 
 
+def _size(size, keys) -> int:
+    """A processor's size setting (an int, a dict, or transformers' SizeDict) as one side length."""
+    if isinstance(size, int):
+        return size
+    for k in keys:
+        v = size.get(k) if isinstance(size, dict) else getattr(size, k, None)
+        if v:
+            return int(v)
+    raise UserError(f"the CLIP image processor's size {size!r} has none of {keys}; re-save the model folder's "
+                    "preprocessor_config.json")
+
+
 class PaperFeatures(nn.Module):
     """CLIP ViT-B/32 image embeddings (its processor's resize, centre crop and normalisation, in torch so
     gradients pass) and LPIPS-VGG."""
@@ -69,10 +81,8 @@ class PaperFeatures(nn.Module):
         super().__init__()
         self.clip = clip_model
         self.lpips = lpips_net
-        size = processor.crop_size if isinstance(processor.crop_size, dict) else {"height": processor.crop_size}
-        self.crop = int(size.get("height") or size.get("shortest_edge"))
-        short = processor.size if isinstance(processor.size, dict) else {"shortest_edge": processor.size}
-        self.short = int(short.get("shortest_edge") or short.get("height"))
+        self.crop = _size(processor.crop_size, ("height", "shortest_edge"))
+        self.short = _size(processor.size, ("shortest_edge", "height"))
         self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1))
         self.sha256 = sha256
