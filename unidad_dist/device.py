@@ -55,6 +55,18 @@ def backend_for_gpus(use_gpus: bool) -> str:
     return "nccl" if use_gpus else "gloo"
 
 
+def set_deterministic(enabled: bool) -> None:
+    """``run.deterministic``: deterministic cuDNN / cuBLAS kernels (bit-identical reruns and resumes on CUDA, at
+    some speed); ops without a deterministic kernel warn, naming themselves. Called before the first CUDA op
+    (cuBLAS reads its workspace setting when its handle is made)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def runtime_from_env(dist_timeout_s: float = 600.0, device: torch.device | None = None) -> Runtime:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, DeepSpeed launcher, submitit, Ray all set them) and,
     when more than one rank is present, initialise the default process group with the backend that

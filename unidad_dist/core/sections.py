@@ -25,6 +25,9 @@ class RunConfig:
     lock_stale_s: float = 900.0  # a run.lock from another host without heartbeat this long is taken over
     discard_damaged: bool = False  # a folder whose checkpoints all fail verification: move it aside, start over
     signal_grace_s: float = 300.0  # launch local: after forwarding a stop signal, kill ranks still running then
+    # CUDA: deterministic cuDNN/cuBLAS kernels, so a rerun or a resume is bit-identical on GPUs too (slower;
+    # an op without a deterministic kernel warns, naming it). CPU kernels are deterministic already.
+    deterministic: bool = False
 
     def folder(self) -> Path:
         """The run folder: ``dir``, else runs/<name> (relative: to the working directory)."""
