@@ -55,16 +55,25 @@ def backend_for_gpus(use_gpus: bool) -> str:
     return "nccl" if use_gpus else "gloo"
 
 
-def set_deterministic(enabled: bool) -> None:
-    """``run.deterministic``: deterministic cuDNN / cuBLAS kernels (bit-identical reruns and resumes on CUDA, at
-    some speed); ops without a deterministic kernel warn, naming themselves. Called before the first CUDA op
-    (cuBLAS reads its workspace setting when its handle is made)."""
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """``run.deterministic``: deterministic cuDNN / cuBLAS kernels while it lasts (bit-identical reruns and
+    resumes on CUDA, at some speed); an op without a deterministic kernel raises PyTorch's error naming it.
+    Entered before the first CUDA op (cuBLAS reads its workspace setting when its handle is made); the previous
+    settings come back at the end (a process that trains twice, e.g. the tests, is not left in this mode)."""
     if not enabled:
+        yield
         return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
 def runtime_from_env(dist_timeout_s: float = 600.0, device: torch.device | None = None) -> Runtime:

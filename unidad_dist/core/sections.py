@@ -26,7 +26,7 @@ class RunConfig:
     discard_damaged: bool = False  # a folder whose checkpoints all fail verification: move it aside, start over
     signal_grace_s: float = 300.0  # launch local: after forwarding a stop signal, kill ranks still running then
     # CUDA: deterministic cuDNN/cuBLAS kernels, so a rerun or a resume is bit-identical on GPUs too (slower;
-    # an op without a deterministic kernel warns, naming it). CPU kernels are deterministic already.
+    # an op without a deterministic kernel is an error naming it). CPU kernels are deterministic already.
     deterministic: bool = False
 
     def folder(self) -> Path:

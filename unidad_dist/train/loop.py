@@ -24,7 +24,7 @@ import yaml
 from unidad_dist import builtin
 from unidad_dist.config import batch_for_world, config_from_dict, data_parallel_size, dump_yaml, flatten, run_dir, to_dict
 from unidad_dist.core.io import atomic_write_text
-from unidad_dist.device import Runtime, runtime_from_env, set_deterministic
+from unidad_dist.device import Runtime, deterministic_kernels, runtime_from_env
 from unidad_dist.errors import CheckpointGone, StoppedBySignal, UserError
 from unidad_dist.models.conditioning import fill_prompt
 from unidad_dist.parallel import engines
@@ -126,8 +126,12 @@ def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
     """Train (or resume) the run in ``run_dir(cfg)``, holding its lock file throughout. ``hooks`` are added
     after the default ones (metrics, grids, heartbeat, evaluation, the signal stop). A SIGTERM / SIGINT /
     SIGHUP stops every rank at the next iteration boundary (train/signals.py) and raises ``StoppedBySignal``
-    once the checkpoint is written and the lock released."""
-    set_deterministic(cfg.run.deterministic)
+    once the checkpoint is written and the lock released. ``run.deterministic``: deterministic kernels throughout."""
+    with deterministic_kernels(cfg.run.deterministic):
+        return _train(cfg, rt, hooks)
+
+
+def _train(cfg, rt: Runtime | None, hooks: Optional[list]) -> Path:
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     rdir = run_dir(cfg)
     existed = rdir.exists()
