@@ -258,7 +258,7 @@ def test_opad_resumes_bit_identically_and_exports(pipes, tmp_path):
     """4 iterations with the collaborative phase refreshing at 1 and 3, stopped after 2 and resumed, equal the
     uninterrupted run bit for bit (every role, the pool); the student exports as a diffusers pipeline."""
     over = {"train.iterations": 4, "checkpoint.every": 2, "algorithm.collab_start": 1, "algorithm.collab_every": 2,
-            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5, "student.ema": 0.9}
+            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5, "student.ema": 0.9, "run.deterministic": True}
     full = _recipe(pipes["sd15"], pipes["shots"], tmp_path / "full", **over)
     assert _train(tmp_path, full) == 0
     part = _recipe(pipes["sd15"], pipes["shots"], tmp_path / "part", **over)
