@@ -128,10 +128,10 @@ def train(cfg, rt: Runtime | None = None, hooks: Optional[list] = None) -> Path:
     SIGHUP stops every rank at the next iteration boundary (train/signals.py) and raises ``StoppedBySignal``
     once the checkpoint is written and the lock released. ``run.deterministic``: deterministic kernels throughout."""
     with deterministic_kernels(cfg.run.deterministic):
-        return _train(cfg, rt, hooks)
+        return _train_in_folder(cfg, rt, hooks)
 
 
-def _train(cfg, rt: Runtime | None, hooks: Optional[list]) -> Path:
+def _train_in_folder(cfg, rt: Runtime | None, hooks: Optional[list]) -> Path:
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     rdir = run_dir(cfg)
     existed = rdir.exists()
