@@ -63,12 +63,18 @@ def test_each_step_moves_only_its_own_role_and_only_cross_attention_kv(pipes, tm
     """Teacher step: teacher K/V only; student step: student K/V only; discriminator step: its heads only."""
     cfg = _cfg(pipes, tmp_path)
     m, models = _method(cfg, rt)
-    steps = []
+    steps, stray = [], []
+
+    def grads(role):
+        return [n for n, p in models.roles[role].module.named_parameters() if p.grad is not None and p.grad.any()]
+
     for name in ("concept_teacher", "student", "discriminator"):
         orig = models.roles[name].step
 
         def spy(it, name=name, orig=orig):
             steps.append((name, _weights(models)))
+            if name == "student":  # the student's backward put no gradient into the teacher or the discriminator
+                stray.extend(grads("concept_teacher") + grads("discriminator"))
             return orig(it)
 
         models.roles[name].step = spy
@@ -76,6 +82,7 @@ def test_each_step_moves_only_its_own_role_and_only_cross_attention_kv(pipes, tm
     logs = m.step(0)
     after = _weights(models)
     assert [s[0] for s in steps] == ["concept_teacher", "student", "discriminator"]
+    assert stray == []
     # between the teacher's step and the student's step only the teacher changed, and so on
     snaps = [s[1] for s in steps] + [after]
     expect = {"concept_teacher": 1, "student": 2, "discriminator": 3}
@@ -194,7 +201,7 @@ def test_the_adversarial_term_labels_real_and_fake_the_right_way(pipes, tmp_path
 
 def test_the_collaborative_phase_starts_where_configured_and_mixes_its_fraction(pipes, tmp_path, rt):
     cfg = _cfg(pipes, tmp_path, **{"train.batch_size": 8, "algorithm.collab_start": 2, "algorithm.collab_every": 3,
-                                   "algorithm.collab_pool": 4, "algorithm.collab_fraction": 0.5,
+                                   "algorithm.collab_pool": 4, "algorithm.collab_fraction": 0.25,
                                    "algorithm.w_identity": 0.0, "algorithm.w_lpips": 0.0})
     m, models = _method(cfg, rt)
     refreshed, fractions = [], []
@@ -212,15 +219,16 @@ def test_the_collaborative_phase_starts_where_configured_and_mixes_its_fraction(
     assert fractions[:2] == [None, None]
     mixed = fractions[2:]
     assert all(f is not None for f in mixed)
-    assert 0.3 <= sum(mixed) / len(mixed) <= 0.7  # 7 x 8 Bernoulli(0.5) draws
+    assert 0.1 <= sum(mixed) / len(mixed) <= 0.4  # 7 x 8 Bernoulli(0.25) draws (sd 0.06)
     # the mixed samples are the pool's: the teacher's real batch holds pool images where the mask says so
     d = SampleDraws(0, 8, list(range(8)), rt.device)
     batch = models.data.batch(d)
-    real, _, mask = m.real_batch(batch, d, "concept_teacher")
-    assert mask.any() and (~mask).any()
     pool = m.pool
-    assert all(any(torch.equal(r, p) for p in pool) for r in real[mask])
-    assert not any(any(torch.equal(r, p) for p in pool) for r in real[~mask])
+    for role in ("concept_teacher", "discriminator"):  # the teacher's data and the student's real set
+        real, _, mask = m.real_batch(batch, d, role)
+        assert mask.any() and (~mask).any(), role
+        assert all(any(torch.equal(r, p) for p in pool) for r in real[mask])
+        assert not any(any(torch.equal(r, p) for p in pool) for r in real[~mask])
     state = json.loads(json.dumps(m.state_dict()))
     m2, _ = _method(cfg, rt)
     m2.load_state_dict(state)
@@ -357,3 +365,33 @@ def test_paper_features_are_the_evaluation_networks_and_pass_gradients(tmp_path,
     assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
     assert not any(p.requires_grad for p in feats.parameters())
     assert set(feats.sha256) == {"clip", "vgg16", "lpips_heads"}
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 96, 80), (40, 34)), ((1, 3, 32, 32), (56, 48))])
+def test_the_clip_resize_is_bicubic_interpolation_as_matrices(shape, size):
+    """PaperFeatures resizes with two matrix products (a deterministic CUDA backward) that equal PyTorch's
+    antialiased bicubic interpolate, down and up."""
+    from unidad_dist.eval.alignment import resize_bicubic
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(resize_bicubic(x, *size), want, atol=1e-4, rtol=0)
+
+
+def test_a_student_backbone_of_another_text_family_and_a_t_max_beyond_the_schedule_are_refused(pipes, tmp_path, rt):
+    from unidad_dist.train.build import build
+
+    cfg = _cfg(pipes, tmp_path, **{"student.backbone": str(pipes["sdxl"])})
+    with pytest.raises(UserError, match="another text conditioning.*cross_attention_dim 64 vs 32"):
+        build(cfg, rt)
+    with pytest.raises(UserError, match="algorithm.t_max=1000 .* timesteps 0..999"):
+        _method(_cfg(pipes, tmp_path, **{"algorithm.t_max": 1000}), rt)
+
+
+def test_without_the_adversarial_term_there_is_no_discriminator(pipes, tmp_path, rt):
+    cfg = _cfg(pipes, tmp_path, **{"algorithm.w_adv": 0.0, "discriminator.grad_accum": 2})
+    m, models = _method(cfg, rt)
+    assert set(models.roles) == {"concept_teacher", "student"}
+    logs = m.step(0)
+    assert "student/adv" not in logs and not any(k.startswith("discriminator/") for k in logs)
+    assert m.calls["student"] == 1  # one micro-batch of samples: none made for an absent discriminator

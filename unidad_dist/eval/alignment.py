@@ -11,6 +11,8 @@ are not CLIP or LPIPS numbers.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,26 @@ class StandInFeatures(nn.Module):
         return sum((unit(a) - unit(b)).pow(2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(self.taps(x), self.taps(y)))
 
 
+@functools.lru_cache(maxsize=16)
+def _resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): PyTorch's antialiased bicubic resize along one axis as a matrix (it is separable)."""
+    # the basis images are 4 wide: a 1-wide input takes another code path in PyTorch, with other weights
+    basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 4).contiguous()
+    out = F.interpolate(basis, size=(n_out, 4), mode="bicubic", align_corners=False, antialias=True)
+    return out[:, 0, :, 0].T.contiguous().float()
+
+
+def resize_bicubic(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.interpolate(x, (h, w), mode="bicubic", antialias=True)`` as two matrix products: the same values, and a
+    backward with a deterministic CUDA kernel (interpolate's antialiased bicubic backward has none, so it would
+    stop a ``run.deterministic`` run)."""
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    a_h = _resize_matrix(x.shape[-2], h).to(x.device, x.dtype)
+    a_w = _resize_matrix(x.shape[-1], w).to(x.device, x.dtype)
+    return torch.einsum("oh,bchw,pw->bcop", a_h, x, a_w)
+
+
 def _size(size, keys) -> int:
     """A processor's size setting (an int, a dict, or transformers' SizeDict) as one side length."""
     if isinstance(size, int):
@@ -93,7 +115,7 @@ class PaperFeatures(nn.Module):
         x = (x.float() + 1) / 2
         h, w = x.shape[-2:]
         s = self.short / min(h, w)
-        x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bicubic", align_corners=False, antialias=True)
+        x = resize_bicubic(x, round(h * s), round(w * s))
         top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
         x = x[..., top:top + self.crop, left:left + self.crop]
         out = self.clip.get_image_features(pixel_values=(x - self.mean) / self.std)

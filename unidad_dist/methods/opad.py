@@ -119,13 +119,15 @@ class OPAD(Method):
     @classmethod
     def roles(cls, cfg) -> list[RoleSpec]:
         kv = kv_projection if cfg.algorithm.kv_only else None
-        return [
+        specs = [
             RoleSpec("student", True, "generator", copy_of="concept_teacher", train_filter=kv, train_filter_doc=KV_DOC,
                      ema=cfg.student.ema),
             RoleSpec("concept_teacher", True, "critic", train_filter=kv, train_filter_doc=KV_DOC),
-            RoleSpec("discriminator", True, "critic", copy_of="concept_teacher", heads=GanHeads.for_backbone,
-                     heads_key="opad_discriminator_heads", train_filter=lambda n, p: n.startswith("heads.")),
         ]
+        if cfg.algorithm.w_adv > 0:  # without the adversarial term the discriminator would train for nothing
+            specs.append(RoleSpec("discriminator", True, "critic", copy_of="concept_teacher", heads=GanHeads.for_backbone,
+                                  heads_key="opad_discriminator_heads", train_filter=lambda n, p: n.startswith("heads.")))
+        return specs
 
     @classmethod
     def feature_networks(cls, cfg) -> Optional[str]:
@@ -164,8 +166,9 @@ class OPAD(Method):
     @classmethod
     def iteration_plan(cls, cfg, iteration: int) -> IterationPlan:
         k_grad = shared_randint(cfg.run.seed, iteration, "backward_simulation_k", 0, cfg.student.steps)
-        return IterationPlan({"concept_teacher": cfg.concept_teacher.grad_accum, "student": cfg.student.grad_accum,
-                              "discriminator": cfg.discriminator.grad_accum},
+        micro = {"concept_teacher": cfg.concept_teacher.grad_accum, "student": cfg.student.grad_accum,
+                 "discriminator": cfg.discriminator.grad_accum if cfg.algorithm.w_adv > 0 else 0}
+        return IterationPlan(micro,
                              {"k_grad": k_grad, "refresh": cls.refreshes(cfg, iteration)})
 
     @staticmethod
@@ -188,6 +191,8 @@ class OPAD(Method):
                 p += [Pass("student", "params"), Pass("concept_teacher", "none", phase="student")]
                 if cfg.algorithm.w_adv > 0:
                     p.append(Pass("discriminator", "input", discriminate=True, phase="student"))
+            elif micro < ip.micro["discriminator"]:  # samples for the discriminator only
+                p.append(Pass("student", "none", count=k + 1))
             if micro < ip.micro["discriminator"]:
                 p.append(Pass("discriminator", "params", discriminate=True, count=2))
             out.append(p)
@@ -206,6 +211,9 @@ class OPAD(Method):
             raise UserError(f"algorithm.name=opad learns a text concept, but concept_teacher.backbone '{models.spec.given}' is "
                             "not text-conditioned; give an SD1.5/SD2.1/SDXL-form pipeline folder")
         self.features = models.features  # None in sample/export (no loss is computed there)
+        for key, t_max in (("algorithm.t_max", cfg.algorithm.t_max), ("discriminator.t_max", cfg.discriminator.t_max)):
+            if t_max >= self.T:
+                raise UserError(f"{key}={t_max} but this noise schedule has timesteps 0..{self.T - 1}; set it below {self.T}")
         self.pool: Optional[torch.Tensor] = None  # the collaborative pool (model space) and its prompts
         self.pool_prompts: list[str] = []
         self.pool_iteration = -1
@@ -370,11 +378,11 @@ class OPAD(Method):
                     for k, v in lt.items():
                         logs[f"concept_teacher/{k}"] += v / ga
         self.step_roles(iteration, ["concept_teacher"], skipped, logs)
-        ga = ip.micro["student"]
+        ga, ga_d = ip.micro["student"], ip.micro["discriminator"]
         shape = (cfg.train.batch_size,) + tuple(self.m.sample_shape)
         samples = []
         with timer.phase("student"):
-            for micro in range(n_micro):
+            for micro in range(max(ga, ga_d)):  # the student's micro-batches and the samples the discriminator needs
                 d, batch = draws[micro]
                 grad = micro < ga
 
@@ -397,8 +405,8 @@ class OPAD(Method):
                             logs[f"student/{k}"] += v / ga
                 samples.append(x.detach())
         self.step_roles(iteration, ["student"], skipped, logs)
-        ga = ip.micro["discriminator"]
-        if ex.holds("discriminator"):
+        ga = ga_d
+        if ga and ex.holds("discriminator"):
             with timer.phase("discriminator"):
                 for micro in range(ga):
                     d, batch = draws[micro]

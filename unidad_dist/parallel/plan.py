@@ -802,8 +802,8 @@ def make_plan(cfg, world_size: int, gpu_memory: Optional[int] = None, arch: Opti
     if features:
         helpers += features
         notes.append(f"algorithm.features={cfg.method.feature_networks(cfg)}: CLIP ViT-B/32 + LPIPS-VGG in fp32 on "
-                     f"every rank ({features / GIB:.2f} GiB, counted with the helpers); the activations they keep "
-                     "for the student's backward are not in this estimate")
+                     f"every rank ({features / GIB:.2f} GiB, counted with the helpers); the activations they and the "
+                     "VAE decode keep for the student's backward are not in this estimate: leave room")
     per_rank = {}
     for r in range(world_size):
         held = [p for p in roles.values() if r in p.ranks]

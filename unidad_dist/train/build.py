@@ -78,6 +78,15 @@ def _check_same_space(spec: BackboneSpec, other: BackboneSpec, role: str, primar
             f"than {primary}.backbone ({spec.in_channels}ch, {spec.sample_size}px); all roles must share one latent "
             "space"
         )
+    keys = ("cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim")
+    mine, theirs = [spec.unet_config.get(k) for k in keys], [other.unet_config.get(k) for k in keys]
+    if spec.text_conditioned and mine != theirs:
+        diff = ", ".join(f"{k} {b} vs {a}" for k, a, b in zip(keys, mine, theirs) if a != b)
+        raise UserError(
+            f"{role}.backbone '{other.given}' reads another text conditioning than {primary}.backbone ({diff}); every "
+            f"role takes its prompts from {primary}'s text encoder(s), so use a backbone of the same family (e.g. "
+            "SD2.1 with SD-Turbo, SDXL with SDXL-Turbo)"
+        )
 
 
 def _check_same_schedule(spec: BackboneSpec, other: BackboneSpec, role: str, primary: str) -> None:

@@ -42,7 +42,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 # Keys that may change between a run and its resumption (everything else must match). run.dir: a run folder
 # that was moved (or copied) resumes where it now is.
 RESUME_ALLOWED = ("train.iterations", "checkpoint.", "logging.", "eval.", "run.dist_timeout", "run.lock_stale_s",
-                  "run.signal_grace_s", "run.discard_damaged", "run.dir")
+                  "run.signal_grace_s", "run.discard_damaged", "run.dir", "run.deterministic")
 
 
 @dataclass
