@@ -396,3 +396,19 @@ def test_disk_full_read_only_and_tampered_checkpoints_are_one_line_or_a_fallback
     assert not marker.exists()
     its = [json.loads(line)["iteration"] for line in (rdir / "metrics.jsonl").read_text().splitlines()]
     assert its == [0, 1, 2], its  # resumed from iteration 1: iteration 1 ran again, once in the log
+
+
+def test_run_deterministic_sets_deterministic_kernels_for_the_run_only(monkeypatch):
+    """run.deterministic: deterministic algorithms (strict), cuDNN deterministic without benchmark and cuBLAS's
+    workspace setting while the run lasts; the process's settings come back afterwards."""
+    from unidad_dist.device import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_kernels(False):
+        assert not torch.are_deterministic_algorithms_enabled()
