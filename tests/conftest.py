@@ -68,7 +68,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def pipes(tmp_path_factory):
-    """Tiny pixel, SD1.5-form and SDXL-form pipelines saved with save_pretrained, plus target shots."""
+    """Tiny pixel, SD1.5-form, SDXL-form and pixel-space text (SD1.5-form UNet, no VAE) pipelines saved with
+    save_pretrained, plus target shots."""
     from unidad_dist import builtin, testing
 
     root = tmp_path_factory.mktemp("pipes")
@@ -76,6 +77,7 @@ def pipes(tmp_path_factory):
         "pixel": testing.write_pixel_pipeline(root / "pixel"),
         "sd15": testing.write_text_pipeline(root / "sd15", "sd15"),
         "sdxl": testing.write_text_pipeline(root / "sdxl", "sdxl"),
+        "pixel_text": testing.write_text_pipeline(root / "pixel_text", "pixel_text", latent_size=16),
         "shots": builtin.make_shots(root / "shots", "blue_discs", 6, 16, seed=3),
     }
     return out

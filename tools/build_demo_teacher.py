@@ -62,15 +62,16 @@ def main() -> int:
 QUALITY = {"max_distance": 0.6, "max_noise": 0.02, "min_sharpness_ratio": 0.8, "min_diversity": 0.7}
 
 
-def quality(unet, cfg: dict, n: int = 128) -> tuple[dict, list[str]]:
+def quality(unet, cfg: dict, n: int = 128, folder: Path | None = None) -> tuple[dict, list[str]]:
     """The teacher's sample quality (proxy distance to its domain, noise, sharpness, diversity) and what
-    falls short of QUALITY (empty when it is clean enough to publish)."""
+    falls short of QUALITY (empty when it is clean enough to publish). A text teacher (its text encoder in
+    ``folder``) samples its caption of each shape in turn."""
     import torch
 
     from unidad_dist import builtin
     from unidad_dist.eval import metrics
 
-    x = builtin.teacher_samples(unet, cfg, n)
+    x = builtin.teacher_samples(unet, cfg, n, folder=folder)
     real = builtin.render_shapes(builtin.DOMAINS[cfg["domain"]], n, cfg["resolution"], torch.Generator().manual_seed(99))
     noise, sharp = metrics.noise_and_sharpness(x)
     _, sharp_real = metrics.noise_and_sharpness(real)
@@ -90,7 +91,7 @@ def quality(unet, cfg: dict, n: int = 128) -> tuple[dict, list[str]]:
 
 def build(name: str, state: Path | None = None) -> int:
     import torch
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     from unidad_dist import builtin
     from unidad_dist.core.images import save_grid
@@ -111,7 +112,7 @@ def build(name: str, state: Path | None = None) -> int:
     noise_real, sharp_real = metrics.noise_and_sharpness(real)
 
     def samples(unet) -> torch.Tensor:
-        return builtin.teacher_samples(unet, cfg, 128)
+        return builtin.teacher_samples(unet, cfg, 128, folder=tmp)
 
     def snapshot(step: int, unet) -> None:
         x = samples(unet)
@@ -125,12 +126,12 @@ def build(name: str, state: Path | None = None) -> int:
     builtin.pretrain_teacher(cfg, tmp, progress=True, snapshot=snapshot, state_file=state_file)
     seconds = time.time() - t0  # of this process only, when it continued a stopped build
     total = cfg["steps"]
-    final = UNet2DModel.from_pretrained(tmp / "unet").eval()
+    final = (UNet2DConditionModel if cfg.get("text") else UNet2DModel).from_pretrained(tmp / "unet").eval()
     snapshot(total, final)
     os.replace(tmp / f"samples_{total:06d}.png", tmp / "samples.png")
     for f in tmp.glob("samples_*.png"):
         f.unlink()
-    _, bad = quality(final, cfg)
+    _, bad = quality(final, cfg, folder=tmp)
     if bad:  # never publish a teacher whose own samples are not clean: students inherit its flaws
         print(f"{name}: not published, its samples fall short ({'; '.join(bad)}); kept in {tmp}")
         return 1

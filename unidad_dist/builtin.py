@@ -107,9 +107,21 @@ TEACHER = {
 # (mid, dark, light, textured), trained longer (its domain is harder: 3000 steps left it at proxy distance 1.3)
 BROAD_TEACHER = dict(TEACHER, domain="red_shapes_any_background", steps=9000)
 
+# A tiny *text-conditioned* teacher (issue 17's toy domain for the methods that need a prompt: OPAD, the
+# baselines' DreamBooth-style fine-tune): the same pixel-space source domain (every shape in red on mid grey),
+# captioned "a <shape>" (10 % empty captions, for classifier-free guidance), read through cross-attention from a
+# tiny CLIP text encoder with a character-level tokenizer (random weights, seeded, frozen — any fixed map from
+# prompts to distinct embeddings serves a toy). The demo teacher's UNet with attention on its lowest (8 x 8)
+# level and in the middle block (self- and cross-attention), so OPAD's K/V-only training applies.
+TEXT_TEACHER = dict(TEACHER, lr=1e-3, steps=2500,
+                    text={"hidden": 32, "layers": 2, "heads": 4, "max_length": 24, "attention_head_dim": 8,
+                          "attention_levels": 1,
+                          "caption": "a {shape}", "dropout": 0.1, "seed": 0})
+
 BUILTINS = {
     "demo_teacher": ("teacher", TEACHER),
     "broad_teacher": ("teacher", BROAD_TEACHER),
+    "text_teacher": ("teacher", TEXT_TEACHER),
     "demo_target": ("shots", {"domain": "blue_discs", "n": 10, "resolution": 32, "seed": 1234}),
 }
 
@@ -151,14 +163,15 @@ def _hsv_to_rgb(h, s, v):
     return torch.stack([f(5), f(3), f(1)], dim=1)
 
 
-def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Generator, return_shapes: bool = False):
     """n images (n, 3, R, R) in [-1, 1]: one anti-aliased shape of the domain's colour on a soft
     gradient background; position, size, rotation, shade and background vary per image.
 
     ``domain``: ``shape`` (one of SHAPES, or a list to draw from per image), ``color`` (RGB in [0, 1], or
     "any": a random saturated hue per image) with ``color_jitter``, and ``background`` (one of BACKGROUNDS,
     or a list; default "mid"; "textured" adds stripes of random frequency and orientation). A domain that
-    sets only shape, colour and jitter renders exactly as before these options existed."""
+    sets only shape, colour and jitter renders exactly as before these options existed. With
+    ``return_shapes``: (images, the shape name of each image) — the captions of a text teacher."""
     R = resolution
     u = lambda *s: torch.rand(*s, generator=generator)  # noqa: E731
     ys, xs = torch.meshgrid(torch.arange(R, dtype=torch.float32) + 0.5, torch.arange(R, dtype=torch.float32) + 0.5,
@@ -172,10 +185,12 @@ def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Genera
     shapes = domain["shape"]
     if isinstance(shapes, str):
         sd = _shape_sdf(shapes, dx, dy, size[:, None, None], angle)
+        names = [shapes] * n
     else:
         pick = torch.randint(0, len(shapes), (n,), generator=generator)
         sd = torch.stack([_shape_sdf(shapes[int(i)], dx[j:j + 1], dy[j:j + 1], size[j:j + 1, None, None],
                                      angle[j:j + 1])[0] for j, i in enumerate(pick)])
+        names = [shapes[int(i)] for i in pick]
     mask = torch.sigmoid(-sd * 2.5)[:, None]  # soft edge ~1 px
     jit = domain.get("color_jitter", 0.1)
     if domain["color"] == "any":
@@ -202,7 +217,8 @@ def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Genera
         stripes = torch.sin(freq * (xs[None] * theta.cos() + ys[None] * theta.sin()) + phase)[:, None]
         background = background + textured * 0.1 * stripes
     img = background.clamp(0, 1) * (1 - mask) + color * mask
-    return (img * 2 - 1).clamp(-1, 1)
+    img = (img * 2 - 1).clamp(-1, 1)
+    return (img, names) if return_shapes else img
 
 
 def make_shots(folder: Path, domain: str | dict, n: int, resolution: int, seed: int) -> Path:
@@ -223,6 +239,97 @@ def tiny_pixel_unet_config(resolution: int, block_out_channels, layers_per_block
                 up_block_types=["UpBlock2D"] * n, norm_num_groups=norm_num_groups, add_attention=False)
 
 
+def tiny_text_unet_config(resolution: int, block_out_channels, layers_per_block: int, norm_num_groups: int,
+                          cross_attention_dim: int, attention_head_dim: int, attention_levels: int = 1) -> dict:
+    """A pixel-space UNet2DConditionModel: attention (self and cross) on its ``attention_levels`` lowest
+    levels and in the middle block."""
+    n, a = len(block_out_channels), attention_levels
+    return dict(sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=list(block_out_channels),
+                layers_per_block=layers_per_block,
+                down_block_types=["DownBlock2D"] * (n - a) + ["CrossAttnDownBlock2D"] * a,
+                up_block_types=["CrossAttnUpBlock2D"] * a + ["UpBlock2D"] * (n - a), norm_num_groups=norm_num_groups,
+                cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim)
+
+
+def _teacher_unet(cfg: dict):
+    text = cfg.get("text")
+    if text is None:
+        from diffusers import UNet2DModel
+
+        return UNet2DModel(**tiny_pixel_unet_config(cfg["resolution"], cfg["block_out_channels"],
+                                                    cfg["layers_per_block"], cfg["norm_num_groups"]))
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**tiny_text_unet_config(cfg["resolution"], cfg["block_out_channels"],
+                                                        cfg["layers_per_block"], cfg["norm_num_groups"],
+                                                        text["hidden"], text["attention_head_dim"],
+                                                        text["attention_levels"]))
+
+
+TOKENIZER_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789{}_-.,'!?"
+
+
+def write_tokenizer(folder: Path, max_length: int = 16) -> Path:
+    """A character-level CLIP tokenizer (every character a token; no merges) written from files, offline."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in TOKENIZER_CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=max_length)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def _write_text_encoder(text: dict, out: Path) -> None:
+    """The text teacher's frozen encoder and tokenizer, from its seed (the same files on every machine)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    write_tokenizer(out / "tokenizer", max_length=text["max_length"])
+    cfg = CLIPTextConfig(hidden_size=text["hidden"], intermediate_size=2 * text["hidden"],
+                         num_attention_heads=text["heads"], num_hidden_layers=text["layers"],
+                         vocab_size=2 + 2 * len(TOKENIZER_CHARS), max_position_embeddings=text["max_length"],
+                         projection_dim=text["hidden"], bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(text["seed"])
+        CLIPTextModel(cfg).save_pretrained(out / "text_encoder", safe_serialization=True)
+
+
+def text_encoder_fn(folder: Path):
+    """prompts -> encoder_hidden_states, read from a pipeline folder's text_encoder/ and tokenizer/ exactly as
+    models.conditioning.TextConditioner reads them (padded to the tokenizer's length, last hidden state)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tok = AutoTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
+    enc = CLIPTextModel.from_pretrained(str(Path(folder) / "text_encoder")).eval().requires_grad_(False)
+    cache: dict[str, torch.Tensor] = {}
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        new = sorted(set(prompts) - set(cache))
+        if new:
+            ids = tok(new, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            with torch.no_grad():
+                for p, h in zip(new, enc(ids).last_hidden_state):
+                    cache[p] = h
+        return torch.stack([cache[p] for p in prompts])
+
+    return encode
+
+
+def teacher_prompts(cfg: dict, n: int) -> list[str]:
+    """A text teacher's sampling prompts: its caption for each shape of its domain, in turn."""
+    shapes = DOMAINS[cfg["domain"]]["shape"]
+    shapes = [shapes] if isinstance(shapes, str) else list(shapes)
+    return [cfg["text"]["caption"].format(shape=shapes[i % len(shapes)]) for i in range(n)]
+
+
 def _scheduler(cfg: dict):
     from diffusers import DDPMScheduler
 
@@ -238,11 +345,13 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None,
     ``state_file``, the training state (weights, EMA, optimiser, random generator, step) is written there every
     ``state_every`` steps and a run that finds it continues from it, bit for bit, so a long build can be
     stopped and resumed (tools/build_demo_teacher.py --state)."""
-    from diffusers import UNet2DModel
-
+    text = cfg.get("text")
+    encode = None
+    if text is not None:  # written first: the training reads its captions through the files it ships
+        _write_text_encoder(text, out)
+        encode = text_encoder_fn(out)
     torch.manual_seed(cfg["seed"])
-    unet = UNet2DModel(**tiny_pixel_unet_config(cfg["resolution"], cfg["block_out_channels"],
-                                                cfg["layers_per_block"], cfg["norm_num_groups"]))
+    unet = _teacher_unet(cfg)
     sched = _scheduler(cfg)
     schedule = NoiseSchedule(sched.alphas_cumprod, cfg["prediction_type"])
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -265,10 +374,15 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None,
         if bar is not None:
             bar.update(start)
     for step in range(start, steps):
-        x0 = render_shapes(domain, cfg["batch"], cfg["resolution"], g)
+        x0, shapes = render_shapes(domain, cfg["batch"], cfg["resolution"], g, return_shapes=True)
         t = torch.randint(0, cfg["num_train_timesteps"], (cfg["batch"],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        pred = unet(schedule.add_noise(x0, noise, t), t).sample
+        if encode is None:
+            pred = unet(schedule.add_noise(x0, noise, t), t).sample
+        else:
+            keep = torch.rand(cfg["batch"], generator=g) >= text["dropout"]
+            prompts = [text["caption"].format(shape=sh) if k else "" for sh, k in zip(shapes, keep.tolist())]
+            pred = unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=encode(prompts)).sample
         loss = torch.nn.functional.mse_loss(pred, schedule.target(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -297,14 +411,24 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None,
         bar.close()
     ema.save_pretrained(out / "unet", safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    if text is not None:  # no diffusers pipeline class runs a pixel-space UNet on CLIP text: none is named
+        index.update(_class_name=None, unet=["diffusers", "UNet2DConditionModel"],
+                     text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def teacher_samples(unet, cfg: dict, n: int, steps: int = 25, seed: int = 0, batch: int = 256) -> torch.Tensor:
-    """n deterministic DDIM (eta = 0) samples of a tiny teacher, in [-1, 1] (its grids and quality checks)."""
+def teacher_samples(unet, cfg: dict, n: int, steps: int = 25, seed: int = 0, batch: int = 256,
+                    folder: Optional[Path] = None) -> torch.Tensor:
+    """n deterministic DDIM (eta = 0) samples of a tiny teacher, in [-1, 1] (its grids and quality checks).
+    A text teacher samples teacher_prompts(cfg, n), encoded by the text encoder in ``folder``."""
     schedule = NoiseSchedule(_scheduler(cfg).alphas_cumprod, cfg["prediction_type"])
+    cond = None
+    if cfg.get("text") is not None:
+        if folder is None:
+            raise ValueError("a text teacher's samples need the folder of its text encoder")
+        cond = text_encoder_fn(folder)(teacher_prompts(cfg, n))
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, 3, cfg["resolution"], cfg["resolution"]), generator=g)
     ts = torch.linspace(cfg["num_train_timesteps"] - 1, 0, steps).round().long().tolist()
@@ -314,7 +438,8 @@ def teacher_samples(unet, cfg: dict, n: int, steps: int = 25, seed: int = 0, bat
             x = z[start:start + batch]
             for i, t in enumerate(ts):
                 tt = torch.full((x.shape[0],), t, dtype=torch.long)
-                x0 = schedule.to_x0(unet(x, tt).sample, x, tt).clamp(-1, 1)
+                kw = {} if cond is None else {"encoder_hidden_states": cond[start:start + batch]}
+                x0 = schedule.to_x0(unet(x, tt, **kw).sample, x, tt).clamp(-1, 1)
                 if i + 1 == len(ts):
                     break
                 a, s = schedule.coefficients(tt, x.ndim, x.device)

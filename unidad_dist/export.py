@@ -181,8 +181,10 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
                 comp = src.root / name
                 if comp.is_dir():
                     shutil.copytree(comp, tmp / name)
-            pipeline = PIPELINE_CLASS[spec.kind]
-            index["_class_name"] = pipeline
+            # diffusers has no pipeline for a pixel-space UNet conditioned on CLIP text (the toy text teacher's
+            # form): its folder keeps the source's components, and `unidad-dist sample` reads it
+            pipeline = PIPELINE_CLASS[spec.kind] if spec.latent or spec.kind == "pixel" else None
+            index["_class_name"] = pipeline or index.get("_class_name")
             index["unet"] = ["diffusers", type(unet).__name__]
             index["scheduler"] = ["diffusers", scheduler]
             if pipeline == "StableDiffusionPipeline":

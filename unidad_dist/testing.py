@@ -7,32 +7,13 @@ we write (docs/clusters.md, "Tiny diffusers pipelines, offline").
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import torch
 
-from unidad_dist.builtin import tiny_pixel_unet_config
+from unidad_dist.builtin import tiny_pixel_unet_config, write_tokenizer  # noqa: F401 (tests import it from here)
 from unidad_dist.core.schema import nest_dotted
 from unidad_dist.device import prepare_deepspeed_env
-
-
-def write_tokenizer(folder: Path, max_length: int = 16) -> Path:
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(string.ascii_lowercase + string.digits + "{}_-.,'!?")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                        model_max_length=max_length)
-    tok.save_pretrained(str(folder))
-    return folder
 
 
 def _scheduler(prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear"):
@@ -66,13 +47,27 @@ def _text_config(hidden: int = 32, projection_dim: int = 32):
 
 def write_text_pipeline(folder: Path, form: str = "sd15", prediction_type: str = "epsilon", seed: int = 0,
                         latent_size: int = 8) -> Path:
-    """A tiny SD1.5-form (one text encoder) or SDXL-form (two encoders, pooled, add_time_ids) pipeline."""
+    """A tiny SD1.5-form (one text encoder) or SDXL-form (two encoders, pooled, add_time_ids) pipeline; form
+    "pixel_text": an SD1.5-form UNet in pixel space (3 channels, no VAE; ``latent_size`` is its resolution)."""
     prepare_deepspeed_env()  # saving the text encoders makes transformers import DeepSpeed
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     torch.manual_seed(seed)
+    if form == "pixel_text":
+        from unidad_dist.builtin import tiny_text_unet_config
+
+        UNet2DConditionModel(**tiny_text_unet_config(latent_size, (16, 32), 1, 8, 32, 4)).save_pretrained(
+            folder / "unet", safe_serialization=True)
+        CLIPTextModel(_text_config()).save_pretrained(folder / "text_encoder", safe_serialization=True)
+        write_tokenizer(folder / "tokenizer")
+        _scheduler(prediction_type).save_pretrained(folder / "scheduler")
+        (folder / "model_index.json").write_text(json.dumps({
+            "_class_name": None, "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"]}))
+        return folder
     sdxl = form == "sdxl"
     unet_kwargs = dict(
         sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,

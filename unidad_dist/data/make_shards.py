@@ -61,7 +61,7 @@ def make_shards(out: str, images: Optional[str] = None, prompts: Optional[str] =
         if spec.kind == "pixel":
             raise UserError(f"--precompute: '{spec.given}' is a pixel-space backbone with no VAE or text encoder; "
                             "drop --precompute")
-        codec = LatentCodec(spec, device)
+        codec = LatentCodec(spec, device) if spec.latent else None  # a pixel-space text model: embeddings only
         conditioner = TextConditioner(spec, device) if spec.text_conditioned else None
     meta = {"kind": "images" if images is not None else "prompts", "precomputed": bool(precompute),
             "rare_token": rare, "class_name": cls,

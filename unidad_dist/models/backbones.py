@@ -2,7 +2,8 @@
 encoder-only feature pass used by the GAN heads.
 
 Three forms are supported (docs/algorithm.md §1): pixel-space ``UNet2DModel`` (unconditional),
-``UNet2DConditionModel`` in SD1.5 form, and in SDXL form (``addition_embed_type="text_time"``). A
+``UNet2DConditionModel`` in SD1.5 form, and in SDXL form (``addition_embed_type="text_time"``); an SD1.5-form
+UNet with 3 input channels and no ``vae/`` works in pixel space (the DeepFloyd-IF form). A
 backbone is given as a diffusers *pipeline* folder (``model_index.json``, ``unet/``, ``scheduler/``, and
 for text models ``text_encoder*/``, ``tokenizer*/``, ``vae/``) or a bare UNet folder with a
 ``scheduler_config.json`` beside it. Built-in tiny models (``builtin:<name>``) are written to such a
@@ -54,6 +55,12 @@ class BackboneSpec:
         return self.kind != "pixel"
 
     @property
+    def latent(self) -> bool:
+        """Works in a VAE's latent space: every text-conditioned backbone except a pixel-space one (3 input
+        channels and no ``vae/``, the DeepFloyd-IF form; e.g. the built-in toy text teacher)."""
+        return self.text_conditioned and not (self.in_channels == 3 and self.component("vae") is None)
+
+    @property
     def in_channels(self) -> int:
         return int(self.unet_config.get("in_channels", 3))
 
@@ -66,7 +73,7 @@ class BackboneSpec:
     def vae_factor(self) -> int:
         """Pixels per latent along a side: 2^(VAE blocks - 1); 1 for a pixel backbone."""
         vae = self.component("vae")
-        if self.kind == "pixel" or vae is None or not (vae / "config.json").is_file():
+        if not self.latent or vae is None or not (vae / "config.json").is_file():
             return 1
         return 2 ** (len(_read_json(vae / "config.json", "VAE config").get("block_out_channels", [0])) - 1)
 

@@ -189,7 +189,7 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
     schedule = NoiseSchedule.from_scheduler_config(spec.scheduler_config)
     # Data first: it is cheap and the most common source of bad input.
     wants = set(method.components)
-    codec = LatentCodec(spec, rt.device) if spec.kind != "pixel" and "codec" in wants else None
+    codec = LatentCodec(spec, rt.device) if spec.latent and "codec" in wants else None
     resolution = cfg.data.target.resolution or spec.pixel_resolution
     if resolution != spec.pixel_resolution:
         raise UserError(
