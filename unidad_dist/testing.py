@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from unidad_dist.builtin import tiny_pixel_unet_config, write_tokenizer  # noqa: F401 (tests import it from here)
+from unidad_dist.builtin import tiny_pixel_unet_config, tiny_text_unet_config, write_tokenizer  # noqa: F401 (tests import it from here)
 from unidad_dist.core.schema import nest_dotted
 from unidad_dist.device import prepare_deepspeed_env
 
@@ -56,8 +56,6 @@ def write_text_pipeline(folder: Path, form: str = "sd15", prediction_type: str =
     folder = Path(folder)
     torch.manual_seed(seed)
     if form == "pixel_text":
-        from unidad_dist.builtin import tiny_text_unet_config
-
         UNet2DConditionModel(**tiny_text_unet_config(latent_size, (16, 32), 1, 8, 32, 4)).save_pretrained(
             folder / "unet", safe_serialization=True)
         CLIPTextModel(_text_config()).save_pretrained(folder / "text_encoder", safe_serialization=True)
