@@ -23,9 +23,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unidad_dist", "unidad_dist.*"]),
-    # the demo's pretrained teacher (tools/build_demo_teacher.py), loaded as builtin:demo_teacher
-    package_data={"unidad_dist": ["assets/demo_teacher/*.json", "assets/demo_teacher/*.png",
-                                  "assets/demo_teacher/*/*"]},
+    # the pretrained built-in teachers (tools/build_demo_teacher.py), loaded as builtin:demo_teacher and
+    # builtin:text_teacher
+    package_data={"unidad_dist": [f"assets/{name}/{pattern}" for name in ("demo_teacher", "text_teacher")
+                                  for pattern in ("*.json", "*.png", "*/*")]},
     # Ranges, so cluster users keep their own CUDA build of torch; CI pins exact versions in requirements-ci.txt.
     install_requires=[
         "torch>=2.4",
