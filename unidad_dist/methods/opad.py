@@ -224,12 +224,7 @@ class OPAD(Method):
 
     def student_x0(self, x_t, t, cond, module=None):
         self.calls["student"] += 1
-        role = self.role("student")
-        if module is None:
-            pred = role.train_forward(x_t, t, cond)
-        else:
-            with role.autocast():
-                pred = module(x_t, t, cond)
+        pred = self.role("student").output(x_t, t, cond, module)
         return self.schedule.to_x0(pred.float(), x_t, t)
 
     def teacher_x0(self, x_t, t, cond):

@@ -365,12 +365,7 @@ class UniDAD(Method):
     def student_x0(self, x_t, t, cond, module=None):
         """x̂0 of the student: through its engine (its own loss), or of ``module`` (sampling, EMA)."""
         self.calls["student"] += 1
-        role = self.role("student")
-        if module is None:
-            pred = role.train_forward(x_t, t, cond)
-        else:
-            with role.autocast():
-                pred = module(x_t, t, cond)
+        pred = self.role("student").output(x_t, t, cond, module)
         if self.cfg.student.prediction == "x0":
             return pred.float()
         return self.schedule.to_x0(pred, x_t, t)

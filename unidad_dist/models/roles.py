@@ -87,6 +87,14 @@ class Role:
     def train_discriminate(self, x_t, t, cond) -> torch.Tensor:
         return self.discriminate(x_t, t, cond)
 
+    def output(self, x_t, t, cond, module: Optional[nn.Module] = None) -> torch.Tensor:
+        """Its network's output: for its own loss (through its engine when it has one), or that of ``module`` (a
+        sampling copy of it, e.g. its EMA) under its precision."""
+        if module is None:
+            return self.train_forward(x_t, t, cond)
+        with self.autocast():
+            return module(x_t, t, cond)
+
     def inference_module(self) -> nn.Module:
         return self.module
 
