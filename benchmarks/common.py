@@ -21,3 +21,16 @@ def config(**kw):
     from unidad_dist.config import config_from_dict
 
     return config_from_dict(recipe(**kw))
+
+
+def image_strip(out: Path, files: list) -> None:
+    """The images of ``files`` side by side, 12 white pixels apart, saved to ``out`` (grids of runs)."""
+    from PIL import Image
+
+    ims = [Image.open(f) for f in files]
+    canvas = Image.new("RGB", (sum(i.width for i in ims) + 12 * len(ims), max(i.height for i in ims)), "white")
+    x = 0
+    for im in ims:
+        canvas.paste(im, (x, 0))
+        x += im.width + 12
+    canvas.save(out)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.common import image_strip  # noqa: E402
 from tools.check_demo import check_summary  # noqa: E402
 
 CONTROL = ["algorithm.a=0", "target_teacher.mode=off", "target_teacher.warm_start=0"]  # the a = 0 control
@@ -47,17 +48,9 @@ def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int) -
 
 def _strip(out: Path, runs: list[Path]) -> None:
     """shots | student before | student after of each run, side by side."""
-    from PIL import Image
-
     first = runs[0] / "samples"
-    files = [first / "target_shots.png", first / "student_before.png", *[r / "samples" / "student_after.png" for r in runs]]
-    ims = [Image.open(f) for f in files]
-    canvas = Image.new("RGB", (sum(i.width for i in ims) + 12 * len(ims), max(i.height for i in ims)), "white")
-    x = 0
-    for im in ims:
-        canvas.paste(im, (x, 0))
-        x += im.width + 12
-    canvas.save(out)
+    image_strip(out, [first / "target_shots.png", first / "student_before.png",
+                      *[r / "samples" / "student_after.png" for r in runs]])
 
 
 def _source_samples(n: int = 64, name: str = "demo_teacher"):

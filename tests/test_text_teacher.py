@@ -12,15 +12,25 @@ def test_render_shapes_names_the_shape_each_image_shows():
     """The captions come from these names: a name off by one image would teach the teacher wrong words."""
     g = torch.Generator().manual_seed(0)
     plain = builtin.render_shapes(builtin.DOMAINS["red_shapes"], 64, 32, torch.Generator().manual_seed(0))
-    x, names = builtin.render_shapes(builtin.DOMAINS["red_shapes"], 64, 32, g, return_shapes=True)
+    x, labels = builtin.render_shapes(builtin.DOMAINS["red_shapes"], 64, 32, g, return_labels=True)
+    names = [lab["shape"] for lab in labels]
     assert torch.equal(x, plain)  # the same draws with or without the names (the demo teacher is unchanged)
     assert len(names) == 64 and set(names) == set(builtin.SHAPES)
     filled = _structure(x)["centre_filled"]
     ring = torch.tensor([n == "ring" for n in names])
     solid = torch.tensor([n in ("disc", "square") for n in names])
     assert filled[ring].mean() < 0.2 and filled[solid].mean() > 0.8, (filled, names)
-    one, names1 = builtin.render_shapes(builtin.DOMAINS["blue_discs"], 4, 16, g, return_shapes=True)
-    assert names1 == ["disc"] * 4 and one.shape == (4, 3, 16, 16)
+    one, labels1 = builtin.render_shapes(builtin.DOMAINS["blue_discs"], 4, 16, g, return_labels=True)
+    assert labels1 == [{"shape": "disc", "color": None}] * 4 and one.shape == (4, 3, 16, 16)
+    # a palette: each image's colour name is the colour it shows (its mean over the shape's pixels)
+    domain = builtin.DOMAINS["palette_shapes"]
+    x, labels = builtin.render_shapes(domain, 64, 32, g, return_labels=True)
+    assert set(lab["color"] for lab in labels) == set(domain["color"])
+    mask = (x - x.median(dim=-1, keepdim=True).values.median(dim=-2, keepdim=True).values).norm(dim=1) > 0.3
+    for img, m, lab in zip(x, mask, labels):
+        shown = ((img[:, m] + 1) / 2).mean(dim=1)
+        nearest = min(domain["color"], key=lambda c: (shown - torch.tensor(domain["color"][c])).norm())
+        assert nearest == lab["color"], (lab, shown)
 
 
 def test_pretraining_captions_each_image_with_its_shape(tmp_path, monkeypatch):
@@ -51,8 +61,8 @@ def test_pretraining_captions_each_image_with_its_shape(tmp_path, monkeypatch):
                norm_num_groups=4)
     builtin.pretrain_teacher(cfg, tmp_path / "t", progress=False)
     assert len(seen) == 3 and len(drawn) == 3
-    for prompts, names in zip(seen, drawn):
-        assert all(p in ("", f"a {n}") for p, n in zip(prompts, names))
+    for prompts, names in zip(seen, drawn):  # names: each image's labels
+        assert all(p in ("", "a {color} {shape}".format(**lab)) for p, lab in zip(prompts, names))
         assert sum(p == "" for p in prompts) < len(prompts) // 2
     assert sum(p == "" for ps in seen for p in ps) > 0  # the dropout's empty prompts are there
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
@@ -73,11 +83,18 @@ def test_the_shipped_text_teacher_is_clean_and_follows_its_prompt():
     assert folder is not None, why
     _, cfg = builtin.BUILTINS["text_teacher"]
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    q, bad = quality(unet, cfg, n=60, folder=folder)
+    q, bad = quality(unet, cfg, folder=folder)  # the build gate's 128 samples (fewer inflate the distance)
     assert bad == [], q
-    x = builtin.teacher_samples(unet, cfg, 60, folder=folder)  # prompts: "a disc", "a square", ... in turn
-    prompts = builtin.teacher_prompts(cfg, 60)
+    x = builtin.teacher_samples(unet, cfg, 70, folder=folder)  # "a red disc", "a orange square", ... in turn
+    prompts = builtin.teacher_prompts(cfg, 70)
     filled = _structure(x)["centre_filled"]
-    disc = torch.tensor([p == "a disc" for p in prompts])
-    ring = torch.tensor([p == "a ring" for p in prompts])
+    disc = torch.tensor([p.endswith(" disc") for p in prompts])
+    ring = torch.tensor([p.endswith(" ring") for p in prompts])
     assert filled[disc].mean() > filled[ring].mean() + 0.4, (filled[disc], filled[ring])
+    # and the colour: the most saturated pixels of "a green ..." are greener than those of "a red ..."
+    sat = x.max(dim=1).values - x.min(dim=1).values
+    top = sat.flatten(1).topk(30, dim=1).indices
+    salient = torch.gather(x.flatten(2), 2, top[:, None, :].expand(-1, 3, -1)).mean(dim=2)  # (N, 3)
+    green = torch.tensor([" green " in p for p in prompts])
+    red = torch.tensor([" red " in p for p in prompts])
+    assert (salient[green, 1] - salient[green, 0]).mean() > (salient[red, 1] - salient[red, 0]).mean() + 0.5

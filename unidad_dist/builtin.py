@@ -47,6 +47,11 @@ DOMAINS = {
     # network reached proxy distance 1.29 to it after 3000 steps, not the 0.6 a shipped teacher needs)
     "red_shapes_any_background": {"shape": list(SHAPES), "color": [0.85, 0.15, 0.12], "color_jitter": 0.12,
                                   "background": list(BACKGROUNDS)},
+    # every shape in one of seven named colours (not blue) on mid grey: the text teacher's source, captioned
+    # "a <colour> <shape>"
+    "palette_shapes": {"shape": list(SHAPES), "color": {
+        "red": [0.85, 0.15, 0.12], "orange": [0.95, 0.55, 0.1], "yellow": [0.9, 0.8, 0.1], "green": [0.15, 0.8, 0.2],
+        "cyan": [0.1, 0.8, 0.85], "purple": [0.55, 0.25, 0.85], "white": [0.92, 0.92, 0.92]}, "color_jitter": 0.08},
     # every shape, any saturated hue, every kind of background (a broader source, for tests and comparisons)
     "shapes_family": {"shape": list(SHAPES), "color": "any", "color_jitter": 0.05, "background": list(BACKGROUNDS)},
 }
@@ -108,15 +113,16 @@ TEACHER = {
 BROAD_TEACHER = dict(TEACHER, domain="red_shapes_any_background", steps=9000)
 
 # A tiny *text-conditioned* teacher (issue 17's toy domain for the methods that need a prompt: OPAD, the
-# baselines' DreamBooth-style fine-tune): the same pixel-space source domain (every shape in red on mid grey),
-# captioned "a <shape>" (10 % empty captions, for classifier-free guidance), read through cross-attention from a
-# tiny CLIP text encoder with a character-level tokenizer (random weights, seeded, frozen — any fixed map from
-# prompts to distinct embeddings serves a toy). The demo teacher's UNet with attention on its lowest (8 x 8)
-# level and in the middle block (self- and cross-attention), so OPAD's K/V-only training applies.
-TEXT_TEACHER = dict(TEACHER, lr=1e-3, steps=2500,
+# baselines' DreamBooth-style fine-tune): every shape in seven named colours — not blue, the demo shots' colour,
+# so a concept "a sks disc" of blue discs is new to it — on mid grey, captioned "a <colour> <shape>" (10 % empty
+# captions, for classifier-free guidance), read through cross-attention from a tiny CLIP text encoder with a
+# character-level tokenizer (random weights, seeded, frozen — any fixed map from prompts to distinct
+# embeddings serves a toy). Colour reaches the image only through the text, so cross-attention key/value
+# projections can steer it (OPAD's K/V-only training). The demo teacher's UNet with attention (self and cross)
+# on its lowest (8 x 8) level and in the middle block.
+TEXT_TEACHER = dict(TEACHER, domain="palette_shapes", lr=1e-3, steps=2500,
                     text={"hidden": 32, "layers": 2, "heads": 4, "max_length": 24, "attention_head_dim": 8,
-                          "attention_levels": 1,
-                          "caption": "a {shape}", "dropout": 0.1, "seed": 0})
+                          "attention_levels": 1, "caption": "a {color} {shape}", "dropout": 0.1, "seed": 0})
 
 BUILTINS = {
     "demo_teacher": ("teacher", TEACHER),
@@ -163,15 +169,17 @@ def _hsv_to_rgb(h, s, v):
     return torch.stack([f(5), f(3), f(1)], dim=1)
 
 
-def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Generator, return_shapes: bool = False):
+def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Generator, return_labels: bool = False):
     """n images (n, 3, R, R) in [-1, 1]: one anti-aliased shape of the domain's colour on a soft
     gradient background; position, size, rotation, shade and background vary per image.
 
     ``domain``: ``shape`` (one of SHAPES, or a list to draw from per image), ``color`` (RGB in [0, 1], or
-    "any": a random saturated hue per image) with ``color_jitter``, and ``background`` (one of BACKGROUNDS,
+    "any": a random saturated hue per image, or a dict name -> RGB: one of them per image) with ``color_jitter``,
+    and ``background`` (one of BACKGROUNDS,
     or a list; default "mid"; "textured" adds stripes of random frequency and orientation). A domain that
     sets only shape, colour and jitter renders exactly as before these options existed. With
-    ``return_shapes``: (images, the shape name of each image) — the captions of a text teacher."""
+    ``return_labels``: (images, [{"shape": name, "color": name or None}] per image) — a text teacher's
+    captions."""
     R = resolution
     u = lambda *s: torch.rand(*s, generator=generator)  # noqa: E731
     ys, xs = torch.meshgrid(torch.arange(R, dtype=torch.float32) + 0.5, torch.arange(R, dtype=torch.float32) + 0.5,
@@ -193,7 +201,13 @@ def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Genera
         names = [shapes[int(i)] for i in pick]
     mask = torch.sigmoid(-sd * 2.5)[:, None]  # soft edge ~1 px
     jit = domain.get("color_jitter", 0.1)
-    if domain["color"] == "any":
+    colours = [None] * n
+    if isinstance(domain["color"], dict):  # a named palette
+        palette = list(domain["color"].items())
+        pick_c = torch.randint(0, len(palette), (n,), generator=generator)
+        colours = [palette[int(i)][0] for i in pick_c]
+        base = torch.tensor([palette[int(i)][1] for i in pick_c])[:, :, None, None]
+    elif domain["color"] == "any":
         base = _hsv_to_rgb(u(n), 0.6 + 0.4 * u(n), 0.65 + 0.35 * u(n))[:, :, None, None]
     else:
         base = torch.tensor(domain["color"])[None, :, None, None]
@@ -218,7 +232,7 @@ def render_shapes(domain: dict, n: int, resolution: int, generator: torch.Genera
         background = background + textured * 0.1 * stripes
     img = background.clamp(0, 1) * (1 - mask) + color * mask
     img = (img * 2 - 1).clamp(-1, 1)
-    return (img, names) if return_shapes else img
+    return (img, [{"shape": sh, "color": c} for sh, c in zip(names, colours)]) if return_labels else img
 
 
 def make_shots(folder: Path, domain: str | dict, n: int, resolution: int, seed: int) -> Path:
@@ -324,10 +338,13 @@ def text_encoder_fn(folder: Path):
 
 
 def teacher_prompts(cfg: dict, n: int) -> list[str]:
-    """A text teacher's sampling prompts: its caption for each shape of its domain, in turn."""
-    shapes = DOMAINS[cfg["domain"]]["shape"]
-    shapes = [shapes] if isinstance(shapes, str) else list(shapes)
-    return [cfg["text"]["caption"].format(shape=shapes[i % len(shapes)]) for i in range(n)]
+    """A text teacher's sampling prompts: its caption of each shape (and palette colour) of its domain, in turn
+    (shape i mod the shapes, colour i mod the colours)."""
+    d = DOMAINS[cfg["domain"]]
+    shapes = [d["shape"]] if isinstance(d["shape"], str) else list(d["shape"])
+    colours = list(d["color"]) if isinstance(d["color"], dict) else [None]
+    return [cfg["text"]["caption"].format(shape=shapes[i % len(shapes)], color=colours[i % len(colours)])
+            for i in range(n)]
 
 
 def _scheduler(cfg: dict):
@@ -374,14 +391,14 @@ def pretrain_teacher(cfg: dict, out: Path, progress: bool = True, snapshot=None,
         if bar is not None:
             bar.update(start)
     for step in range(start, steps):
-        x0, shapes = render_shapes(domain, cfg["batch"], cfg["resolution"], g, return_shapes=True)
+        x0, labels = render_shapes(domain, cfg["batch"], cfg["resolution"], g, return_labels=True)
         t = torch.randint(0, cfg["num_train_timesteps"], (cfg["batch"],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         if encode is None:
             pred = unet(schedule.add_noise(x0, noise, t), t).sample
         else:
             keep = torch.rand(cfg["batch"], generator=g) >= text["dropout"]
-            prompts = [text["caption"].format(shape=sh) if k else "" for sh, k in zip(shapes, keep.tolist())]
+            prompts = [text["caption"].format(**lab) if k else "" for lab, k in zip(labels, keep.tolist())]
             pred = unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=encode(prompts)).sample
         loss = torch.nn.functional.mse_loss(pred, schedule.target(x0, noise, t))
         opt.zero_grad(set_to_none=True)
