@@ -98,3 +98,23 @@ def test_the_shipped_text_teacher_is_clean_and_follows_its_prompt():
     green = torch.tensor([" green " in p for p in prompts])
     red = torch.tensor([" red " in p for p in prompts])
     assert (salient[green, 1] - salient[green, 0]).mean() > (salient[red, 1] - salient[red, 0]).mean() + 0.5
+
+
+def test_the_methods_table_runs_every_stage_of_the_baselines_on_the_text_teacher(tmp_path):
+    """benchmarks/methods_table.py's chained baselines: every stage's primary backbone is the text teacher (a
+    stage left on the demo teacher would compare methods across two teachers), the class word reaches each."""
+    from benchmarks.methods_table import TEACHER, command
+    from unidad_dist.launch.chain import load_chain
+    from unidad_dist.methods.base import method_class
+
+    for name in ("adapt_then_distill", "distill_then_adapt"):
+        cmd, folders = command(name, tmp_path)
+        i = cmd.index("--config")
+        chain = load_chain(cmd[i + 1], cmd[i + 2:])
+        assert [tmp_path / name / st.name for st in chain.stages] == folders
+        for st in chain.stages:
+            primary = method_class(st.cfg.algorithm.name).primary
+            assert getattr(st.cfg, primary).backbone == TEACHER, (name, st.name)
+            assert st.cfg.data.target.class_name == "disc"
+    cmd, folders = command("opad", tmp_path)
+    assert "demo_opad" in cmd and folders == [tmp_path / "opad"]
