@@ -108,9 +108,10 @@ def main() -> int:
                                  f"{r.stderr[-2000:]}")
         first = json.loads((folders[0] / "summary.json").read_text())
         last = json.loads((folders[-1] / "summary.json").read_text())
+        # <sampler>_before.png / _after.png: the sampler is the student, or a fine-tuned stage's target_teacher
         image_strip(out / f"{method}_grids.png", [folders[0] / "samples" / "target_shots.png",
-                                                  folders[0] / "samples" / "student_before.png",
-                                                  folders[-1] / "samples" / "student_after.png"])
+                                                  *sorted((folders[0] / "samples").glob("*_before.png"))[:1],
+                                                  *sorted((folders[-1] / "samples").glob("*_after.png"))[:1]])
         row = {"method": method, "before": first["proxy_distance_before"], "after": last["proxy_distance_after"],
                "copy_rate": last["copy_rate"], "diversity": last["diversity"], "noise_level": last["noise_level"],
                "noise_level_shots": last["noise_level_shots"],
