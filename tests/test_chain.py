@@ -89,6 +89,29 @@ def test_a_chain_runs_on_two_ranks_through_launch_local(pipes, tmp_path):
         assert json.loads((tmp_path / "chain" / stage / "summary.json").read_text())["iterations"] == 1
 
 
+@pytest.mark.slow
+def test_a_chain_runs_on_two_workers_through_launch_ray(pipes, tmp_path):
+    """The cluster launchers run a chain through the same entry as `train`: here `launch ray` on a private local
+    Ray cluster, both stages on 2 workers, each exported, chain.json listing both as done."""
+    from test_ray import _clean_env, _ray_missing
+
+    if _ray_missing():
+        pytest.skip(_ray_missing())
+    chain = _chain(tmp_path, [
+        {"name": "adapt", "recipe": _finetune(pipes), "overrides": {"train.iterations": 1}},
+        {"name": "distill", "recipe": _distill(pipes), "overrides": {"train.iterations": 1,
+                                                                     "target_teacher.init": "{stage:adapt}/unet"}},
+    ])
+    r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "ray", "--config", chain, "--address", "local",
+                        "--num-workers", "2", "run.dist_timeout=120"], capture_output=True, text=True, timeout=900,
+                       env=_clean_env(), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for stage in ("adapt", "distill"):
+        assert (tmp_path / "chain" / stage / "export" / "unidad_student.json").is_file()
+        assert json.loads((tmp_path / "chain" / stage / "summary.json").read_text())["iterations"] == 1
+    assert json.loads((tmp_path / "chain" / "chain.json").read_text())["done"] == ["adapt", "distill"]
+
+
 def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path, rt):
     from unidad_dist.launch.chain import load_chain
 
