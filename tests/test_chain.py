@@ -112,6 +112,31 @@ def test_a_chain_runs_on_two_workers_through_launch_ray(pipes, tmp_path):
     assert json.loads((tmp_path / "chain" / "chain.json").read_text())["done"] == ["adapt", "distill"]
 
 
+@pytest.mark.slow
+def test_a_chain_runs_as_one_slurm_job_on_two_tasks(pipes, tmp_path):
+    """`launch slurm` submits a chain as one job (submitit, local SLURM): both stages on 2 tasks, in order,
+    each exported."""
+    from test_slurm import _clean_env, _slurm_up
+
+    why = _slurm_up()
+    if why:
+        pytest.skip(why)
+    chain = _chain(tmp_path, [
+        {"name": "adapt", "recipe": _finetune(pipes), "overrides": {"train.iterations": 1}},
+        {"name": "distill", "recipe": _distill(pipes), "overrides": {"train.iterations": 1,
+                                                                     "target_teacher.init": "{stage:adapt}/unet"}},
+    ])
+    r = subprocess.run([sys.executable, "-m", "unidad_dist", "launch", "slurm", "--config", chain,
+                        "--tasks-per-node", "2", "--time", "10", "run.dist_timeout=120"], capture_output=True,
+                       text=True, timeout=900, cwd=tmp_path, env=_clean_env())
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "launch slurm: submitted job" in r.stdout and "2 ranks" in r.stdout, r.stdout[-3000:]
+    for stage in ("adapt", "distill"):
+        assert (tmp_path / "chain" / stage / "export" / "unidad_student.json").is_file()
+        assert json.loads((tmp_path / "chain" / stage / "outcome.json").read_text())["outcome"] == "finished"
+    assert json.loads((tmp_path / "chain" / "chain.json").read_text())["done"] == ["adapt", "distill"]
+
+
 def test_bad_chains_fail_before_anything_runs_naming_the_stage(pipes, tmp_path, rt):
     from unidad_dist.launch.chain import load_chain
 
