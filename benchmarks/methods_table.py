@@ -64,16 +64,16 @@ def text_chain(name: str) -> dict:
 
 def command(method: str, out: Path) -> tuple[list[str], list[Path]]:
     """The train command of a method and its run folders (stages in order)."""
-    base = [sys.executable, "-m", "unidad_dist", "train", "logging.progress=false", *CLASS]
+    train, common = [sys.executable, "-m", "unidad_dist", "train"], ["logging.progress=false", *CLASS]
     run = out / method
     if method == "unidad":
-        return base[:4] + ["--config", "demo", f"run.dir={run}", f"source_teacher.backbone={TEACHER}", *base[4:]], [run]
+        return [*train, "--config", "demo", f"run.dir={run}", f"source_teacher.backbone={TEACHER}", *common], [run]
     if method == "opad":
-        return base[:4] + ["--config", "demo_opad", f"run.dir={run}", *base[4:]], [run]
+        return [*train, "--config", "demo_opad", f"run.dir={run}", *common], [run]
     chain = text_chain(method)
     f = out / f"{method}.yaml"
     f.write_text(yaml.safe_dump(chain, sort_keys=False))
-    return base[:4] + ["--config", str(f), f"run.dir={run}", *base[4:]], [run / st["name"] for st in chain["stages"]]
+    return [*train, "--config", str(f), f"run.dir={run}", *common], [run / st["name"] for st in chain["stages"]]
 
 
 def main() -> int:

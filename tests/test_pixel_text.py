@@ -56,6 +56,8 @@ def test_unidad_trains_samples_and_exports_on_it(pipes, tmp_path, rt):
     assert info["pipeline"] is None  # no diffusers class for a pixel-space CLIP-conditioned UNet
     assert (out / "text_encoder" / "config.json").is_file() and (out / "tokenizer").is_dir()
     assert not (out / "vae").exists()
+    # plan sizes it: its text encoder counted, no VAE
+    assert main(["plan", "--config", str(f), "--world-size", "1"]) == 0
     # the export is a backbone folder again: it resolves as the same pixel-space text model
     spec = resolve_backbone(str(out), "source_teacher")
     assert spec.kind == "sd15" and not spec.latent
