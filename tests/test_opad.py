@@ -104,6 +104,112 @@ def test_each_step_moves_only_its_own_role_and_only_cross_attention_kv(pipes, tm
         assert key in logs, key
 
 
+TOKEN = {"algorithm.train_token": True, "data.target.rare_token": "<new1>"}
+
+
+def _fresh_encoder(pipe, form="sd15", name="text_encoder"):
+    """The pipeline's encoder and tokenizer as saved (no new token)."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    return (AutoTokenizer.from_pretrained(str(pipe / name.replace("text_encoder", "tokenizer"))),
+            cls.from_pretrained(str(pipe / name)).eval())
+
+
+def _hidden_with_row(pipe, prompts, row):
+    """encoder_hidden_states of prompts holding <new1>, computed apart: the saved encoder's table resized by one
+    row set to ``row``, the tokenizer told of the token."""
+    tok, enc = _fresh_encoder(pipe)
+    tok.add_tokens(["<new1>"])
+    enc.resize_token_embeddings(max(len(tok), enc.config.vocab_size))
+    with torch.no_grad():
+        enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("<new1>")] = row.reshape(-1)
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        return enc(ids).last_hidden_state
+
+
+def test_a_new_tokens_embedding_trains_with_the_teacher_and_every_role_reads_it(pipes, tmp_path, rt):
+    """algorithm.train_token: the rare token is a new token of the one shared encoder, starting from the class
+    name's embedding; the teacher's step trains it (with its K/V) and nothing else of the encoder; the student's
+    step reads the value the teacher's step left (its conditions, recomputed apart) and changes it not."""
+    cfg = _cfg(pipes, tmp_path, **TOKEN, **{"concept_teacher.optimizer.weight_decay": 0.0})  # it moves by its gradient
+    m, models = _method(cfg, rt)
+    text, teacher = models.text, models.roles["concept_teacher"]
+    tok0, enc0 = _fresh_encoder(pipes["sd15"])
+    table0 = enc0.get_input_embeddings().weight.detach()
+    init = table0[tok0("cat", add_special_tokens=False).input_ids].mean(0)
+    assert text.tokenizers[0].convert_tokens_to_ids("<new1>") == len(tok0)
+    torch.testing.assert_close(text.token_rows()[0].reshape(-1), init)
+    torch.testing.assert_close(teacher.module.tokens()[0].reshape(-1), init)
+    seen = {}
+    orig = models.roles["student"].output
+
+    def spy(x_t, t, cond, module=None):
+        seen.setdefault("cond", cond["encoder_hidden_states"].detach().clone())
+        seen.setdefault("rows", text.token_rows()[0].clone())
+        return orig(x_t, t, cond, module)
+
+    models.roles["student"].output = spy
+    before = _weights(models)
+    m.step(0)
+    ch = _changed(before, _weights(models))
+    assert "tokens.weights.0" in ch["concept_teacher"] and all(_kv(k) or k == "tokens.weights.0"
+                                                                for k in ch["concept_teacher"])
+    assert ch["student"] and all(_kv(k) for k in ch["student"])
+    trained = teacher.module.tokens()[0]
+    assert not torch.equal(trained.reshape(-1), init)
+    assert torch.equal(seen["rows"], trained) and torch.equal(text.token_rows()[0], trained)
+    torch.testing.assert_close(text._tables()[0].base.weight, table0)  # the pretrained rows stay as they were
+    prompts = models.data.prompts
+    assert all("<new1>" in p for p in prompts)
+    want = _hidden_with_row(pipes["sd15"], prompts, trained)
+    got = seen["cond"]
+    assert got.shape[0] % len(prompts) == 0 or len(prompts) == 1
+    # the student's first micro-batch: its prompts are drawn from the concept prompts (here one)
+    torch.testing.assert_close(got, want[:1].expand_as(got), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, _hidden_with_row(pipes["sd15"], prompts, init)[:1].expand_as(got), atol=1e-6)
+
+
+def test_sdxl_pools_at_the_end_of_text_with_a_new_token(pipes, tmp_path, rt):
+    """SDXL form: both encoders get the token; the pooled embedding is read at the end-of-text position, not at
+    the largest id (the new token's) as transformers does for configs with the legacy eos_token_id 2 (SDXL's)."""
+    import shutil
+
+    from unidad_dist.config import config_from_dict
+    from unidad_dist.train.build import build
+
+    pipe = tmp_path / "sdxl"
+    shutil.copytree(pipes["sdxl"], pipe)
+    for name in ("text_encoder", "text_encoder_2"):
+        f = pipe / name / "config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "eos_token_id": 2}))
+    cfg = config_from_dict(_recipe(pipe, pipes["shots"], tmp_path / "run", **TOKEN))
+
+    text = build(cfg, rt).text
+    assert len(text.token_rows()) == 2
+    cond = text.encode(["a <new1> cat"])
+    tok, enc = _fresh_encoder(pipe, "sdxl", "text_encoder_2")
+    tok.add_tokens(["<new1>"])
+    enc.resize_token_embeddings(max(len(tok), enc.config.vocab_size))
+    with torch.no_grad():
+        enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("<new1>")] = text.token_rows()[1].reshape(-1)
+        ids = tok(["a <new1> cat"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        h = enc(ids, output_hidden_states=True).last_hidden_state
+        eos = int((ids[0] == tok.eos_token_id).nonzero()[0])
+        want = enc.text_projection(h[0, eos])
+    torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"][0], want)
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"data.target.rare_token": "a"}, "already a token"),
+    ({"data.target.rare_token": ""}, "rare_token"),
+    ({"data.target.prompt": "a photo of a {cls}"}, "no concept prompt holds"),
+])
+def test_a_new_token_that_cannot_train_is_refused(pipes, tmp_path, rt, over, needle):
+    with pytest.raises(UserError, match=needle):
+        _method(_cfg(pipes, tmp_path, **{**TOKEN, **over}), rt)
+
+
 def test_one_text_encoder_serves_teacher_and_student(pipes, tmp_path, rt):
     """Both roles' conditions come from the one text conditioner (one module object); the run has no second
     copy of the encoder."""
@@ -263,10 +369,12 @@ def _train(tmp_path, rec, *extra):
 
 @pytest.mark.slow
 def test_opad_resumes_bit_identically_and_exports(pipes, tmp_path):
-    """4 iterations with the collaborative phase refreshing at 1 and 3, stopped after 2 and resumed, equal the
-    uninterrupted run bit for bit (every role, the pool); the student exports as a diffusers pipeline."""
+    """4 iterations with the collaborative phase refreshing at 1 and 3 and a new token training, stopped after 2
+    and resumed, equal the uninterrupted run bit for bit (every role, the pool, the token); the student exports as a
+    diffusers pipeline whose tokenizer and text encoder carry the trained token, as sampling reads it."""
     over = {"train.iterations": 4, "checkpoint.every": 2, "algorithm.collab_start": 1, "algorithm.collab_every": 2,
-            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5, "student.ema": 0.9, "run.deterministic": True}
+            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5, "student.ema": 0.9, "run.deterministic": True,
+            **TOKEN}
     full = _recipe(pipes["sd15"], pipes["shots"], tmp_path / "full", **over)
     assert _train(tmp_path, full) == 0
     part = _recipe(pipes["sd15"], pipes["shots"], tmp_path / "part", **over)
@@ -281,8 +389,23 @@ def test_opad_resumes_bit_identically_and_exports(pipes, tmp_path):
     sa = json.loads((tmp_path / "full" / ck / "method_rank0.json").read_text())
     sb = json.loads((tmp_path / "part" / ck / "method_rank0.json").read_text())
     assert sa["collab"] == sb["collab"] and sa["collab"]["iteration"] == 3
+    assert sa["token"] == sb["token"] and sa["token"]["token"] == "<new1>"
     assert main(["export", "--run", str(tmp_path / "full"), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "unet").is_dir()
+    from unidad_dist.methods.opad import _unb64
+    from unidad_dist.train.loop import load_run
+
+    trained = _unb64(sa["token"]["rows"][0])
+    teacher = role_weights(tmp_path / "full" / ck, "concept_teacher")["module.tokens.weights.0"]
+    assert torch.equal(trained, teacher.float())
+    _, models, _, _ = load_run(tmp_path / "full")  # what sample and export read
+    assert torch.equal(models.text.token_rows()[0], trained)
+    tok, enc = _fresh_encoder(tmp_path / "export")
+    assert enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("<new1>")].equal(trained.reshape(-1))
+    ids = tok(["a <new1> cat"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids).last_hidden_state, models.text.encode(["a <new1> cat"])["encoder_hidden_states"])
+        torch.testing.assert_close(enc(ids).last_hidden_state, _hidden_with_row(pipes["sd15"], ["a <new1> cat"], trained))
 
 
 @pytest.mark.slow
@@ -292,10 +415,11 @@ def test_opad_in_split_placement_on_2_ranks_equals_one_rank(pipes, tmp_path):
     import subprocess
     import sys
 
+    from unidad_dist.methods.opad import _unb64
     from unidad_dist.train.checkpoint import role_weights
 
     over = {"train.iterations": 3, "algorithm.collab_start": 1, "algorithm.collab_every": 1,
-            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5}
+            "algorithm.collab_pool": 2, "algorithm.collab_fraction": 0.5, **TOKEN}  # the token sent to the student
     for role in ("concept_teacher", "student", "discriminator"):  # Adam with eps 1e-8 turns rounding into lr-sized steps
         over.update({f"{role}.optimizer.lr": 1e-4, f"{role}.optimizer.eps": 1e-3})
     one = _recipe(pipes["sd15"], pipes["shots"], tmp_path / "one", **over)
@@ -312,6 +436,14 @@ def test_opad_in_split_placement_on_2_ranks_equals_one_rank(pipes, tmp_path):
         assert set(a) == set(b)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=f"{role}.{k}")
+    # the student's rank reads the token the teacher's rank trained (sent after each teacher step)
+    tokens = [json.loads((tmp_path / r / ck / f"method_rank{i}.json").read_text())["token"]
+              for r, i in (("split", 0), ("split", 1), ("one", 0))]
+    assert tokens[0] == tokens[1]
+    tok0, enc0 = _fresh_encoder(pipes["sd15"])
+    init = enc0.get_input_embeddings().weight.detach()[tok0("cat", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.equal(_unb64(tokens[0]["rows"][0]).reshape(-1), init)
+    torch.testing.assert_close(_unb64(tokens[0]["rows"][0]), _unb64(tokens[2]["rows"][0]), rtol=1e-4, atol=2e-6)
     lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert any("student/mse" in r_ and "concept_teacher/denoise" in r_ and "discriminator/gan_d" in r_ for r_ in lines)
 

@@ -512,7 +512,24 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(str(e), file=sys.stderr)
         return 128 + e.signum
+    finally:
+        _close_process_group()
     return 1
+
+
+def _close_process_group() -> None:
+    """A rank started by a launcher closes its process group before the interpreter exits: left to exit-time
+    destructors, gloo's threads can abort the process ("terminate called without an active exception", seen
+    on a rank that finished its share of `sample` while rank 0 was still writing)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 — closing is best effort; the command's result stands
+            pass
 
 
 if __name__ == "__main__":

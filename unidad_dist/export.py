@@ -181,6 +181,11 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
                 comp = src.root / name
                 if comp.is_dir():
                     shutil.copytree(comp, tmp / name)
+            if models.text is not None and models.text.token is not None:  # a trained new token: theirs
+                for name in models.text.names:
+                    for d in (tmp / name, tmp / name.replace("text_encoder", "tokenizer")):
+                        shutil.rmtree(d, ignore_errors=True)
+                models.text.save_components(tmp)
             # diffusers has no pipeline for a pixel-space UNet conditioned on CLIP text (the toy text teacher's
             # form): its folder keeps the source's components, and `unidad-dist sample` reads it
             pipeline = PIPELINE_CLASS[spec.kind] if spec.latent or spec.kind == "pixel" else None

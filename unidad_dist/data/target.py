@@ -134,10 +134,15 @@ class Batch:
     real_prompts: list[str] = field(default_factory=list)  # the shots' captions (real_cond's prompts)
 
 
-def _check_precomputed(shards, spec, key: str, backbone_key: str) -> None:
+def _check_precomputed(shards, spec, key: str, backbone_key: str, token: Optional[str] = None) -> None:
     m = shards.manifest
     if not m.get("precomputed"):
         return
+    if token is not None:
+        raise UserError(
+            f"{key}: these shards hold precomputed prompt embeddings, but this run trains the embedding of the new "
+            f"token '{token}', so its prompts must be encoded as it changes; rerun make-shards without --precompute"
+        )
     if m.get("encoders") != fingerprint(spec):
         raise UserError(
             f"{key}: these shards were precomputed with other frozen encoders ({m.get('backbone')}) than the "
@@ -196,7 +201,8 @@ class DataSource:
         tpath = resolve_path(t.path)
         if tpath.exists() and is_shard_folder(tpath):
             shards = open_shards(t.path, t.shards, "images", "data.target.path")
-            _check_precomputed(shards, spec, "data.target.path", f"{cfg.method.primary}.backbone")
+            _check_precomputed(shards, spec, "data.target.path", f"{cfg.method.primary}.backbone",
+                               getattr(conditioner, "token", None))
             if shards.manifest.get("resolution") != resolution:
                 raise UserError(
                     f"data.target.path '{t.path}' holds {shards.manifest.get('resolution')}px images but the backbone "
@@ -239,7 +245,8 @@ class DataSource:
                 raise UserError(f"data.source.path is set but '{spec.given}' is unconditional (no text encoder); "
                                 "remove data.source.path")
             shards = open_shards(src.path, src.shards, "prompts", "data.source.path")
-            _check_precomputed(shards, spec, "data.source.path", f"{cfg.method.primary}.backbone")
+            _check_precomputed(shards, spec, "data.source.path", f"{cfg.method.primary}.backbone",
+                               getattr(conditioner, "token", None))
             if _split(shards, readers, cfg):
                 self.streams["source"] = SplitStream(shards, seed, "source", dp[0], dp[1], cfg.data.workers, B)
                 samples = _first_samples(shards, "data.source.path", src.path)  # prompts for sampling, warm start
@@ -278,6 +285,11 @@ class DataSource:
     @property
     def num_shots(self) -> int:
         return self.images.shape[0]
+
+    def forget(self, word: str) -> None:
+        """Drop the cached encodings of prompts holding ``word`` (a token whose embedding changed)."""
+        for k in [k for k in self._cache if word in k]:
+            del self._cache[k]
 
     def encode(self, prompts: list[str]) -> Optional[dict]:
         if self.conditioner is None:

@@ -60,6 +60,7 @@ class RoleSpec:
     train_filter_doc: str = ""  # what the filter selects, for the error when a network has none of it
     record_frozen: bool = True  # frozen: its weight file recorded by path + sha256, checked on resume
     ema: float = 0.0  # decay of an EMA of its weights (0: none); sampled and exported when kept
+    tokens: bool = False  # it trains the embedding of the run's new token (Method.new_token)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,12 @@ class Method:
     def feature_networks(cls, cfg) -> Optional[str]:
         """The feature networks its losses use (``eval.alignment``: "paper" or "stand_in"), built for a training
         run as ``models.features``; None: none."""
+        return None
+
+    @classmethod
+    def new_token(cls, cfg) -> Optional[tuple[str, str]]:
+        """(token, initial word(s)): a token appended to the shared text encoder whose embedding the role with
+        ``RoleSpec.tokens`` trains; None: none."""
         return None
 
     @classmethod

@@ -31,8 +31,13 @@ sample of the teacher's and the discriminator's real batch is then, with probabi
 them (with its prompt) — extra training data for the teacher, and for the student through the real set its
 adversarial term is measured against. The pool is kept in checkpoints (a resume is bit-identical).
 
-Not implemented: training the embedding of a new modifier token in the shared encoder (the paper's option):
-the text encoder stays frozen.
+New token (``algorithm.train_token``; Custom Diffusion's modifier token, the paper's option): the rare token
+(``data.target.rare_token``, e.g. ``<new1>``) is appended to the shared tokenizer(s) as a new token, its embedding
+starting from that of ``algorithm.token_init`` (default: the class name). The embedding is a trainable module of
+the teacher (its engine steps it with the K/V projections, from the teacher's denoising loss: the teacher encodes
+its prompts itself, with gradients to it); after each teacher step its value is put into the shared encoder
+(sent from the teacher's ranks in split placement), where the student, the discriminator, sampling and export
+read it. The rest of the encoder stays frozen.
 """
 from __future__ import annotations
 
@@ -52,7 +57,6 @@ from unidad_dist.errors import UserError
 from unidad_dist.methods import losses
 from unidad_dist.methods.base import IterationPlan, Method, Pass, RoleSpec, register_method
 from unidad_dist.methods.generate import ddim, ddim_timesteps, generate, sample_by_index, student_timesteps
-from unidad_dist.methods.unidad import select_cond
 from unidad_dist.models.gan_heads import GanHeads
 
 __all__ = ["OPAD", "kv_projection"]
@@ -101,6 +105,8 @@ class OpadAlgorithmConfig(AlgorithmConfig):
     collab_every: int = 50  # iterations between refreshes of the student-sample pool
     collab_pool: int = 8  # student samples in the pool
     collab_fraction: float = 0.25  # probability that a real sample is replaced by a pool sample
+    train_token: bool = False  # data.target.rare_token becomes a new token whose embedding trains with the teacher
+    token_init: str = ""  # word(s) whose mean embedding starts the new token's (empty: data.target.class_name)
 
 
 @register_method
@@ -122,7 +128,8 @@ class OPAD(Method):
         specs = [
             RoleSpec("student", True, "generator", copy_of="concept_teacher", train_filter=kv, train_filter_doc=KV_DOC,
                      ema=cfg.student.ema),
-            RoleSpec("concept_teacher", True, "critic", train_filter=kv, train_filter_doc=KV_DOC),
+            RoleSpec("concept_teacher", True, "critic", train_filter=kv, train_filter_doc=KV_DOC,
+                     tokens=cfg.algorithm.train_token),
         ]
         if cfg.algorithm.w_adv > 0:  # without the adversarial term the discriminator would train for nothing
             specs.append(RoleSpec("discriminator", True, "critic", copy_of="concept_teacher", heads=GanHeads.for_backbone,
@@ -132,6 +139,13 @@ class OPAD(Method):
     @classmethod
     def feature_networks(cls, cfg) -> Optional[str]:
         return cfg.algorithm.features
+
+    @classmethod
+    def new_token(cls, cfg) -> Optional[tuple[str, str]]:
+        if not cfg.algorithm.train_token:
+            return None
+        t = cfg.data.target
+        return t.rare_token, cfg.algorithm.token_init or t.class_name
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -154,6 +168,14 @@ class OPAD(Method):
         positive("concept_teacher.sample_steps", cfg.concept_teacher.sample_steps)
         if not 0 <= cfg.concept_teacher.cond_dropout < 1:
             raise UserError(f"concept_teacher.cond_dropout must be in [0, 1), got {cfg.concept_teacher.cond_dropout}")
+        if al.train_token:
+            t = cfg.data.target
+            if not t.rare_token or any(c.isspace() for c in t.rare_token):
+                raise UserError(f"algorithm.train_token=true trains the embedding of data.target.rare_token as a new "
+                                f"token, but it is {t.rare_token!r}; give one word, e.g. data.target.rare_token='<new1>'")
+            if not (al.token_init or t.class_name).strip():
+                raise UserError("algorithm.train_token=true needs a word to start the new token's embedding from: "
+                                "set algorithm.token_init (or data.target.class_name)")
         if al.collab_start >= 0:
             positive("algorithm.collab_every", al.collab_every)
             positive("algorithm.collab_pool", al.collab_pool)
@@ -214,6 +236,11 @@ class OPAD(Method):
         for key, t_max in (("algorithm.t_max", cfg.algorithm.t_max), ("discriminator.t_max", cfg.discriminator.t_max)):
             if t_max >= self.T:
                 raise UserError(f"{key}={t_max} but this noise schedule has timesteps 0..{self.T - 1}; set it below {self.T}")
+        self.token = models.text.token if cfg.algorithm.train_token else None  # the new token (train_token)
+        if self.token is not None and not any(self.token in p for p in models.data.real_prompts):
+            raise UserError(f"algorithm.train_token=true, but no concept prompt holds the new token '{self.token}' "
+                            f"(they read e.g. '{models.data.real_prompts[0]}'): it would train nothing; put {{rare}} in "
+                            "data.target.prompt (or the token in the images' captions)")
         self.pool: Optional[torch.Tensor] = None  # the collaborative pool (model space) and its prompts
         self.pool_prompts: list[str] = []
         self.pool_iteration = -1
@@ -255,24 +282,41 @@ class OPAD(Method):
         self.pool_iteration = iteration
 
     def real_batch(self, batch, d: SampleDraws, role: str):
-        """The concept images and their condition, with pool samples mixed in during the collaborative phase;
-        also returns the mask of mixed samples."""
-        real, cond = batch.real, batch.real_cond
+        """The concept images and their prompts, with pool samples (and theirs) mixed in during the
+        collaborative phase; also returns the mask of mixed samples."""
+        real, prompts = batch.real, list(batch.real_prompts)
         if self.pool is None:
-            return real, cond, None
+            return real, prompts, None
         frac = self.cfg.algorithm.collab_fraction
         mask = d.rand(role, "collab") < frac
         j = d.randint(0, len(self.pool), role, "collab_index").cpu()
         real = torch.where(mask.view(-1, 1, 1, 1), self.pool[j.to(self.pool.device)], real)
-        cond = select_cond(mask, self.m.data.encode([self.pool_prompts[i] for i in j.tolist()]), cond)
-        return real, cond, mask
+        prompts = [self.pool_prompts[i] if m else p for m, i, p in zip(mask.tolist(), j.tolist(), prompts)]
+        return real, prompts, mask
+
+    # -- the new token (algorithm.train_token) -----------------------------------------------------
+    def share_token(self, draws) -> None:
+        """After the teacher's step: its new-token embedding into the shared encoder (from the teacher's ranks
+        to the others in split placement), and this iteration's conditions encoded again with it."""
+        text = self.m.text
+        shapes = {f"row{i}": tuple(r.shape) for i, r in enumerate(text.token_rows())}
+        rows = self.ex.run_at("concept_teacher", lambda: {f"row{i}": r for i, r in enumerate(
+            self.role("concept_teacher").module.tokens())}, shapes)
+        text.set_token_rows([rows[f"row{i}"] for i in range(len(shapes))])
+        self.m.data.forget(self.token)
+        for _, batch in draws:
+            batch.cond = self.m.data.encode(batch.prompts)
+            batch.real_cond = self.m.data.encode(batch.real_prompts)
 
     # -- losses ------------------------------------------------------------------------------------
     def teacher_loss(self, batch, d: SampleDraws):
-        real, cond, mask = self.real_batch(batch, d, "concept_teacher")
+        real, prompts, mask = self.real_batch(batch, d, "concept_teacher")
         tc = self.cfg.concept_teacher
-        if cond and tc.cond_dropout > 0:
-            cond = select_cond(d.rand("concept_teacher", "cond_dropout") < tc.cond_dropout, batch.uncond, cond)
+        if tc.cond_dropout > 0:
+            drop = (d.rand("concept_teacher", "cond_dropout") < tc.cond_dropout).tolist()
+            prompts = ["" if k else p for k, p in zip(drop, prompts)]
+        # with a new token the teacher encodes its prompts itself, with gradients to the token's embedding
+        cond = self.m.text.tokenize(prompts) if self.token is not None else self.m.data.encode(prompts)
         t = d.randint(0, self.T, "concept_teacher", "denoise_t")
         n = d.randn(self.m.sample_shape, "concept_teacher", "denoise_noise")
         self.calls["concept_teacher"] += 1
@@ -333,7 +377,8 @@ class OPAD(Method):
         return loss, logs
 
     def discriminator_loss(self, x, batch, d: SampleDraws):
-        real, real_cond, _ = self.real_batch(batch, d, "discriminator")
+        real, real_prompts, _ = self.real_batch(batch, d, "discriminator")
+        real_cond = self.m.data.encode(real_prompts)
         tm = self.cfg.discriminator.t_max + 1
         t_r, t_f = d.randint(0, tm, "discriminator", "real_t"), d.randint(0, tm, "discriminator", "fake_t")
         n_r = d.randn(self.m.sample_shape, "discriminator", "real_noise")
@@ -373,6 +418,8 @@ class OPAD(Method):
                     for k, v in lt.items():
                         logs[f"concept_teacher/{k}"] += v / ga
         self.step_roles(iteration, ["concept_teacher"], skipped, logs)
+        if self.token is not None:
+            self.share_token(draws)
         ga, ga_d = ip.micro["student"], ip.micro["discriminator"]
         shape = (cfg.train.batch_size,) + tuple(self.m.sample_shape)
         samples = []
@@ -452,28 +499,47 @@ class OPAD(Method):
     # -- its state: the collaborative pool ----------------------------------------------------------
     def state_dict(self) -> dict:
         out = super().state_dict()
+        if self.token is not None:  # what sample and export read (the teacher's engine holds the trained copy)
+            out["token"] = {"token": self.token, "rows": [_b64(r) for r in self.m.text.token_rows()]}
         if self.pool is not None:
             arr = self.pool.detach().float().cpu().numpy()
-            out["collab"] = {"iteration": self.pool_iteration, "prompts": list(self.pool_prompts),
-                             "shape": list(arr.shape), "float32_b64": base64.b64encode(arr.tobytes()).decode()}
+            out["collab"] = {"iteration": self.pool_iteration, "prompts": list(self.pool_prompts), **_b64(self.pool)}
         return out
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if self.token is not None:
+            tk = state.get("token")
+            if tk is None or tk.get("token") != self.token:
+                raise UserError(f"algorithm.train_token=true with the new token '{self.token}', but the checkpoint "
+                                f"holds {'no trained token' if tk is None else repr(tk.get('token'))}; resume with "
+                                "the settings it was trained with, or start a new run")
+            self.m.text.set_token_rows([_unb64(r) for r in tk["rows"]])
+            self.m.data.forget(self.token)
         c = state.get("collab")
         if c is None:
             self.pool, self.pool_prompts, self.pool_iteration = None, [], -1
             return
-        arr = np.frombuffer(base64.b64decode(c["float32_b64"]), dtype=np.float32).reshape(c["shape"])
-        self.pool = torch.from_numpy(arr.copy()).to(self.rt.device)
+        self.pool = _unb64(c).to(self.rt.device)
         self.pool_prompts = list(c["prompts"])
         self.pool_iteration = int(c["iteration"])
 
     @classmethod
     def merge_state_dicts(cls, states: list[dict]) -> dict:
         out = super().merge_state_dicts(states)
-        for st in states:  # the same on every rank
-            if "collab" in st:
-                out["collab"] = st["collab"]
-                break
+        for key in ("collab", "token"):  # the same on every rank
+            for st in states:
+                if key in st:
+                    out[key] = st[key]
+                    break
         return out
+
+
+def _b64(t: torch.Tensor) -> dict:
+    arr = t.detach().float().cpu().numpy()
+    return {"shape": list(arr.shape), "float32_b64": base64.b64encode(arr.tobytes()).decode()}
+
+
+def _unb64(d: dict) -> torch.Tensor:
+    arr = np.frombuffer(base64.b64decode(d["float32_b64"]), dtype=np.float32).reshape(d["shape"])
+    return torch.from_numpy(arr.copy())

@@ -25,14 +25,21 @@ class RoleNet(nn.Module):
     teacher's GAN heads).
 
     ``forward(x_t, t, cond)`` is the raw prediction; ``forward(..., discriminate=True)`` runs only the
-    encoder and returns the heads' logits. One module, so one engine serves both passes."""
+    encoder and returns the heads' logits. One module, so one engine serves both passes.
 
-    def __init__(self, unet: nn.Module, heads: Optional[nn.Module] = None):
+    ``tokens``: the trainable embedding of the run's new token (``conditioning.TokenRows``), when the method gives
+    it to this role; a condition of token ids (``TextConditioner.tokenize``) is then encoded here, with
+    gradients to it."""
+
+    def __init__(self, unet: nn.Module, heads: Optional[nn.Module] = None, tokens: Optional[nn.Module] = None):
         super().__init__()
         self.unet = unet
         self.heads = heads
+        self.tokens = tokens
 
     def forward(self, x_t, t, cond=None, discriminate: bool = False):
+        if cond and "input_ids" in cond:
+            cond = self.tokens(cond)
         if discriminate:
             return self.heads(encoder_features(self.unet, x_t, t, cond)).float()
         return unet_forward(self.unet, x_t, t, cond)

@@ -21,7 +21,7 @@ from unidad_dist.eval.alignment import build_features
 from unidad_dist.methods.base import RoleSpec
 from unidad_dist.models.adapters import apply_train_filter, prepare_trainable
 from unidad_dist.models.backbones import BackboneSpec, build_unet, load_unet, load_weights, resolve_backbone
-from unidad_dist.models.conditioning import LatentCodec, TextConditioner
+from unidad_dist.models.conditioning import LatentCodec, TextConditioner, TokenRows
 from unidad_dist.models.roles import Role, RoleNet
 from unidad_dist.models.schedule import NoiseSchedule
 from unidad_dist.parallel.engines import check_engine_configs
@@ -136,7 +136,8 @@ def check_runtime(cfg, rt: Runtime) -> None:
     check_engine_configs(cfg, groups)  # reads every user DeepSpeed JSON; contradictions fail here
 
 
-def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime) -> Role:
+def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime,
+                text: Optional[TextConditioner] = None) -> Role:
     method = cfg.method
     rc = getattr(cfg, spec.name)
     if spec.copy_of is None and spec.name == method.primary:
@@ -158,6 +159,8 @@ def _build_role(cfg, spec: RoleSpec, pspec: BackboneSpec, template, rt: Runtime)
     net = RoleNet(unet, heads)
     if spec.trainable and spec.train_filter is not None:
         apply_train_filter(net, spec.train_filter, spec.name, spec.train_filter_doc)
+    if spec.tokens and text is not None and text.token is not None:
+        net.tokens = TokenRows(text)  # trains beside what the filter selected
     return Role(spec.name, net, rc.precision, rt.device, trainable=spec.trainable,
                 grad_accum=getattr(rc, "grad_accum", 1), staged=spec.trainable or rc.zero_stage == 3)
 
@@ -197,6 +200,12 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
             "leave it unset or set the backbone's resolution"
         )
     text = TextConditioner(spec, rt.device) if spec.text_conditioned and "text" in wants else None
+    new_token = method.new_token(cfg)
+    if new_token is not None:
+        if text is None:
+            raise UserError(f"{method.primary}.backbone '{spec.given}' has no text encoder, so the new token "
+                            f"'{new_token[0]}' has no embedding to train; give a text-conditioned pipeline folder")
+        text.add_token(*new_token)
     data = DataSource(cfg, spec, resolution, codec, text,
                       dp=dp or ((placement.dp_rank, placement.dp_size) if roles is None else (rt.rank, rt.world_size)),
                       sampling_prompts=sampling_prompts)
@@ -213,7 +222,7 @@ def build(cfg, rt: Runtime, roles: Optional[set] = None, checks: bool = True,
             sc = getattr(cfg, src)
             sspec = resolve_backbone(sc.backbone, src) if sc.backbone else spec
             template[src] = load_unet(sspec, sc.init, sc.strict, src)
-    built = {name: _build_role(cfg, s, spec, template, rt) for name, s in specs.items() if name in held}
+    built = {name: _build_role(cfg, s, spec, template, rt, text) for name, s in specs.items() if name in held}
     del template
     sample_shape = (spec.in_channels, spec.sample_size, spec.sample_size)
     return Models(spec=spec, schedule=schedule, sample_shape=sample_shape, codec=codec, text=text,

@@ -457,17 +457,23 @@ def saved_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def load_method_state(ckpt: Path, method, rt) -> None:
+def read_method_state(ckpt: Path, method_cls, rt) -> Optional[dict]:
     """The method's own state: this rank's file, or — written at another world size — the merge of every
-    saving rank's (``Method.merge_state_dicts``). Checkpoints without one (earlier versions) leave it fresh."""
+    saving rank's (``Method.merge_state_dicts``); None for checkpoints without one (earlier versions)."""
     state = saved_state(ckpt)
     files = sorted(Path(ckpt).glob("method_rank*.json"))
     if not files:
-        return
+        return None
     if int(state["world_size"]) == rt.world_size and (Path(ckpt) / f"method_rank{rt.rank}.json").is_file():
-        method.load_state_dict(json.loads((Path(ckpt) / f"method_rank{rt.rank}.json").read_text()))
-    else:
-        method.load_state_dict(method.merge_state_dicts([json.loads(f.read_text()) for f in files]))
+        return json.loads((Path(ckpt) / f"method_rank{rt.rank}.json").read_text())
+    return method_cls.merge_state_dicts([json.loads(f.read_text()) for f in files])
+
+
+def load_method_state(ckpt: Path, method, rt) -> None:
+    """Restore the method's state from a checkpoint (``read_method_state``; none: it stays fresh)."""
+    state = read_method_state(ckpt, type(method), rt)
+    if state is not None:
+        method.load_state_dict(state)
 
 
 def load(ckpt: Path, models, rt, method=None) -> int:

@@ -451,6 +451,9 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, i
         ckpt = pick_checkpoint(rdir, iteration)
         try:
             weights = checkpoint.load_role_weights(ckpt, sampler, prefer_ema=use_ema, role_net=True)
+            # the method's state too (e.g. a trained token's embedding, which sampling reads), read with the
+            # weights before a live run's pruning can remove the checkpoint
+            method_state = checkpoint.read_method_state(ckpt, cfg.method, rt)
             break
         except FileNotFoundError:
             if ckpt.is_dir() and checkpoint.is_complete(ckpt):
@@ -463,7 +466,10 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, i
                         "--checkpoint of one that checkpoint.keep retains")
     net.load_state_dict(weights)
     net.eval()
-    return cfg, models, cfg.method(cfg, models, rt), ckpt
+    method = cfg.method(cfg, models, rt)
+    if method_state is not None:
+        method.load_state_dict(method_state)
+    return cfg, models, method, ckpt
 
 
 SAMPLING_PROMPTS = "sampling_prompts.json"
