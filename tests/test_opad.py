@@ -527,3 +527,21 @@ def test_without_the_adversarial_term_there_is_no_discriminator(pipes, tmp_path,
     logs = m.step(0)
     assert "student/adv" not in logs and not any(k.startswith("discriminator/") for k in logs)
     assert m.calls["student"] == 1  # one micro-batch of samples: none made for an absent discriminator
+
+
+def test_the_new_token_trains_alike_in_a_zero3_teacher(pipes, tmp_path):
+    """The token's rows are a module of the teacher gathered inside its forward: a ZeRO-3 teacher trains them as
+    a ZeRO-0 one does (and shares them with the encoder)."""
+    from unidad_dist.methods.opad import _unb64
+
+    rows = {}
+    for stage in (0, 3):
+        rec = _recipe(pipes["sd15"], pipes["shots"], tmp_path / f"z{stage}",
+                      **{**TOKEN, "concept_teacher.zero_stage": stage, "concept_teacher.optimizer.weight_decay": 0.0})
+        assert _train(tmp_path, rec) == 0
+        st = json.loads((tmp_path / f"z{stage}" / "checkpoints" / "iter_0000002" / "method_rank0.json").read_text())
+        rows[stage] = _unb64(st["token"]["rows"][0])
+    tok0, enc0 = _fresh_encoder(pipes["sd15"])
+    init = enc0.get_input_embeddings().weight.detach()[tok0("cat", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.allclose(rows[0].reshape(-1), init, atol=1e-4)
+    torch.testing.assert_close(rows[3], rows[0], rtol=1e-5, atol=1e-6)
