@@ -140,7 +140,7 @@ def test_a_new_tokens_embedding_trains_with_the_teacher_and_every_role_reads_it(
     init = table0[tok0("cat", add_special_tokens=False).input_ids].mean(0)
     assert text.tokenizers[0].convert_tokens_to_ids("<new1>") == len(tok0)
     torch.testing.assert_close(text.token_rows()[0].reshape(-1), init)
-    torch.testing.assert_close(teacher.module.tokens()[0].reshape(-1), init)
+    torch.testing.assert_close(teacher.read_params("tokens.")[0].reshape(-1), init)
     seen = {}
     orig = models.roles["student"].output
 
@@ -156,10 +156,11 @@ def test_a_new_tokens_embedding_trains_with_the_teacher_and_every_role_reads_it(
     assert "tokens.weights.0" in ch["concept_teacher"] and all(_kv(k) or k == "tokens.weights.0"
                                                                 for k in ch["concept_teacher"])
     assert ch["student"] and all(_kv(k) for k in ch["student"])
-    trained = teacher.module.tokens()[0]
+    trained = teacher.read_params("tokens.")[0]
     assert not torch.equal(trained.reshape(-1), init)
     assert torch.equal(seen["rows"], trained) and torch.equal(text.token_rows()[0], trained)
     torch.testing.assert_close(text._tables()[0].base.weight, table0)  # the pretrained rows stay as they were
+    assert not any(p.requires_grad for p in text.parameters())  # the teacher's row never became the encoder's
     prompts = models.data.prompts
     assert all("<new1>" in p for p in prompts)
     want = _hidden_with_row(pipes["sd15"], prompts, trained)
@@ -168,6 +169,45 @@ def test_a_new_tokens_embedding_trains_with_the_teacher_and_every_role_reads_it(
     # the student's first micro-batch: its prompts are drawn from the concept prompts (here one)
     torch.testing.assert_close(got, want[:1].expand_as(got), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, _hidden_with_row(pipes["sd15"], prompts, init)[:1].expand_as(got), atol=1e-6)
+
+
+def test_the_new_token_trains_in_bf16_autocast_with_accumulation_and_is_a_word_of_its_own(pipes, tmp_path, rt):
+    """A bf16-autocast teacher over 2 micro-batches moves the token and leaves the shared encoder holding its
+    value; the token matches as a whole word only, and cached prompts holding it in any case are re-encoded."""
+    over = {**TOKEN, "data.target.rare_token": "sks", "concept_teacher.precision": "bf16_autocast",
+            "concept_teacher.grad_accum": 2, "concept_teacher.optimizer.weight_decay": 0.0}
+    m, models = _method(_cfg(pipes, tmp_path, **over), rt)
+    text, teacher = models.text, models.roles["concept_teacher"]
+    init = text.token_rows()[0].clone()
+    seen = []
+    tokens = teacher.module.tokens
+    orig = tokens.forward
+    tokens.forward = lambda cond: seen.append((cond, orig(cond))) or seen[-1][1]
+    m.step(0)
+    assert len(seen) == 2  # one encoding per micro-batch, in fp32 as the shared encoder's (not under autocast)
+    with torch.no_grad():
+        for cond, out in seen:
+            torch.testing.assert_close(out["encoder_hidden_states"], text.encode_ids(cond, [init])["encoder_hidden_states"],
+                                       rtol=1e-6, atol=1e-6)
+    trained = teacher.read_params("tokens.")[0]
+    assert not torch.equal(trained, init) and torch.equal(text.token_rows()[0], trained)
+    new_id = text.tokenizers[0].convert_tokens_to_ids("sks")
+    ids = text.tokenize(["she asks for tasks", "a sks cat"])["input_ids"]
+    assert new_id not in ids[0].tolist() and new_id in ids[1].tolist()
+    models.data.encode(["a SKS cat"])
+    models.data.forget("sks")
+    assert "a SKS cat" not in models.data._cache
+
+
+def test_a_run_whose_captions_hold_the_token_samples_without_them(pipes, tmp_path, rt):
+    """Sampling builds the data without the shots: the check that a concept prompt holds the new token is a
+    training check, so sample/export work when only the shots' captions held it."""
+    from unidad_dist.methods.opad import OPAD
+    from unidad_dist.train.build import build
+
+    cfg = _cfg(pipes, tmp_path, **{**TOKEN, "data.target.prompt": "a photo of a {cls}"})
+    models = build(cfg, rt, roles={"student"}, checks=False, sampling_prompts=["a <new1> cat"])
+    OPAD(cfg, models, rt)
 
 
 def test_sdxl_pools_at_the_end_of_text_with_a_new_token(pipes, tmp_path, rt):

@@ -452,6 +452,13 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if rc == 0:
+        _close_process_group()
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides that argparse did not place (e.g. after options of `launch local`)
@@ -512,15 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(str(e), file=sys.stderr)
         return 128 + e.signum
-    finally:
-        _close_process_group()
     return 1
 
 
 def _close_process_group() -> None:
-    """A rank started by a launcher closes its process group before the interpreter exits: left to exit-time
-    destructors, gloo's threads can abort the process ("terminate called without an active exception", seen
-    on a rank that finished its share of `sample` while rank 0 was still writing)."""
+    """A rank started by a launcher that finished its command closes its process group before the interpreter
+    exits: left to exit-time destructors, gloo's threads can abort the process ("terminate called without an
+    active exception", seen on a rank that finished its share of `sample` while rank 0 was still writing). Not
+    after a failure: with NCCL, destroying waits for this rank's queued work, which a failed peer never
+    completes — there the launcher tears the job down."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
         return
     import torch.distributed as dist

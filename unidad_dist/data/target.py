@@ -287,8 +287,10 @@ class DataSource:
         return self.images.shape[0]
 
     def forget(self, word: str) -> None:
-        """Drop the cached encodings of prompts holding ``word`` (a token whose embedding changed)."""
-        for k in [k for k in self._cache if word in k]:
+        """Drop the cached encodings of prompts holding ``word`` (a token whose embedding changed; CLIP's
+        tokenizers lower-case the text, so any case)."""
+        word = word.lower()
+        for k in [k for k in self._cache if word in k.lower()]:
             del self._cache[k]
 
     def encode(self, prompts: list[str]) -> Optional[dict]:

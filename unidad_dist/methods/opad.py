@@ -237,7 +237,8 @@ class OPAD(Method):
             if t_max >= self.T:
                 raise UserError(f"{key}={t_max} but this noise schedule has timesteps 0..{self.T - 1}; set it below {self.T}")
         self.token = models.text.token if cfg.algorithm.train_token else None  # the new token (train_token)
-        if self.token is not None and not any(self.token in p for p in models.data.real_prompts):
+        if self.token is not None and models.data.num_shots and not any(  # (training: the shots' prompts)
+                self.token.lower() in p.lower() for p in models.data.real_prompts):
             raise UserError(f"algorithm.train_token=true, but no concept prompt holds the new token '{self.token}' "
                             f"(they read e.g. '{models.data.real_prompts[0]}'): it would train nothing; put {{rare}} in "
                             "data.target.prompt (or the token in the images' captions)")
@@ -301,7 +302,7 @@ class OPAD(Method):
         text = self.m.text
         shapes = {f"row{i}": tuple(r.shape) for i, r in enumerate(text.token_rows())}
         rows = self.ex.run_at("concept_teacher", lambda: {f"row{i}": r for i, r in enumerate(
-            self.role("concept_teacher").module.tokens())}, shapes)
+            self.role("concept_teacher").read_params("tokens."))}, shapes)
         text.set_token_rows([rows[f"row{i}"] for i in range(len(shapes))])
         self.m.data.forget(self.token)
         for _, batch in draws:

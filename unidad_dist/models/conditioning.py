@@ -69,11 +69,11 @@ class TokenEmbedding(nn.Module):
         self.base = base
         self.new_id = new_id
         self.register_buffer("rows", rows, persistent=False)
-        self.given: Optional[torch.Tensor] = None
+        self.given: list = [None]  # rows given with gradients (a list: a Parameter here must not become ours)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids.clamp(max=self.base.num_embeddings - 1))
-        rows = self.given if self.given is not None else self.rows
+        rows = self.given[0] if self.given[0] is not None else self.rows
         return torch.where((ids == self.new_id).unsqueeze(-1), rows[0].to(out.dtype), out)
 
     def full_table(self) -> nn.Embedding:
@@ -90,17 +90,17 @@ class TokenRows(nn.Module):
     """The trainable embedding of a run's new token, one row per text encoder (SDXL: two): a module of the role
     that trains it, called inside that role's forward (a ZeRO-3 engine gathers its parameters there).
     ``forward(cond)`` turns a condition of token ids (``TextConditioner.tokenize``) into the encoder's hidden
-    states with gradients to these rows; ``forward()`` returns their current values (detached)."""
+    states with gradients to these rows, in fp32 as every other prompt is encoded (outside a role's autocast).
+    Their current value: ``Role.read_params("tokens.")``."""
 
     def __init__(self, text: "TextConditioner"):
         super().__init__()
         self.weights = nn.ParameterList([nn.Parameter(r.detach().clone()) for r in text.token_rows()])
         self._text = [text]  # the run's shared conditioner: not a submodule (not this role's weights)
 
-    def forward(self, cond: Optional[dict] = None):
-        if cond is None:
-            return [w.detach().float().clone() for w in self.weights]
-        return self._text[0].encode_ids(cond, list(self.weights))
+    def forward(self, cond: dict) -> dict:
+        with torch.autocast(device_type=cond["input_ids"].device.type, enabled=False):
+            return self._text[0].encode_ids(cond, [w.float() for w in self.weights])
 
 
 class TextConditioner(nn.Module):
@@ -138,9 +138,12 @@ class TextConditioner(nn.Module):
     # -- a new token (Custom Diffusion's modifier token) -----------------------------------------------
     def add_token(self, token: str, init: str, key: str = "data.target.rare_token") -> None:
         """Append ``token`` to every tokenizer; its embedding starts as the mean embedding of ``init``'s tokens."""
+        from transformers import AddedToken
+
         for name, tok, enc in zip(self.names, self.tokenizers, self.encoders):
             table = enc.get_input_embeddings()
-            if token in tok.get_vocab() or tok.add_tokens([token]) != 1:
+            # a word of its own: "sks" as a new token does not match inside "asks"
+            if token in tok.get_vocab() or tok.add_tokens([AddedToken(token, single_word=True)]) != 1:
                 raise UserError(f"{key}='{token}' is already a token of {name}'s tokenizer, so its embedding is "
                                 "the pretrained one and is shared with other prompts; choose a new token (e.g. "
                                 "<new1>) to train its embedding")
@@ -196,7 +199,7 @@ class TextConditioner(nn.Module):
         hidden, pooled = [], None
         tables = self._tables() if rows is not None else []
         for t, r in zip(tables, rows or []):
-            t.given = r
+            t.given[0] = r
         try:
             for i, enc in enumerate(self.encoders):
                 out = enc(ids["input_ids" if i == 0 else f"input_ids_{i + 1}"], output_hidden_states=True)
@@ -207,7 +210,7 @@ class TextConditioner(nn.Module):
                     hidden.append(out.last_hidden_state)
         finally:
             for t in tables:
-                t.given = None
+                t.given[0] = None
         cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float()}
         if self.kind == "sdxl":
             res = self.resolution

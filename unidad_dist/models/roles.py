@@ -105,6 +105,11 @@ class Role:
     def inference_module(self) -> nn.Module:
         return self.module
 
+    def read_params(self, prefix: str) -> list[torch.Tensor]:
+        """Whole fp32 copies of its parameters whose names start with ``prefix`` (an engine role at ZeRO-3
+        gathers them: every rank of the role calls it)."""
+        return [p.detach().float().clone() for n, p in self.module.named_parameters() if n.startswith(prefix)]
+
     @contextlib.contextmanager
     def inference_weights(self, use_ema: bool = True):
         """The module to sample with (an engine role: its EMA when it keeps one)."""

@@ -391,6 +391,13 @@ class EngineRole(Role):
     def inference_module(self) -> nn.Module:
         return self.ema if self.ema is not None else self.module
 
+    def read_params(self, prefix: str) -> list[torch.Tensor]:
+        if self.stage < 3:
+            return super().read_params(prefix)
+        params = [p for n, p in self.module.named_parameters() if n.startswith(prefix)]
+        with import_deepspeed().zero.GatheredParameters(params, modifier_rank=None):
+            return [p.detach().float().clone() for p in params]
+
     # -- state ----------------------------------------------------------------------------------
     def full_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Whole (gathered) weights on every rank; a collective under ZeRO-3."""

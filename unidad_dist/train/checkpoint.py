@@ -463,6 +463,8 @@ def read_method_state(ckpt: Path, method_cls, rt) -> Optional[dict]:
     state = saved_state(ckpt)
     files = sorted(Path(ckpt).glob("method_rank*.json"))
     if not files:
+        if not (Path(ckpt) / "state.json").is_file():  # removed while it was read (a live run's pruning)
+            raise FileNotFoundError(f"checkpoint {ckpt} is gone")
         return None
     if int(state["world_size"]) == rt.world_size and (Path(ckpt) / f"method_rank{rt.rank}.json").is_file():
         return json.loads((Path(ckpt) / f"method_rank{rt.rank}.json").read_text())
