@@ -175,16 +175,16 @@ def export(run: str, out: str, iteration: Optional[int] = None, use_ema: bool = 
         src = models.spec
         if src.root is not None and (src.root / "model_index.json").is_file():
             index = json.loads((src.root / "model_index.json").read_text())
+            trained_token = models.text is not None and models.text.token is not None
+            written = set(models.text.component_names()) if trained_token else set()  # they carry the new token
             for name, ent in index.items():
-                if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(ent, list) or ent[0] is None:
+                if name.startswith("_") or name in ("unet", "scheduler", *written) or not isinstance(ent, list) \
+                        or ent[0] is None:
                     continue
                 comp = src.root / name
                 if comp.is_dir():
                     shutil.copytree(comp, tmp / name)
-            if models.text is not None and models.text.token is not None:  # a trained new token: theirs
-                for name in models.text.names:
-                    for d in (tmp / name, tmp / name.replace("text_encoder", "tokenizer")):
-                        shutil.rmtree(d, ignore_errors=True)
+            if trained_token:
                 models.text.save_components(tmp)
             # diffusers has no pipeline for a pixel-space UNet conditioned on CLIP text (the toy text teacher's
             # form): its folder keeps the source's components, and `unidad-dist sample` reads it

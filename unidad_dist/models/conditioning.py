@@ -168,6 +168,10 @@ class TextConditioner(nn.Module):
         for t, r in zip(self._tables(), rows):
             t.rows = r.detach().to(t.rows.device, t.rows.dtype).reshape(t.rows.shape).clone()
 
+    def component_names(self) -> list[str]:
+        """Its pipeline components: the text encoder(s) and tokenizer(s)."""
+        return [n for name in self.names for n in (name, name.replace("text_encoder", "tokenizer"))]
+
     def save_components(self, out: Path) -> None:
         """The text encoder(s) and tokenizer(s) with the new token and its current embedding, as diffusers
         pipeline components (``text_encoder/``, ``tokenizer/``, ...)."""
