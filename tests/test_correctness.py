@@ -172,6 +172,40 @@ def test_warmup_lr_values_and_what_the_engine_sets(make_cfg, rt):
     assert math.isclose(models.student.engine.optimizer.param_groups[0]["lr"], cfg.student.optimizer.lr)
 
 
+def test_decaying_lr_schedules_values_and_what_the_engine_sets(make_cfg, rt):
+    """optimizer.schedule linear / cosine: after the warmup, from lr down to lr x final_lr_ratio at
+    train.iterations, as diffusers' schedulers of those names (checked against a hand computation)."""
+    from unidad_dist.parallel.engines import warmup_lr
+
+    # warmup 3, total 11: full at iteration 2, final at iteration 11 (nine iterations later)
+    lin = [warmup_lr(1.0, 3, i, "linear", 11, 0.2) for i in range(13)]
+    want = [1 / 3, 2 / 3, 1.0] + [0.2 + 0.8 * (1 - k / 9) for k in range(1, 10)] + [0.2]
+    assert lin == pytest.approx(want)
+    cos = [warmup_lr(2.0, 0, i, "cosine", 4) for i in range(5)]
+    assert cos == pytest.approx([2.0, 2.0 * (0.5 + 0.5 * math.cos(math.pi / 4)), 1.0,
+                                 2.0 * (0.5 + 0.5 * math.cos(3 * math.pi / 4)), 0.0])
+    assert [warmup_lr(1.0, 2, i, "constant", 4) for i in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    cfg, models, method = _setup(make_cfg, rt, **{"student.optimizer.schedule": "cosine", "train.iterations": 4,
+                                                  "student.optimizer.final_lr_ratio": 0.5,
+                                                  "student.optimizer.warmup": 0, "student.optimizer.lr": 1e-3})
+    got = []
+    for it in range(4):
+        logs = method.step(it)
+        got.append(models.student.engine.optimizer.param_groups[0]["lr"])
+        assert logs["student/lr"] == pytest.approx(got[-1])
+    assert got == pytest.approx([1e-3 * (0.5 + 0.5 * (0.5 + 0.5 * math.cos(math.pi * k / 4))) for k in range(4)])
+    assert models.fake_teacher.engine.optimizer.param_groups[0]["lr"] == cfg.fake_teacher.optimizer.lr  # constant
+
+
+@pytest.mark.parametrize("key,value,message", [("student.optimizer.schedule", "step", "student.optimizer.schedule"),
+                                               ("fake_teacher.optimizer.final_lr_ratio", 1.5, "final_lr_ratio must be in")])
+def test_bad_lr_schedule_is_refused(make_cfg, key, value, message):
+    from unidad_dist.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        make_cfg(**{key: value})
+
+
 # ---------------------------------------------------------------------------------------------------
 # algorithm.t_sampling: karras_index — the DMD, fake-teacher and GAN noise levels, as the calls see them
 # ---------------------------------------------------------------------------------------------------

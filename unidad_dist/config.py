@@ -19,7 +19,7 @@ import yaml
 
 from unidad_dist.core.schema import (all_keys as _keys_of, as_dict, choice, deep_merge, describe_keys, flatten, from_dict as _from_dict,
                                      parse_overrides, parse_yaml, positive, resolve_recipe_paths)
-from unidad_dist.core.sections import GENERIC_SECTIONS, PRECISIONS, PlacementConfig, RoleConfig, TrainableRoleConfig
+from unidad_dist.core.sections import GENERIC_SECTIONS, LR_SCHEDULES, PRECISIONS, PlacementConfig, RoleConfig, TrainableRoleConfig
 from unidad_dist.errors import UserError
 from unidad_dist.methods.base import Method, method_class
 
@@ -211,6 +211,10 @@ def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool, spec=None) -
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             raise UserError(f"{name}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
         positive(f"{name}.optimizer.warmup", opt.warmup, allow_zero=True)
+        choice(f"{name}.optimizer.schedule", opt.schedule, LR_SCHEDULES)
+        if not 0.0 <= opt.final_lr_ratio <= 1.0:
+            raise UserError(f"{name}.optimizer.final_lr_ratio must be in [0, 1] (a fraction of "
+                            f"{name}.optimizer.lr), got {opt.final_lr_ratio}")
         positive(f"{name}.optimizer.clip_grad_norm", opt.clip_grad_norm, allow_zero=True)  # 0 = no clipping
     stages = (0, 1, 2, 3) if trainable else (0, 3)
     if rc.zero_stage not in stages:

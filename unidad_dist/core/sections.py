@@ -14,6 +14,7 @@ from typing import Optional
 from unidad_dist.core.schema import path_field
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16", "fp16")  # fp16: CUDA only (DeepSpeed loss scaling)
+LR_SCHEDULES = ("constant", "linear", "cosine")  # optimizer.schedule: after the warmup
 
 
 @dataclass
@@ -48,11 +49,15 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 2e-6  # AdamW learning rate (constant after the warmup)
+    lr: float = 2e-6  # AdamW learning rate (after the warmup: constant, or decayed as `schedule` says)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     eps: float = 1e-8  # AdamW epsilon
     warmup: int = 500  # linear warmup, counted in iterations (all roles follow the iteration counter)
+    # after the warmup: "constant" (the paper), or "linear" / "cosine" decay to lr x final_lr_ratio at
+    # train.iterations (as diffusers' training scripts' --lr_scheduler)
+    schedule: str = "constant"
+    final_lr_ratio: float = 0.0  # linear / cosine: the learning rate at train.iterations, as a fraction of lr
     clip_grad_norm: float = 10.0  # <= 0 disables clipping
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,11 +33,19 @@ from unidad_dist.parallel.ds_io import (TAG, UNIVERSAL_TAG, import_deepspeed, ma
                                         safe_torch_load)
 
 
-def warmup_lr(base_lr: float, warmup: int, iteration: int) -> float:
-    """Constant LR after a linear warmup counted in iterations (docs/algorithm.md §5, §10.5)."""
-    if warmup <= 0:
+def warmup_lr(base_lr: float, warmup: int, iteration: int, schedule: str = "constant", total: int = 0,
+              final_ratio: float = 0.0) -> float:
+    """The learning rate of ``iteration`` (0-based): a linear warmup counted in iterations, then constant (the
+    paper: docs/algorithm.md §5, §10.5) or, with ``schedule`` "linear" / "cosine", decayed from ``base_lr``
+    after the warmup to ``base_lr * final_ratio`` at iteration ``total`` (and held there beyond it)."""
+    if warmup > 0 and iteration + 1 < warmup:
+        return base_lr * (iteration + 1) / warmup
+    if schedule == "constant":
         return base_lr
-    return base_lr * min(1.0, (iteration + 1) / warmup)
+    start = max(warmup - 1, 0)  # the first iteration at the full learning rate
+    frac = min(1.0, max(0.0, (iteration - start) / max(total - start, 1)))
+    shape = 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return base_lr * (final_ratio + (1.0 - final_ratio) * shape)
 
 
 def init_distributed(rt) -> None:
@@ -231,6 +240,7 @@ class EngineRole(Role):
         self.trainable = True
         self.grad_accum = rc.grad_accum
         self.opt_cfg = rc.optimizer
+        self.total_iterations = cfg.train.iterations  # where a decaying schedule reaches its final rate
         self.stage = rc.zero_stage
         net = role.module.train()
         self.ema_decay = ema
@@ -255,7 +265,11 @@ class EngineRole(Role):
         elif ema > 0:
             self.ema = copy.deepcopy(self.module).float().eval().requires_grad_(False)
         self._micro = 0
-        self.last_lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, 0)
+        self.last_lr = self._lr(0)
+
+    def _lr(self, iteration: int) -> float:
+        o = self.opt_cfg
+        return warmup_lr(o.lr, o.warmup, iteration, o.schedule, self.total_iterations, o.final_lr_ratio)
 
     def train_forward(self, x_t, t, cond) -> torch.Tensor:
         with self.autocast():
@@ -274,7 +288,7 @@ class EngineRole(Role):
     def step(self, iteration: int) -> dict:
         if self._micro % self.grad_accum:
             raise RuntimeError(f"{self.name}: step() after {self._micro % self.grad_accum} of {self.grad_accum} micro-batches")
-        lr = warmup_lr(self.opt_cfg.lr, self.opt_cfg.warmup, iteration)
+        lr = self._lr(iteration)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         scale = self._grad_scale()
