@@ -198,8 +198,9 @@ def test_decaying_lr_schedules_values_and_what_the_engine_sets(make_cfg, rt):
 
 
 @pytest.mark.parametrize("key,value,message", [("student.optimizer.schedule", "step", "student.optimizer.schedule"),
-                                               ("fake_teacher.optimizer.final_lr_ratio", 1.5, "final_lr_ratio must be in")])
-def test_bad_lr_schedule_is_refused(make_cfg, key, value, message):
+                                               ("fake_teacher.optimizer.final_lr_ratio", 1.5, "final_lr_ratio must be in"),
+                                               ("data.target.translate", 0.5, "data.target.translate must be in")])
+def test_bad_lr_schedule_or_translate_is_refused(make_cfg, key, value, message):
     from unidad_dist.errors import UserError
 
     with pytest.raises(UserError, match=message):

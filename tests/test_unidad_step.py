@@ -184,6 +184,36 @@ def test_source_teacher_gets_prompt_without_rare_token(make_cfg, rt):
     assert not torch.allclose(seen[0], with_rare)
 
 
+@pytest.mark.parametrize("form", ["pixel", "sd15"])
+def test_translate_shifts_each_target_image_by_its_own_draw(make_cfg, rt, form):
+    """data.target.translate: each real image is its shot (or flip) moved by (dx, dy) whole cells drawn per
+    sample, the border reflected — checked against an index computation, not the padding code; 0: unchanged."""
+    d = SampleDraws(0, 3, list(range(8)), rt.device)
+    _, plain, _ = _setup(make_cfg, rt, form, **{"data.target.hflip": True})
+    cfg, models, _ = _setup(make_cfg, rt, form, **{"data.target.translate": 0.25, "data.target.hflip": True})
+    real, unshifted = models.data.batch(d).real, plain.data.batch(d).real
+    shot = d.randint(0, models.data.num_shots, "target", "shot").cpu()
+    flip = (d.rand("target", "flip") < 0.5).cpu()
+    base = torch.where(flip[:, None, None, None], models.data.model_space_flipped[shot], models.data.model_space[shot])
+    torch.testing.assert_close(unshifted, base.to(unshifted.device), rtol=0, atol=0)  # translate 0: as before
+    h, w = base.shape[-2:]
+    m = int(0.25 * w)
+    dx = d.randint(-m, m + 1, "target", "shift_x").cpu()
+    dy = d.randint(-m, m + 1, "target", "shift_y").cpu()
+    assert (dx != 0).any() and (dy != 0).any()
+
+    def reflect(k, n):
+        k = k.abs()
+        return torch.where(k > n - 1, 2 * (n - 1) - k, k)
+
+    for b in range(8):
+        rows = reflect(torch.arange(h) - dy[b], h)
+        cols = reflect(torch.arange(w) - dx[b], w)
+        want = base[b][:, rows][:, :, cols]
+        torch.testing.assert_close(real[b].cpu(), want, rtol=0, atol=0)
+    assert any(not torch.equal(real[b].cpu(), base[b]) for b in range(8))
+
+
 def test_draws_do_not_depend_on_batch_split(make_cfg, rt):
     cfg, models, method = _setup(make_cfg, rt)
     whole = SampleDraws(0, 7, [0, 1, 2, 3], rt.device)

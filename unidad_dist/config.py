@@ -292,6 +292,9 @@ def validate(cfg) -> None:
         )
     if cfg.data.target.resolution is not None:
         positive("data.target.resolution", cfg.data.target.resolution)
+    if not 0.0 <= cfg.data.target.translate < 0.5:
+        raise UserError(f"data.target.translate must be in [0, 0.5) (the largest shift, as a fraction of the "
+                        f"image side; 0 turns it off), got {cfg.data.target.translate}")
     positive("data.workers", cfg.data.workers, allow_zero=True)
     positive("data.split_min_samples", cfg.data.split_min_samples, allow_zero=True)
     if cfg.data.source.path is not None and cfg.data.source.prompt_file is not None:

@@ -107,6 +107,10 @@ class TargetDataConfig:
     rare_token: str = "sks"  # what {rare} becomes (the new concept's identifier)
     class_name: str = ""  # what {cls} becomes (the class noun)
     hflip: bool = True  # random horizontal flips of the target images
+    # random translation of the target images (DiffAugment's few-shot remedy, beyond the paper): each shifted by
+    # whole pixels (latent cells for a latent model) up to this fraction of its side, reflected at the border;
+    # 0: off. What the discriminator and the target teacher see as real.
+    translate: float = 0.0
 
 
 @dataclass

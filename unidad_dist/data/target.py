@@ -180,6 +180,7 @@ class DataSource:
         self.cfg = cfg
         self.rare = t.rare_token
         self.hflip = t.hflip
+        self.translate = t.translate
         self.codec = codec
         self.conditioner = conditioner
         self._cache: dict[str, dict] = {}
@@ -368,6 +369,8 @@ class DataSource:
             shot = d.randint(0, self.num_shots, "target", "shot").cpu()
             real = torch.where(flip[:, None, None, None], self.model_space_flipped[shot], self.model_space[shot])
             real_prompts = [self.real_prompts[i] for i in shot.tolist()]
+        if self.translate > 0:
+            real = translate(real, d, self.translate)
         batch = Batch(
             cond=self.encode(prompts), cond_src=self.encode(prompts_src), uncond=self.encode([""] * B),
             real=real.to(d.device), real_cond=self.encode(real_prompts), prompts=prompts, prompts_src=prompts_src,
@@ -377,6 +380,21 @@ class DataSource:
             for k in [k for k in self._cache if k not in self._keep]:
                 del self._cache[k]
         return batch
+
+
+def translate(x: torch.Tensor, d: SampleDraws, frac: float) -> torch.Tensor:
+    """Shift each image of ``x`` (B, C, H, W) by whole cells (dx, dy), each uniform in [-m, m] with
+    m = floor(frac x side), drawn per sample (role "target", purposes "shift_x" / "shift_y"); the border is
+    reflected. A shift of (0, 0) returns the image unchanged."""
+    h, w = x.shape[-2:]
+    mx, my = min(int(frac * w), w - 1), min(int(frac * h), h - 1)
+    if mx == 0 and my == 0:
+        return x
+    dx = d.randint(-mx, mx + 1, "target", "shift_x").cpu().tolist()
+    dy = d.randint(-my, my + 1, "target", "shift_y").cpu().tolist()
+    padded = torch.nn.functional.pad(x, (mx, mx, my, my), mode="reflect")
+    # output pixel (i, j) is input pixel (i - dy, j - dx): the content moves right by dx and down by dy
+    return torch.stack([padded[b, :, my - sy: my - sy + h, mx - sx: mx - sx + w] for b, (sx, sy) in enumerate(zip(dx, dy))])
 
 
 def _to(cond: dict, device) -> dict:
