@@ -108,9 +108,12 @@ TEACHER = {
     "prediction_type": "v_prediction",
 }
 
-# A broader source teacher (issue 11): the same network on every shape in red on every kind of background
-# (mid, dark, light, textured), trained longer (its domain is harder: 3000 steps left it at proxy distance 1.3)
-BROAD_TEACHER = dict(TEACHER, domain="red_shapes_any_background", steps=9000)
+# A broader source teacher (issue 11): the same network on every shape, in any saturated hue, on every kind of
+# background (mid, dark, light, textured) — a prior that holds every target domain's shape, colour and
+# background, as a large source model's holds a few-shot domain (FFHQ and babies) — trained longer than the
+# demo teacher (red shapes on every background alone were at proxy distance 1.3 after 3000 steps). A long
+# build: tools/build_demo_teacher.py --name broad_teacher --state build/teachers continues it across sessions.
+BROAD_TEACHER = dict(TEACHER, domain="shapes_family", steps=9000)
 
 # A tiny *text-conditioned* teacher (issue 17's toy domain for the methods that need a prompt: OPAD, the
 # baselines' DreamBooth-style fine-tune): every shape in seven named colours — not blue, the demo shots' colour,
