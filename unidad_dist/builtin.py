@@ -67,14 +67,17 @@ def _target(shape: str, color: list, background: str) -> dict:
 # warm start and the fake teacher's learning rate on them: they moved to TUNED (more than the two issue 11
 # allows — see its notes) and two fresh domains took their place. orange_discs_light followed (it chose the
 # Karras noise levels and the student's second timestep: noise and copy rate); amber_rings_textured replaced it.
+# cyan_crosses_textured confirmed the move of the student's second step to t = 500 and the shots' translation
+# (chosen on blue_discs) before the recipe took them: lime_triangles_textured replaced it.
 TUNED_TARGETS = {
     "yellow_triangles_dark": _target("triangle", [0.9, 0.8, 0.1], "dark"),
     "magenta_rings_light": _target("ring", [0.85, 0.2, 0.8], "light"),
     "orange_discs_light": _target("disc", [0.95, 0.55, 0.1], "light"),
+    "cyan_crosses_textured": _target("cross", [0.1, 0.8, 0.85], "textured"),
 }
 TUNED = ("blue_discs", "green_squares", *TUNED_TARGETS)
 HELD_OUT = {
-    "cyan_crosses_textured": _target("cross", [0.1, 0.8, 0.85], "textured"),
+    "lime_triangles_textured": _target("triangle", [0.6, 0.85, 0.1], "textured"),
     "amber_rings_textured": _target("ring", [0.95, 0.7, 0.15], "textured"),
     "purple_squares_textured": _target("square", [0.55, 0.25, 0.85], "textured"),
     "white_crosses_dark": _target("cross", [0.92, 0.92, 0.92], "dark"),
