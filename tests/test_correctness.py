@@ -161,6 +161,11 @@ def test_warmup_lr_values_and_what_the_engine_sets(make_cfg, rt):
     from unidad_dist.parallel.engines import warmup_lr
 
     assert [warmup_lr(1.0, 4, i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # bit for bit the formula runs were trained with (the recipes' lr 2e-6 / 5e-6, warmup 500): a learning rate
+    # rounded otherwise moves AdamW's weights in the last bit
+    for lr in (2e-6, 5e-6, 1e-4):
+        assert all(warmup_lr(lr, 500, i) == lr * min(1.0, (i + 1) / 500) for i in range(600))
+        assert all(warmup_lr(lr, 500, i, "cosine", 1000) == lr * min(1.0, (i + 1) / 500) for i in range(499))
     assert warmup_lr(3e-4, 0, 0) == 3e-4 and warmup_lr(3e-4, 1, 0) == 3e-4
     cfg, models, method = _setup(make_cfg, rt, **{"fake_teacher.optimizer.warmup": 4,
                                                   "fake_teacher.optimizer.lr": 2e-4})

@@ -117,3 +117,20 @@ def test_a_stage_change_on_resume_is_a_clear_error(tmp_path, pipes):
 
     with pytest.raises(UserError, match=r"ZeRO stage cannot change on resume: student.zero_stage=2"):
         check_resume_compatible(to_dict(config_from_dict(saved)), new)
+
+
+def test_more_iterations_on_resume_is_refused_only_when_a_schedule_decays_to_them(tmp_path, pipes):
+    from unidad_dist.config import config_from_dict, to_dict
+    from unidad_dist.errors import UserError
+    from unidad_dist.train.loop import check_resume_compatible
+
+    def cfg(**over):
+        return config_from_dict(testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "r", **over))
+
+    assert "train.iterations" in check_resume_compatible(to_dict(cfg(**{"train.iterations": 4})),
+                                                         cfg(**{"train.iterations": 8}))
+    cos = {"fake_teacher.optimizer.schedule": "cosine", "fake_teacher.optimizer.warmup": 0}
+    with pytest.raises(UserError, match=r"fake_teacher.optimizer.schedule decays the learning rate to train.iterations"):
+        check_resume_compatible(to_dict(cfg(**cos, **{"train.iterations": 4})), cfg(**cos, **{"train.iterations": 8}))
+    with pytest.raises(UserError, match=r"warmup=4 is not below train.iterations=4"):
+        cfg(**{"student.optimizer.schedule": "linear", "student.optimizer.warmup": 4, "train.iterations": 4})

@@ -564,6 +564,23 @@ def test_auto_a_probe_compares_the_two_teachers_on_the_shots(make_cfg, rt):
     assert m.a == pytest.approx(0.8 * min(1.0, (1 - l_t2 / l_s2) / 0.5), rel=1e-6) and m.a > 0
 
 
+def test_auto_a_probe_reads_the_shots_unshifted_while_training_reads_them_shifted(make_cfg, rt):
+    """data.target.translate shifts what the discriminator and the target teacher train on, not the shots the
+    auto-a probe measures the two teachers on: its noised input is the same as without translation."""
+    seen = {}
+    for shift in (0.0, 0.25):
+        cfg = make_cfg("pixel", **AUTO, **{"train.batch_size": 4, "data.target.translate": shift})
+        models = build(cfg, rt)
+        m = UniDAD(cfg, models, rt)
+        spied: dict = {}
+        _spy_forwards(models, spied)
+        m.probe_teachers()
+        seen[shift] = spied["source_teacher"][0]
+        d = SampleDraws(0, 0, [0, 1, 2, 3], rt.device)
+        assert torch.equal(models.data.batch(d, augment=False).real, models.data.batch(d).real) == (shift == 0)
+    assert torch.equal(seen[0.0], seen[0.25])
+
+
 def test_auto_a_probe_gives_the_source_teacher_the_captions_without_the_rare_token(make_cfg, rt):
     cfg, models, m = _setup(make_cfg, rt, "sd15", **AUTO, **{"train.batch_size": 2, "data.target.rare_token": "sks"})
     seen: dict = {}

@@ -111,8 +111,9 @@ TEACHER = {
     "prediction_type": "v_prediction",
 }
 
-# A broader source teacher (issue 11): the same network on every shape, in any saturated hue, on every kind of
-# background (mid, dark, light, textured) — a prior that holds every target domain's shape, colour and
+# A broader source teacher (issue 11): the same network on every shape, in any saturated hue (saturation 0.6-1,
+# value 0.65-1: not white, pale pink or dark teal, which three held-out domains use), on every kind of
+# background (mid, dark, light, textured) — a prior that holds most target domains' shape, colour and
 # background, as a large source model's holds a few-shot domain (FFHQ and babies) — trained longer than the
 # demo teacher (red shapes on every background alone were at proxy distance 1.3 after 3000 steps). A long
 # build: tools/build_demo_teacher.py --name broad_teacher --state build/teachers continues it across sessions.

@@ -212,6 +212,10 @@ def _validate_role(cfg, name: str, rc: RoleConfig, trainable: bool, spec=None) -
             raise UserError(f"{name}.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
         positive(f"{name}.optimizer.warmup", opt.warmup, allow_zero=True)
         choice(f"{name}.optimizer.schedule", opt.schedule, LR_SCHEDULES)
+        if opt.schedule != "constant" and opt.warmup >= cfg.train.iterations:
+            raise UserError(f"{name}.optimizer.schedule={opt.schedule} decays the rate after the warmup, but "
+                            f"{name}.optimizer.warmup={opt.warmup} is not below train.iterations="
+                            f"{cfg.train.iterations}: shorten the warmup or use schedule=constant")
         if not 0.0 <= opt.final_lr_ratio <= 1.0:
             raise UserError(f"{name}.optimizer.final_lr_ratio must be in [0, 1] (a fraction of "
                             f"{name}.optimizer.lr), got {opt.final_lr_ratio}")

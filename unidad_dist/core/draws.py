@@ -2,7 +2,7 @@
 
 * A draw that changes which network calls run (whether the student steps, the backward-simulation step k)
   depends on (seed, iteration, purpose) only, so every rank agrees without communication.
-* A per-sample draw (noise, timesteps, flips, which target shot) depends on (seed, iteration, global
+* A per-sample draw (noise, timesteps, flips, shifts, which target shot) depends on (seed, iteration, global
   sample index, role, purpose), so results do not depend on how a global batch is split over ranks,
   and a resumed run draws exactly what an uninterrupted one would have.
 

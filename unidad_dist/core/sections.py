@@ -37,7 +37,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000  # training iterations (may be raised on resume)
+    iterations: int = 1000  # training iterations (may be raised on resume, unless an optimizer.schedule decays to it)
     batch_size: int = 1  # per rank and micro-batch (with global_batch_size: the largest micro-batch per rank)
     # samples per optimizer step over all ranks (split placement: over each side's), kept whatever the world
     # size: the per-rank micro-batch and every trainable role's gradient accumulation are derived from it (null:
@@ -109,7 +109,8 @@ class TargetDataConfig:
     hflip: bool = True  # random horizontal flips of the target images
     # random translation of the target images (DiffAugment's few-shot remedy, beyond the paper): each shifted by
     # whole pixels (latent cells for a latent model) up to this fraction of its side, reflected at the border;
-    # 0: off. What the discriminator and the target teacher see as real.
+    # 0: off. What every method trains on as real (Uni-DAD: the discriminator and the target teacher); the
+    # auto-a probe, evaluation and grids read the shots unshifted.
     translate: float = 0.0
 
 

@@ -335,9 +335,11 @@ class DataSource:
         for s in self.streams.values():
             s.close()
 
-    def batch(self, d: SampleDraws) -> Batch:
+    def batch(self, d: SampleDraws, augment: bool = True) -> Batch:
         """One micro-batch. Split streams are read only by training iterations (``d.iteration >= 0``);
-        warm start, sampling and grids (iteration -1) draw from the in-memory prompts and shots."""
+        warm start, sampling and grids (iteration -1) draw from the in-memory prompts and shots.
+        ``augment=False``: the shots as they are (flipped, not translated) — for a measurement such as the
+        auto-a probe, or a caller that does not read ``real``."""
         B = len(d.indices)
         training = d.iteration >= 0
         src = self.streams.get("source") if training else None
@@ -369,7 +371,7 @@ class DataSource:
             shot = d.randint(0, self.num_shots, "target", "shot").cpu()
             real = torch.where(flip[:, None, None, None], self.model_space_flipped[shot], self.model_space[shot])
             real_prompts = [self.real_prompts[i] for i in shot.tolist()]
-        if self.translate > 0:
+        if self.translate > 0 and augment:
             real = translate(real, d, self.translate)
         batch = Batch(
             cond=self.encode(prompts), cond_src=self.encode(prompts_src), uncond=self.encode([""] * B),
@@ -389,6 +391,8 @@ def translate(x: torch.Tensor, d: SampleDraws, frac: float) -> torch.Tensor:
     h, w = x.shape[-2:]
     mx, my = min(int(frac * w), w - 1), min(int(frac * h), h - 1)
     if mx == 0 and my == 0:
+        warnings.warn(f"data.target.translate={frac} shifts {w}x{h} model-space images by less than one cell: no "
+                      f"shift happens; raise it to at least {1 / min(w, h):.3g} or set 0", stacklevel=2)
         return x
     dx = d.randint(-mx, mx + 1, "target", "shift_x").cpu().tolist()
     dy = d.randint(-my, my + 1, "target", "shift_y").cpu().tolist()

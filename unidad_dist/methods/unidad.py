@@ -532,7 +532,7 @@ class UniDAD(Method):
 
         def loss(role_name: str, source: bool):
             def fn():
-                batch = data.batch(d)
+                batch = data.batch(d, augment=False)  # the shots themselves, not data.target.translate's shifts
                 cond = batch.real_cond
                 if source and cond:  # the source teacher sees the captions without the rare token (as in DMD)
                     cond = data.encode([strip_rare_token(p, data.rare) for p in batch.real_prompts])
@@ -650,7 +650,7 @@ class UniDAD(Method):
             ps = None
             cond_src = uncond = None
             if self.m.text is not None:
-                b = self.m.data.batch(d)
+                b = self.m.data.batch(d, augment=False)  # only its prompts are read
                 ps, cond_src, uncond = b.prompts, b.cond_src, b.uncond
             x = ddim(lambda x_t, tt: self.teacher_x0("source_teacher", x_t, tt, cond_src, uncond,
                                                      self.cfg.source_teacher.cfg), z, ts, self.schedule)

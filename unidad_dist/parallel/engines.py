@@ -39,7 +39,7 @@ def warmup_lr(base_lr: float, warmup: int, iteration: int, schedule: str = "cons
     paper: docs/algorithm.md §5, §10.5) or, with ``schedule`` "linear" / "cosine", decayed from ``base_lr``
     after the warmup to ``base_lr * final_ratio`` at iteration ``total`` (and held there beyond it)."""
     if warmup > 0 and iteration + 1 < warmup:
-        return base_lr * (iteration + 1) / warmup
+        return base_lr * min(1.0, (iteration + 1) / warmup)  # this rounding order: results as before the schedules
     if schedule == "constant":
         return base_lr
     start = max(warmup - 1, 0)  # the first iteration at the full learning rate

@@ -349,6 +349,12 @@ def check_resume_compatible(saved: dict, new) -> list[str]:
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                      and not (k not in a and k in defaults and b.get(k) == defaults[k]))
     bad = [k for k in changed if not k.startswith(RESUME_ALLOWED)]
+    decaying = sorted(k for k, v in b.items() if k.endswith(".optimizer.schedule") and v != "constant")
+    if "train.iterations" in changed and decaying:
+        raise UserError(
+            f"train.iterations changed ({a.get('train.iterations')} -> {b.get('train.iterations')}) on resume, but "
+            f"{', '.join(decaying)} decays the learning rate to train.iterations: the rate would jump where the run "
+            "resumes. Restore train.iterations to resume, or start a fresh run (another run.dir) for the longer one")
     if bad:
         stages = [k for k in bad if k.endswith(".zero_stage")]
         raise UserError(
