@@ -389,7 +389,7 @@ def translate(x: torch.Tensor, d: SampleDraws, frac: float) -> torch.Tensor:
     m = floor(frac x side), drawn per sample (role "target", purposes "shift_x" / "shift_y"); the border is
     reflected. A shift of (0, 0) returns the image unchanged."""
     h, w = x.shape[-2:]
-    mx, my = min(int(frac * w), w - 1), min(int(frac * h), h - 1)
+    mx, my = int(frac * w), int(frac * h)  # < the side: validation keeps frac below 0.5, as reflect padding needs
     if mx == 0 and my == 0:
         warnings.warn(f"data.target.translate={frac} shifts {w}x{h} model-space images by less than one cell: no "
                       f"shift happens; raise it to at least {1 / min(w, h):.3g} or set 0", stacklevel=2)
