@@ -8,8 +8,10 @@ then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_st
 ratio (after / before), the proxy distance after / the source teacher's own samples' distance to the shots
 (the unadapted distribution: below 1 means closer to the target than the source teacher is; the student
 before adaptation is a blurry warm start, so after / before also rewards mere sharpening), copy rate,
-diversity, noise level (samples / shots), and the control's ratio — and
-whether the acceptance holds (ratio <= 0.5, copy rate < 5 %, diversity >= 0.5; the control's proxy fall at
+diversity, noise level (samples / shots), the shape distance (the foreground's shape alone; above 1 the
+samples draw another shape or a blob), and the control's ratio — and
+whether the acceptance holds (tools/check_demo.py: ratio <= 0.5, copy rate < 5 %, diversity >= 0.5, noise,
+shape distance <= 1; the control's proxy fall at
 most half the adapted run's). Writes table.json and, per row, a strip of PNG grids (shots | student before
 | student after | control after) under --out. ``--jobs N`` runs N at a time with cpu_count / N threads
 each.
@@ -129,7 +131,8 @@ def main() -> int:
         adapted = summaries[(name, seed, "adapted")]
         row = {"domain": name, "held_out": name in builtin.HELD_OUT, "seed": seed,
                "ratio": adapted["proxy_distance_ratio"],
-               "vs_source": adapted["proxy_distance_after"] / source_distance[name], "copy_rate": adapted["copy_rate"],
+               "vs_source": adapted["proxy_distance_after"] / source_distance[name],
+               "shape": adapted.get("shape_distance"), "copy_rate": adapted["copy_rate"],
                "diversity": adapted["diversity"], "noise_level": adapted["noise_level"],
                "noise_level_shots": adapted["noise_level_shots"], "sharpness": adapted["sharpness"],
                "sharpness_shots": adapted["sharpness_shots"], "problems": check_summary(adapted)}
@@ -145,7 +148,7 @@ def main() -> int:
         _strip(base / "grids.png", runs)
         rows.append(row)
     table_file.write_text(json.dumps(rows, indent=2))
-    print(f"\n{'domain':26} seed  ratio vs_src  copy   div  noise(s/shots)   sharp(s/shots)  control  result")
+    print(f"\n{'domain':26} seed  ratio vs_src shape  copy   div  noise(s/shots)   sharp(s/shots)  control  result")
     for row in rows:
         print(_line(row))
     bad = [r for r in rows if r["problems"]]
@@ -156,7 +159,9 @@ def main() -> int:
 
 def _line(r: dict) -> str:
     control = f"{r['control_ratio']:7.3f}" if "control_ratio" in r else "      -"
-    return (f"{r['domain']:26} {r['seed']:4} {r['ratio']:6.3f} {r['vs_source']:6.2f} {r['copy_rate']:5.3f} {r['diversity']:5.2f} "
+    shape = f"{r['shape']:5.2f}" if r.get("shape") is not None else "    -"  # --reuse of runs from before it existed
+    return (f"{r['domain']:26} {r['seed']:4} {r['ratio']:6.3f} {r['vs_source']:6.2f} {shape} {r['copy_rate']:5.3f} "
+            f"{r['diversity']:5.2f} "
             f"{r['noise_level']:6.3f}/{r['noise_level_shots']:5.3f}   {r['sharpness']:5.3f}/{r['sharpness_shots']:5.3f}  "
             f"{control}  {'ok' if not r['problems'] else '; '.join(r['problems'])}")
 

@@ -57,7 +57,7 @@ def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, caps
     # up to the 8-bit quantisation of the gathered samples (evaluate measures the images a user would save) ...
     summary = json.loads((run / "summary.json").read_text())
     assert rec["steps"] == summary["student_steps"]
-    for key in ("proxy_distance", "copy_rate", "diversity", "noise_level"):
+    for key in ("proxy_distance", "shape_distance", "copy_rate", "diversity", "noise_level"):
         want = summary["proxy_distance_after" if key == "proxy_distance" else key]
         assert rec["proxies"][key] == pytest.approx(want, rel=1e-3, abs=1e-5), key
     # ... and exactly those of the float samples `sample` writes, quantised
@@ -72,7 +72,7 @@ def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, caps
     floats = load_file(run.parent / "s.safetensors")["images"] * 2 - 1
     cfg, models, _, _ = load_run(run)
     mine = all_metrics(from_uint8(to_uint8(floats)), target_shots(cfg, models.resolution))
-    for key in ("proxy_distance", "copy_rate", "diversity", "noise_level"):
+    for key in ("proxy_distance", "shape_distance", "copy_rate", "diversity", "noise_level"):
         assert rec["proxies"][key] == pytest.approx(mine[key], rel=1e-6, abs=1e-7), key
     assert "a proxy, not FID" in rec["proxies"]["label"]
     by = {r["metric"]: r for r in rec["paper"]}

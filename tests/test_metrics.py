@@ -108,3 +108,69 @@ def test_noise_level_and_sharpness_are_reported():
     m = metrics.all_metrics(grainy, held[:10])
     assert m["noise_level"] > 5 * m["noise_level_shots"] and m["sharpness_shots"] == pytest.approx(
         metrics.noise_and_sharpness(held[:10])[1])
+
+
+def _with(domain, **kw):
+    return dict(builtin.DOMAINS[domain], **kw)
+
+
+@pytest.mark.parametrize("domain", ["green_squares", "magenta_rings_light", "cyan_crosses_textured",
+                                    "white_crosses_dark", "red_triangles_light", "teal_discs_dark"])
+def test_shape_distance_puts_every_other_shape_far_and_the_domain_near(domain):
+    """In the shots' own colours and background, each of the other four shapes lies beyond SHAPE_LIMIT
+    (measured >= 1.7 on twelve domains) and held-out images of the domain well inside it (<= 0.5); so does
+    target-coloured noise. The proxy distance alone let some wrong shape pass the demo's acceptance."""
+    dom = builtin.DOMAINS[domain]
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    shots, held = builtin.render_shapes(dom, 10, 32, g(10)), builtin.render_shapes(dom, 64, 32, g(11))
+    assert metrics.shape_distance(held, shots) < 0.6 * metrics.SHAPE_LIMIT
+    wrong = {s: builtin.render_shapes(_with(domain, shape=s), 64, 32, g(12)) for s in builtin.SHAPES if s != dom["shape"]}
+    far = {s: metrics.shape_distance(x, shots) for s, x in wrong.items()}
+    assert min(far.values()) > 1.5 * metrics.SHAPE_LIMIT, far
+    noise, _ = _failure_modes(held)
+    assert metrics.shape_distance(noise, shots) > 3 * metrics.SHAPE_LIMIT
+    # why it exists: by the proxy, the nearest wrong shape is at most half the source domain's distance away
+    source = _render("red_shapes", 128, 2)
+    nearest = min(metrics.proxy_distance(x, shots) for x in wrong.values())
+    assert nearest < 0.5 * metrics.proxy_distance(source, shots)
+
+
+def test_shape_distance_ignores_colour_background_position_and_size():
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    shots = builtin.render_shapes(builtin.DOMAINS["red_triangles_light"], 10, 32, g(10))
+    other = builtin.render_shapes({"shape": "triangle", "color": [0.1, 0.6, 0.55], "color_jitter": 0.1,
+                                   "background": "textured"}, 64, 32, g(3))
+    assert metrics.shape_distance(other, shots) < 0.6 * metrics.SHAPE_LIMIT
+    assert metrics.proxy_distance(other, shots) > 10 * metrics.proxy_distance(
+        builtin.render_shapes(builtin.DOMAINS["red_triangles_light"], 64, 32, g(3)), shots)
+
+
+def test_radial_profile_harmonics_count_the_corners():
+    """A triangle's radial profile has its 3rd harmonic, a square's and a cross's their 4th, a disc neither;
+    computed against a hand-made profile: a polygon of k corners has a k-th harmonic."""
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    s = {name: metrics._structure(builtin.render_shapes({"shape": name, "color": [0.9, 0.2, 0.1], "color_jitter": 0.0,
+                                                         "background": "light"}, 32, 32, g(4)))
+         for name in builtin.SHAPES}
+    h3 = {k: float(v["profile_h3"].exp().mean()) - 0.02 for k, v in s.items()}
+    h4 = {k: float(v["profile_h4"].exp().mean()) - 0.02 for k, v in s.items()}
+    assert h3["triangle"] > 4 * max(h3["disc"], h3["square"], h3["ring"]), h3
+    assert h4["square"] > 4 * h4["disc"] and h4["cross"] > 2 * h4["square"], h4
+    assert float(s["disc"]["profile_spread"].exp().mean()) - 0.03 < 0.06
+    # by hand: the profile is the farthest point in each angular bin, over its mean; a square's boundary is at
+    # 1 / max(|cos θ|, |sin θ|), an equilateral triangle's at 1 / cos((θ mod 2π/3) − π/3); their 4th and 3rd
+    # harmonics, averaged over rotations
+    fine = 64
+    theta = (torch.arange(metrics.PROFILE_BINS * fine) + 0.5) / (metrics.PROFILE_BINS * fine) * 2 * torch.pi
+
+    def by_hand(boundary, k):
+        out = []
+        for phase in torch.linspace(0, 1, 8):
+            r = boundary(theta + float(phase)).view(metrics.PROFILE_BINS, fine).max(1).values
+            out.append(float(torch.fft.rfft(r / r.mean()).abs()[k] / metrics.PROFILE_BINS))
+        return sum(out) / len(out)
+
+    square = by_hand(lambda t: 1 / torch.maximum(t.cos().abs(), t.sin().abs()), 4)
+    triangle = by_hand(lambda t: 1 / (torch.remainder(t, 2 * torch.pi / 3) - torch.pi / 3).cos(), 3)
+    assert h4["square"] == pytest.approx(square, rel=0.25), (h4["square"], square)
+    assert h3["triangle"] == pytest.approx(triangle, rel=0.25), (h3["triangle"], triangle)

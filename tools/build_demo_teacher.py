@@ -59,11 +59,12 @@ def main() -> int:
 # What a teacher must reach before it is published (its 25-step DDIM samples against fresh images of its
 # domain; measured on the shipped one, 128 samples: distance 0.29, noise 0.005, sharpness 0.42 of 0.43,
 # diversity 0.85 — while a 3x3 blur of real images is at distance 1.7 and real images + 0.1 noise at 2.7).
-QUALITY = {"max_distance": 0.6, "max_noise": 0.02, "min_sharpness_ratio": 0.8, "min_diversity": 0.7}
+QUALITY = {"max_distance": 0.6, "max_noise": 0.02, "min_sharpness_ratio": 0.8, "min_diversity": 0.7,
+           "max_shape": 1.0}  # max_shape: eval/metrics.py's SHAPE_LIMIT (the shipped demo teacher: 0.48)
 
 
 def quality(unet, cfg: dict, n: int = 128, folder: Path | None = None) -> tuple[dict, list[str]]:
-    """The teacher's sample quality (proxy distance to its domain, noise, sharpness, diversity) and what
+    """The teacher's sample quality (proxy and shape distance to its domain, noise, sharpness, diversity) and what
     falls short of QUALITY (empty when it is clean enough to publish). A text teacher (its text encoder in
     ``folder``) samples its caption of each shape in turn."""
     import torch
@@ -76,10 +77,12 @@ def quality(unet, cfg: dict, n: int = 128, folder: Path | None = None) -> tuple[
     noise, sharp = metrics.noise_and_sharpness(x)
     _, sharp_real = metrics.noise_and_sharpness(real)
     q = {"distance": metrics.proxy_distance(x, real), "noise": noise, "sharpness": sharp, "sharpness_real": sharp_real,
-         "diversity": metrics.diversity(x, real)}
+         "diversity": metrics.diversity(x, real), "shape": metrics.shape_distance(x, real)}
     bad = []
     if q["distance"] > QUALITY["max_distance"]:
         bad.append(f"proxy distance to its domain {q['distance']:.2f} > {QUALITY['max_distance']}")
+    if q["shape"] > QUALITY["max_shape"]:
+        bad.append(f"shape distance to its domain {q['shape']:.2f} > {QUALITY['max_shape']} (not its shapes)")
     if noise > QUALITY["max_noise"]:
         bad.append(f"noise level {noise:.3f} > {QUALITY['max_noise']}")
     if sharp < QUALITY["min_sharpness_ratio"] * sharp_real:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import sys
 
+from unidad_dist.eval.metrics import SHAPE_LIMIT
+
 ACCEPTANCE = ("proxy_distance_after <= 0.5 * proxy_distance_before, copy_rate < 0.05, diversity >= 0.5, "
-              "noise_level <= noise_level_shots + 0.03")
+              f"noise_level <= noise_level_shots + 0.03, shape_distance <= {SHAPE_LIMIT}")
 # The samples' noise (Haar HH estimate) may exceed the shots' by at most this: grainy squiggles in the target's
 # colours pass the proxy distance (measured: ratio 0.42 at noise 0.095 vs the shots' 0.000), and a clean
 # image is near 0 (the demo teacher's own samples: 0.005).
@@ -29,6 +31,12 @@ def check_summary(s: dict) -> list[str]:
     noise, noise_shots = s.get("noise_level"), s.get("noise_level_shots")
     if noise is not None and noise_shots is not None and not noise <= noise_shots + NOISE_MARGIN:
         problems.append(f"noise_level {noise:.3f} > the shots' {noise_shots:.3f} + {NOISE_MARGIN} (grainy samples)")
+    # the shots' shapes, not blobs in their colours (issue 11: red blobs for red triangles passed the rest);
+    # summaries written before the shape distance existed lack it
+    shape = s.get("shape_distance")
+    if shape is not None and not shape <= SHAPE_LIMIT:
+        problems.append(f"shape_distance {shape:.2f} > {SHAPE_LIMIT} (the samples' foreground shapes are not the "
+                        f"shots')")
     return problems
 
 
@@ -41,7 +49,8 @@ def main(argv: list[str]) -> int:
         return 1
     problems = check_summary(s)
     wall = s.get("wall_time_s", {})
-    print(f"demo: proxy {s.get('proxy_distance_before'):.4f} -> {s.get('proxy_distance_after'):.4f}, "
+    shape = f", shape distance {s['shape_distance']:.2f}" if s.get("shape_distance") is not None else ""
+    print(f"demo: proxy {s.get('proxy_distance_before'):.4f} -> {s.get('proxy_distance_after'):.4f}{shape}, "
           f"copy_rate {s.get('copy_rate'):.3f}, diversity {s.get('diversity'):.3f}, total {wall.get('total_s', 0):.0f}s")
     if problems:
         print("demo check FAILED (" + ACCEPTANCE + "): " + "; ".join(problems))

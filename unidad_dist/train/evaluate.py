@@ -250,7 +250,9 @@ def watch(rdir: Path, interval: float, evaluate, log=print, rt: Optional[Runtime
 def format_record(rec: dict) -> str:
     p = rec["proxies"]
     lines = [f"checkpoint {rec['checkpoint']} ({rec['num_samples']} samples, {rec['steps']} steps, {rec['weights']} weights)",
-             f"  proxies ({p['label']}): proxy distance {p['proxy_distance']:.4f}, copy rate {p['copy_rate']:.3f}, "
+             f"  proxies ({p['label']}): proxy distance {p['proxy_distance']:.4f}, "
+             + (f"shape distance {p['shape_distance']:.3f}, " if "shape_distance" in p else "")  # older records lack it
+             + f"copy rate {p['copy_rate']:.3f}, "
              f"diversity {p['diversity']:.3f}, noise {p['noise_level']:.3f} (shots {p['noise_level_shots']:.3f})"]
     lines += ["  " + line for line in paper.format_results(rec["paper"]).splitlines()]
     if "best" in rec:

@@ -317,6 +317,8 @@ class Evaluation(Hook):
             "proxy_feature": PROXY_FEATURE,
             "proxy_distance_before": before.get("proxy_distance"),
             "proxy_distance_after": after["proxy_distance"],
+            "shape_distance": after["shape_distance"],  # the foreground's shape alone (eval/metrics.py)
+            "shape_distance_before": before.get("shape_distance"),
             "copy_rate": after["copy_rate"],
             "diversity": after["diversity"],
             "copy_rate_before": before.get("copy_rate"),
