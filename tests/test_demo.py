@@ -10,6 +10,7 @@ import pytest
 
 from unidad_dist import builtin
 from unidad_dist.cli import main
+from unidad_dist.eval.metrics import SHAPE_LIMIT
 from tools.check_demo import check_summary
 
 DOMAIN = "red_triangles_light"  # held out: one filled shape of one colour on a light background (the issue's case)
@@ -36,12 +37,11 @@ def test_the_acceptance_refuses_grainy_samples():
 def test_the_acceptance_refuses_another_shape():
     """Blobs or another shape in the shots' colours (red blobs for red triangles passed every other count: issue
     11) fail on the shape distance; a summary written before it existed is judged without it."""
-    from unidad_dist.eval.metrics import SHAPE_LIMIT
-
     clean = {"proxy_distance_before": 10.0, "proxy_distance_after": 4.0, "copy_rate": 0.0, "diversity": 0.8,
              "noise_level": 0.02, "noise_level_shots": 0.0}
-    assert check_summary({**clean, "shape_distance": 0.9 * SHAPE_LIMIT}) == []
-    assert any("shape_distance 2.00" in p for p in check_summary({**clean, "shape_distance": 2.0}))
+    assert SHAPE_LIMIT == 1.0
+    assert check_summary({**clean, "shape_distance": SHAPE_LIMIT}) == []
+    assert any("shape_distance 1.01" in p for p in check_summary({**clean, "shape_distance": 1.01 * SHAPE_LIMIT}))
     assert check_summary(clean) == []
 
 

@@ -106,6 +106,9 @@ def test_noise_level_and_sharpness_are_reported():
     assert metrics.noise_and_sharpness(noise)[0] > metrics.noise_and_sharpness(grainy)[0]
     assert metrics.noise_and_sharpness(blobs)[1] < 0.7 * clean_sharp
     m = metrics.all_metrics(grainy, held[:10])
+    # all_metrics computes each set's structure once: the same numbers as the functions one at a time
+    assert m["proxy_distance"] == metrics.proxy_distance(grainy, held[:10])
+    assert m["shape_distance"] == metrics.shape_distance(grainy, held[:10])
     assert m["noise_level"] > 5 * m["noise_level_shots"] and m["sharpness_shots"] == pytest.approx(
         metrics.noise_and_sharpness(held[:10])[1])
 

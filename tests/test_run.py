@@ -43,6 +43,9 @@ def test_train_each_backbone(tmp_path, pipes, form):
     summary = json.loads((rdir / "summary.json").read_text())
     for k in ("proxy_distance_before", "proxy_distance_after", "copy_rate", "diversity", "wall_time_s"):
         assert k in summary
+    before = json.loads((rdir / "eval_before.json").read_text())
+    assert summary["shape_distance_before"] == before["shape_distance"]
+    assert summary["proxy_distance_before"] == before["proxy_distance"]
 
 
 def test_iterations_zero_then_sample_and_export(tmp_path, pipes):
