@@ -78,10 +78,10 @@ def quality(unet, cfg: dict, n: int = 128, folder: Path | None = None) -> tuple[
 
     x = builtin.teacher_samples(unet, cfg, n, folder=folder)
     real = builtin.render_shapes(builtin.DOMAINS[cfg["domain"]], n, cfg["resolution"], torch.Generator().manual_seed(99))
-    noise, sharp = metrics.noise_and_sharpness(x)
-    _, sharp_real = metrics.noise_and_sharpness(real)
-    q = {"distance": metrics.proxy_distance(x, real), "noise": noise, "sharpness": sharp, "sharpness_real": sharp_real,
-         "diversity": metrics.diversity(x, real), "shape": metrics.shape_distance(x, real)}
+    m = metrics.all_metrics(x, real)  # each set's structure measured once
+    noise, sharp, sharp_real = m["noise_level"], m["sharpness"], m["sharpness_shots"]
+    q = {"distance": m["proxy_distance"], "noise": noise, "sharpness": sharp, "sharpness_real": sharp_real,
+         "diversity": m["diversity"], "shape": m["shape_distance"]}
     bad = []
     if q["distance"] > QUALITY["max_distance"]:
         bad.append(f"proxy distance to its domain {q['distance']:.2f} > {QUALITY['max_distance']}")

@@ -91,7 +91,8 @@ def _structure(images: torch.Tensor) -> dict:
     r = rad / (area / math.pi).sqrt()[:, None, None]
     # the radial profile: the farthest mask pixel (its outer edge, + 0.5) in each angular bin, over its mean
     ang = ((torch.atan2(dy, dx) + math.pi) / (2 * math.pi) * PROFILE_BINS).long().clamp(0, PROFILE_BINS - 1)
-    profile = torch.zeros(n, PROFILE_BINS, dtype=x.dtype).scatter_reduce(1, ang.flatten(1), (mask * (rad + 0.5)).flatten(1), "amax")
+    profile = torch.zeros(n, PROFILE_BINS, dtype=x.dtype).scatter_reduce(
+        1, ang.flatten(1), (mask * (rad + 0.5)).flatten(1), "amax")
     profile = profile / profile.mean(1, keepdim=True).clamp_min(1e-3)
     harmonics = torch.fft.rfft(profile, dim=1).abs() / PROFILE_BINS
     p99 = grad.quantile(0.99, dim=1)
