@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,16 @@ def test_radial_profile_harmonics_count_the_corners():
     triangle = by_hand(lambda t: 1 / (torch.remainder(t, 2 * torch.pi / 3) - torch.pi / 3).cos(), 3)
     assert h4["square"] == pytest.approx(square, rel=0.25), (h4["square"], square)
     assert h3["triangle"] == pytest.approx(triangle, rel=0.25), (h3["triangle"], triangle)
+
+
+def test_shape_features_of_a_rectangle_by_hand():
+    """The shape features' last three columns on one axis-aligned 12 x 6 rectangle, computed by hand: boundary
+    length / sqrt(area) = 36 / sqrt 72, the farthest pixel centre (a corner, (5.5, 2.5) from the centroid) over
+    the radius of a disc of that area, and a filled centre (radius_max: a mean radius would read less)."""
+    img = torch.full((1, 3, 32, 32), -0.2)
+    img[:, :, 13:19, 10:22] = torch.tensor([0.8, -0.6, -0.7]).view(1, 3, 1, 1)
+    f = metrics.shape_features(img)[0]
+    assert metrics.SHAPE_KEYS[3:] == ("compactness", "radius_max", "centre_filled")
+    r_max = math.hypot(5.5, 2.5) / math.sqrt(72 / math.pi)
+    expected = torch.tensor([math.log(36 / math.sqrt(72) + 0.05), math.log(r_max + 0.05), 1.0], dtype=torch.float64)
+    assert torch.allclose(f[3:], expected, atol=1e-5), (f, expected)
