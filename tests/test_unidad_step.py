@@ -492,6 +492,72 @@ def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt,
         make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.warm_start": 5})
 
 
+@pytest.mark.parametrize("teacher", ["source", "target"])
+def test_student_warm_start_regresses_onto_the_named_teachers_ddim_samples(make_cfg, rt, pipes, teacher):
+    """student.warm_start: its pairs are (z, the named teacher's DDIM sample from z) — checked against a DDIM
+    written here with the teacher's module and the scheduler's alphas — and with warm_start_teacher=target the
+    target teacher is sampled after its own warm start; the student moves, the other roles do not."""
+    from diffusers import DDPMScheduler
+
+    cfg = make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "train.batch_size": 4,
+                               "target_teacher.warm_start": 6, "target_teacher.warm_start_lr": 2e-3,
+                               "student.warm_start": 3, "student.warm_start_pairs": 3,
+                               "student.warm_start_teacher_steps": 3, "student.warm_start_batch": 3,
+                               "student.warm_start_teacher": teacher})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    init = {r: _params(getattr(models, r).module) for r in ("student", "fake_teacher", "source_teacher", "target_teacher")}
+    got, real_sample = {}, m.teacher_sample
+
+    def spy(*args, **kw):
+        got["target_then"] = _params(models.target_teacher.module)
+        got["z"], got["x0"], _ = out = real_sample(*args, **kw)
+        return out
+
+    m.teacher_sample = spy
+    out = m.prepare()
+    assert out["warm_start_loss"] > 0 and out["target_warm_start_loss"] > 0
+    trg_now = _params(models.target_teacher.module)
+    assert not _same(init["target_teacher"], trg_now)  # its own warm start ran
+    # the target teacher's samples are those of its warm-started weights: its warm start came first
+    assert _same(got["target_then"], trg_now if teacher == "target" else init["target_teacher"])
+    assert not _same(init["student"], _params(models.student.module))
+    for r in ("fake_teacher", "source_teacher"):
+        assert _same(init[r], _params(getattr(models, r).module)), r
+
+    sched = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler")
+    ab = sched.alphas_cumprod.double()
+    module = getattr(models, f"{teacher}_teacher").module
+    x = got["z"].double()
+    ts = torch.linspace(sched.config.num_train_timesteps - 1, 0, 3).round().long().tolist()
+    for i, t in enumerate(ts):
+        with torch.no_grad():
+            pred = module(x.float(), torch.full((x.shape[0],), t), None).double()
+        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        x0 = a * x - s * pred if sched.config.prediction_type == "v_prediction" else (x - s * pred) / a
+        if sched.config.clip_sample:
+            x0 = x0.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
+        if i + 1 < len(ts):
+            x = ab[ts[i + 1]].sqrt() * x0 + (1 - ab[ts[i + 1]]).sqrt() * (x - a * x0) / s
+    assert torch.allclose(got["x0"].double(), x0, atol=1e-4), float((got["x0"].double() - x0).abs().max())
+
+
+def test_student_warm_start_from_the_target_teacher_needs_a_fitted_colocated_one(make_cfg):
+    from unidad_dist.errors import UserError
+
+    over = {"student.warm_start": 5, "student.warm_start_teacher": "target"}
+    with pytest.raises(UserError, match="target_teacher.mode=off"):
+        make_cfg("pixel", **over, **{"target_teacher.mode": "off", "algorithm.a": 0.0})
+    with pytest.raises(UserError, match="needs target_teacher.warm_start > 0"):
+        make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.75})
+    with pytest.raises(UserError, match="placement.mode=split puts them on different sides"):
+        make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.75,
+                                     "target_teacher.warm_start": 5, "placement.mode": "split"})
+    with pytest.raises(UserError, match="is not one of source, target"):
+        make_cfg("pixel", **{"student.warm_start_teacher": "teacher"})
+    make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.75, "target_teacher.warm_start": 5})
+
+
 # -- algorithm.a: auto (docs/algorithm.md §9) ----------------------------------------------------------
 AUTO = {"algorithm.a": "auto", "target_teacher.mode": "online", "gan_heads.lambda_g": 0.0}
 

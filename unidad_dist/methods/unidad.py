@@ -54,6 +54,9 @@ class StudentConfig(TrainableRoleConfig):
     unroll: str = "backward_simulation"  # or "full"
     prediction: str = "teacher"  # "x0": the network's output is x̂0; "teacher": read as the backbone's type
     warm_start: int = 0  # regression steps on (noise -> teacher's DDIM sample) pairs; 0 = off
+    # warm start: whose samples — "source" (the source teacher's), or "target" (the online target teacher's after
+    # its own warm start, or the frozen one's: the student starts drawing the target domain; beyond the paper)
+    warm_start_teacher: str = "source"
     warm_start_pairs: int = 256  # warm start: (noise, teacher sample) pairs drawn once
     warm_start_teacher_steps: int = 25  # warm start: DDIM steps of the teacher's samples
     warm_start_lr: float = 1e-3  # warm start: learning rate
@@ -193,9 +196,13 @@ class UniDAD(Method):
         if not 0.0 <= st.ema < 1.0:
             raise UserError(f"student.ema must be in [0, 1) (0 = off), got {st.ema}")
         positive("student.warm_start", st.warm_start, allow_zero=True)
-        if st.warm_start > 0 and not cfg.source_teacher.enabled:
+        choice("student.warm_start_teacher", st.warm_start_teacher, ("source", "target"))
+        if st.warm_start > 0 and st.warm_start_teacher == "source" and not cfg.source_teacher.enabled:
             raise UserError("student.warm_start regresses the student onto the source teacher's samples, but "
-                            "source_teacher.enabled=false; enable it or set student.warm_start=0")
+                            "source_teacher.enabled=false; enable it, set student.warm_start_teacher=target or "
+                            "student.warm_start=0")
+        if st.warm_start > 0 and st.warm_start_teacher == "target":
+            cls._validate_target_warm_start(cfg)
         positive("train.fake_updates_per_student", cfg.train.fake_updates_per_student)
         positive("target_teacher.update_every", tc.update_every)
         if not 0 <= tc.cond_dropout < 1:
@@ -210,6 +217,23 @@ class UniDAD(Method):
         choice("algorithm.t_sampling", al.t_sampling, ("uniform", "karras_index"))
         if not 0 <= al.t_min <= al.t_max:
             raise UserError(f"need 0 <= algorithm.t_min <= algorithm.t_max, got {al.t_min}, {al.t_max}")
+
+    @staticmethod
+    def _validate_target_warm_start(cfg) -> None:
+        tc = cfg.target_teacher
+        if tc.mode == "off":
+            raise UserError("student.warm_start_teacher=target regresses the student onto the target teacher's "
+                            "samples, but target_teacher.mode=off; set target_teacher.mode=online (with "
+                            "target_teacher.warm_start > 0) or frozen, or student.warm_start_teacher=source")
+        if tc.mode == "online" and tc.warm_start <= 0:
+            raise UserError("student.warm_start_teacher=target with target_teacher.mode=online needs "
+                            "target_teacher.warm_start > 0: before it the target teacher is still the source "
+                            "teacher's copy (set e.g. target_teacher.warm_start=300, or "
+                            "student.warm_start_teacher=source)")
+        if cfg.placement.mode == "split":
+            raise UserError("student.warm_start_teacher=target needs the student and the target teacher on the "
+                            "same ranks, but placement.mode=split puts them on different sides; use "
+                            "placement.mode=colocated or student.warm_start_teacher=source")
 
     @staticmethod
     def _validate_dmd(cfg) -> None:
@@ -638,8 +662,11 @@ class UniDAD(Method):
 
     @torch.no_grad()
     def teacher_sample(self, n: int, steps: int = 25, seed: Optional[int] = None, batch: int = 64,
-                       purpose: str = "teacher_sample") -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Deterministic DDIM (η = 0) samples of the source teacher: returns (z, x0, prompts)."""
+                       purpose: str = "teacher_sample", role: str = "source_teacher"
+                       ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Deterministic DDIM (η = 0) samples of a teacher: returns (z, x0, prompts). The source teacher sees
+        the prompts without the rare token and its CFG scale; the target teacher the prompts as they are and
+        its own scale (as in the DMD loss, docs/algorithm.md §4)."""
         seed = self.seed if seed is None else seed
         ts = ddim_timesteps(steps, self.T)
         zs, xs, all_prompts = [], [], []
@@ -648,12 +675,13 @@ class UniDAD(Method):
             d = SampleDraws(seed, -1, idx, self.rt.device)
             z = d.randn(self.m.sample_shape, purpose, "z")
             ps = None
-            cond_src = uncond = None
+            cond = uncond = None
             if self.m.text is not None:
                 b = self.m.data.batch(d, augment=False)  # only its prompts are read
-                ps, cond_src, uncond = b.prompts, b.cond_src, b.uncond
-            x = ddim(lambda x_t, tt: self.teacher_x0("source_teacher", x_t, tt, cond_src, uncond,
-                                                     self.cfg.source_teacher.cfg), z, ts, self.schedule)
+                ps, uncond = b.prompts, b.uncond
+                cond = b.cond_src if role == "source_teacher" else b.cond
+            scale = self.cfg.source_teacher.cfg if role == "source_teacher" else self.cfg.target_teacher.cfg
+            x = ddim(lambda x_t, tt: self.teacher_x0(role, x_t, tt, cond, uncond, scale), z, ts, self.schedule)
             zs.append(z)
             xs.append(x)
             all_prompts.extend(ps or [])
@@ -667,14 +695,20 @@ class UniDAD(Method):
 
     def prepare(self) -> dict:
         """The warm starts the recipe asks for, where their roles live: the student's (regression onto the
-        source teacher's samples) and the online target teacher's (denoising on the target shots)."""
+        source or the target teacher's samples) and the online target teacher's (denoising on the target shots),
+        the target teacher's first when the student's regresses onto its samples."""
         out = {}
-        if self.ex.holds("student") and self.cfg.student.warm_start > 0:
+        progress = self.cfg.logging.progress
+        student_first = self.cfg.student.warm_start_teacher == "source"
+        if student_first and self.ex.holds("student") and self.cfg.student.warm_start > 0:
             self.m.to_device("student", "source_teacher")  # staged in host memory until their engines
-            out.update(self.warm_start(progress=self.cfg.logging.progress))
+            out.update(self.warm_start(progress=progress))
         if self.ex.holds("target_teacher") and self.cfg.target_teacher.warm_start > 0:
             self.m.to_device("target_teacher")
-            out.update(self.target_warm_start(progress=self.cfg.logging.progress))
+            out.update(self.target_warm_start(progress=progress))
+        if not student_first and self.ex.holds("student") and self.cfg.student.warm_start > 0:
+            self.m.to_device("student", "target_teacher")  # colocated (validated): this rank holds both
+            out.update(self.warm_start(progress=progress))
         return out
 
     def _fit(self, role_name: str, steps: int, lr: float, loss_fn, label: str, progress: bool,
@@ -737,7 +771,8 @@ class UniDAD(Method):
         sc = self.cfg.student
         if sc.warm_start <= 0:
             return {}
-        z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start")
+        z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start",
+                                             role=f"{sc.warm_start_teacher}_teacher")
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
