@@ -4,7 +4,7 @@ procedural domain (unidad_dist.builtin.HELD_OUT), and the a = 0 control (target 
     .venv/bin/python benchmarks/heldout_domains.py [--domains a,b] [--seeds 0] [--no-control] [--out DIR] [k=v ...]
 
 For each domain: 10 shots at 32 px (seed 77), `unidad-dist demo data.target.path=SHOTS run.seed=S [k=v ...]`,
-then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0`. Prints one row per (domain, seed) — the proxy
+then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0 student.warm_start=0`. Prints one row per (domain, seed) — the proxy
 ratio (after / before), the proxy distance after / the source teacher's own samples' distance to the shots
 (the unadapted distribution: below 1 means closer to the target than the source teacher is; the student
 before adaptation is a blurry warm start, so after / before also rewards mere sharpening), copy rate,
@@ -35,7 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import image_strip  # noqa: E402
 from tools.check_demo import check_summary  # noqa: E402
 
-CONTROL = ["algorithm.a=0", "target_teacher.mode=off", "target_teacher.warm_start=0"]  # the a = 0 control
+# the a = 0 control: no target teacher, so nothing learnt from it (nor the student's warm start onto its samples)
+CONTROL = ["algorithm.a=0", "target_teacher.mode=off", "target_teacher.warm_start=0", "student.warm_start=0"]
 
 
 def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int) -> dict:

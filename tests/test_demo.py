@@ -62,7 +62,7 @@ def test_demo_adapts_to_a_held_out_domain_and_beats_the_a0_control(tmp_path):
         pytest.fail("export failed on the demo's run folder")
     assert check_summary(adapted) == [], adapted
     control = _train(tmp_path / "control", shots, "algorithm.a=0", "target_teacher.mode=off",
-                     "target_teacher.warm_start=0")
+                     "target_teacher.warm_start=0", "student.warm_start=0")
     fall = 1 - adapted["proxy_distance_after"] / adapted["proxy_distance_before"]
     fall_control = 1 - control["proxy_distance_after"] / control["proxy_distance_before"]
     print(f"fall adapted {fall:.3f}, control {fall_control:.3f}")
