@@ -1,6 +1,7 @@
 """Which a (issue 17 §3): the demo recipe with algorithm.a = auto (the controller of docs/algorithm.md §9)
 and with the fixed values 0, 0.5, 0.75, 1, on the demo's own target domain (blue discs) and a generated second
-domain (green squares), everything else unchanged.
+domain (green squares), everything else unchanged — so every row, a = 0 included, starts from the recipe's
+student warm start on the target teacher's samples (add student.warm_start=0 to compare without it).
 
     .venv/bin/python benchmarks/a_values.py [--domains blue_discs,green_squares] [--values auto,0,0.5,0.75,1]
         [--seeds 0] [--jobs 2 --threads 1] [--out DIR] [--reuse] [k=v ...]

@@ -6,8 +6,8 @@ procedural domain (unidad_dist.builtin.HELD_OUT), and the a = 0 control (target 
 For each domain: 10 shots at 32 px (seed 77), `unidad-dist demo data.target.path=SHOTS run.seed=S [k=v ...]`,
 then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0 student.warm_start=0`. Prints one row per (domain, seed) — the proxy
 ratio (after / before), the proxy distance after / the source teacher's own samples' distance to the shots
-(the unadapted distribution: below 1 means closer to the target than the source teacher is; the student
-before adaptation is a blurry warm start, so after / before also rewards mere sharpening), copy rate,
+(the unadapted distribution: below 1 means closer to the target than the source teacher is; before, the
+student after its warm starts — with the demo recipe, its regression onto the target teacher's samples), copy rate,
 diversity, noise level (samples / shots), the shape distance (the foreground's shape alone; above 1 the
 samples draw another shape or a blob), and the control's ratio — and
 whether the acceptance holds (tools/check_demo.py: ratio <= 0.5, copy rate < 5 %, diversity >= 0.5, noise,

@@ -553,6 +553,10 @@ def test_student_warm_start_from_the_target_teacher_needs_a_fitted_colocated_one
     with pytest.raises(UserError, match="placement.mode=split puts them on different sides"):
         make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.75,
                                      "target_teacher.warm_start": 5, "placement.mode": "split"})
+    with pytest.raises(UserError, match="never learns the unconditional prediction"):
+        make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.0,
+                                     "target_teacher.warm_start": 5, "target_teacher.cfg": 3.0,
+                                     "target_teacher.cond_dropout": 0.0})
     with pytest.raises(UserError, match="is not one of source, target"):
         make_cfg("pixel", **{"student.warm_start_teacher": "teacher"})
     make_cfg("pixel", **over, **{"target_teacher.mode": "online", "algorithm.a": 0.75, "target_teacher.warm_start": 5})

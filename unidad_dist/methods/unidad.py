@@ -230,6 +230,11 @@ class UniDAD(Method):
                             "target_teacher.warm_start > 0: before it the target teacher is still the source "
                             "teacher's copy (set e.g. target_teacher.warm_start=300, or "
                             "student.warm_start_teacher=source)")
+        if tc.cfg != 1.0 and tc.mode == "online" and tc.cond_dropout == 0:
+            raise UserError(f"student.warm_start_teacher=target samples the target teacher with "
+                            f"target_teacher.cfg={tc.cfg}, but it trains with target_teacher.cond_dropout=0, so it "
+                            "never learns the unconditional prediction CFG needs; set target_teacher.cond_dropout "
+                            "(e.g. 0.1) or target_teacher.cfg=1")
         if cfg.placement.mode == "split":
             raise UserError("student.warm_start_teacher=target needs the student and the target teacher on the "
                             "same ranks, but placement.mode=split puts them on different sides; use "
