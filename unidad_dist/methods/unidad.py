@@ -704,15 +704,16 @@ class UniDAD(Method):
         the target teacher's first when the student's regresses onto its samples."""
         out = {}
         progress = self.cfg.logging.progress
-        student_first = self.cfg.student.warm_start_teacher == "source"
-        if student_first and self.ex.holds("student") and self.cfg.student.warm_start > 0:
-            self.m.to_device("student", "source_teacher")  # staged in host memory until their engines
+        teacher = f"{self.cfg.student.warm_start_teacher}_teacher"
+        student = self.ex.holds("student") and self.cfg.student.warm_start > 0
+        if student and teacher == "source_teacher":
+            self.m.to_device("student", teacher)  # staged in host memory until their engines
             out.update(self.warm_start(progress=progress))
         if self.ex.holds("target_teacher") and self.cfg.target_teacher.warm_start > 0:
             self.m.to_device("target_teacher")
             out.update(self.target_warm_start(progress=progress))
-        if not student_first and self.ex.holds("student") and self.cfg.student.warm_start > 0:
-            self.m.to_device("student", "target_teacher")  # colocated (validated): this rank holds both
+        if student and teacher == "target_teacher":  # after the target teacher's own; colocated (validated)
+            self.m.to_device("student", teacher)
             out.update(self.warm_start(progress=progress))
         return out
 
