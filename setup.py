@@ -50,6 +50,6 @@ setup(
         "wandb": ["wandb>=0.18"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["unidad-dist=unidad_dist.cli:main"]},
+    entry_points={"console_scripts": ["unidad-dist=unidad_dist.cli:entry"]},
     cmdclass={"build_py": BuildPy},
 )

@@ -57,3 +57,41 @@ def test_the_extension_cache_is_the_projects_unless_set(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
     device.prepare_deepspeed_env()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_process_that_had_a_process_group_exits_without_finalisation_after_running_its_exit_work(tmp_path, world):
+    """entry(): in a process that had a process group (a launched rank, or one rank's private group) the
+    interpreter's finalisation is skipped — there gloo's worker threads, dropping a finished collective's
+    tensors, took the GIL and aborted the rank after a successful command — but what finalisation would have
+    run that matters still runs: our non-daemon threads finish, the atexit handlers run, stdout is flushed; the
+    exit code is the command's. Without a process group the exit is the ordinary one."""
+    code = textwrap.dedent(f"""
+        import atexit, os, sys, threading, time
+        from pathlib import Path
+        d = Path({str(tmp_path)!r})
+        os.environ["WORLD_SIZE"] = {world!r}
+        import torch.distributed as dist
+        if {world!r} == "1" and sys.argv[1] == "group":
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        from unidad_dist import cli
+
+        class Finalised:
+            def __del__(self):
+                (d / "finalised").write_text("yes")
+        keep = Finalised()  # a module global: collected only by the interpreter's finalisation
+        atexit.register(lambda: (d / "atexit").write_text("yes"))
+        threading.Thread(target=lambda: (time.sleep(0.3), (d / "thread").write_text("yes"))).start()
+        cli.main = lambda argv=None: 3
+        print("unflushed", end="")
+        cli.entry()
+    """)
+    for how in (["group"] if world == "1" else []) + ["plain"]:
+        for f in ("finalised", "atexit", "thread"):
+            (tmp_path / f).unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: buffered
+        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, env=env)
+        assert r.returncode == 3 and r.stdout == "unflushed", (how, r.returncode, r.stdout, r.stderr)
+        assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists(), how
+        skipped = world == "2" or how == "group"
+        assert (tmp_path / "finalised").exists() is not skipped, how

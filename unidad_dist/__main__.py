@@ -1,3 +1,3 @@
-from unidad_dist.cli import main
+from unidad_dist.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -458,6 +458,43 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def entry() -> None:
+    """The process entry point (the ``unidad-dist`` script and ``python -m unidad_dist``): main(), then, in a process
+    that has had a gloo/NCCL process group (a rank started by a launcher, or one rank's private group), an exit
+    that skips the interpreter's finalisation.
+
+    Why: gloo's worker threads drop a finished collective's work objects a moment after the caller's wait
+    returns, and dropping one releases the Python tensors it held, which takes the GIL. A rank that returns
+    right after its last collective (rank 1 of `evaluate`, whose share ends with its gather while rank 0 still
+    measures) can reach finalisation first; the worker's GIL acquire then ends its thread, and the forced
+    unwind through the work's destructor aborts the process ("terminate called without an active exception",
+    SIGABRT, the launcher reporting a failed job after a successful command). Seen in about one run in six on
+    2 loaded cores; destroy_process_group does not stop those threads. So such a process runs what finalisation
+    would have run that matters — waits for our non-daemon threads, runs the atexit handlers (wandb, logging),
+    flushes stdout and stderr — while the interpreter is whole, then ends with the command's exit code."""
+    rc = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()):
+        _exit_now(rc)  # also one rank's private group (DeepSpeed's engines need one): the same threads
+    raise SystemExit(rc)
+
+
+def _exit_now(rc: int) -> None:
+    import atexit
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(rc)
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -523,11 +560,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group() -> None:
-    """A rank started by a launcher that finished its command closes its process group before the interpreter
-    exits: left to exit-time destructors, gloo's threads can abort the process ("terminate called without an
-    active exception", seen on a rank that finished its share of `sample` while rank 0 was still writing). Not
-    after a failure: with NCCL, destroying waits for this rank's queued work, which a failed peer never
-    completes — there the launcher tears the job down."""
+    """A rank started by a launcher that finished its command closes its process group (torch asks for it before
+    exit: NCCL's queued work, its warning). That alone does not stop gloo's worker threads, which could still
+    abort the process at exit: entry() handles that. Not after a failure: with NCCL, destroying waits for this
+    rank's queued work, which a failed peer never completes — there the launcher tears the job down."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
         return
     import torch.distributed as dist
@@ -540,4 +576,4 @@ def _close_process_group() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
