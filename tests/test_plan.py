@@ -251,3 +251,23 @@ def test_plan_bad_input(repo_root, plan_cache):
     r = _plan_cli(repo_root, "--config", "recipes/sd15_subject.yaml", "--world-size", "2",
                   "source_teacher.backbone=recipes", cache=plan_cache)  # exists, but is no diffusers folder
     assert r.returncode == 2 and "is not a diffusers folder" in r.stderr
+
+
+@pytest.mark.parametrize("teacher", ["source", "target"])
+def test_ladder_skips_a_layout_the_method_refuses(pipes, tmp_path, plan_cache, teacher):
+    """The student's warm start onto the target teacher's samples needs both on the same ranks: for that recipe
+    the split-placement rung is tried but not advised (its note says why); with the source teacher it is sized."""
+    from unidad_dist.parallel.plan import PlanCache, recommend
+
+    over = {"student.warm_start": 10, "student.warm_start_teacher": teacher, "target_teacher.warm_start": 10}
+    cfg = config_from_dict(testing.tiny_recipe(pipes["pixel"], pipes["shots"], tmp_path / "run", **over))
+    cfg.method.validate(cfg)  # the recipe itself is valid
+    rec = recommend(cfg, 2, 1, cache=PlanCache(folder=plan_cache))  # 1 byte: nothing fits, every rung is tried
+    split = [r for r in rec.tried if "placement.mode=split" in r.overrides]
+    assert len(split) == 1 and not rec.overrides
+    if teacher == "target":
+        assert split[0].largest_rank_bytes is None and "the recipe refuses it" in split[0].note
+        assert "placement.mode=colocated" in split[0].note
+    else:
+        assert split[0].largest_rank_bytes > 0
+    assert all(r.largest_rank_bytes > 0 for r in rec.tried if r not in split)

@@ -997,7 +997,8 @@ def rung_config(cfg, stage: int = 0, ac: bool = False, offload: bool = False, fr
 
 def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
               cache: Optional[PlanCache] = None) -> Recommendation:
-    """The first rung of ``LADDER`` that fits ``gpu_memory`` (90 % usable), with every rung tried before it."""
+    """The first rung of ``LADDER`` that fits ``gpu_memory`` (90 % usable) and that the recipe's method accepts,
+    with every rung tried before it."""
     usable = 0.9 * gpu_memory
     tried: list[Rung] = []
     seen: set = set()
@@ -1008,6 +1009,11 @@ def recommend(cfg, world_size: int, gpu_memory: int, arch: Optional[str] = None,
         seen.add(tuple(overrides))
         if kw.get("split") and world_size < 2:
             tried.append(Rung(name, overrides, None, False, "needs at least 2 ranks"))
+            continue
+        try:
+            c.method.validate(c)  # a layout the recipe's method refuses (e.g. one it needs colocated) is no advice
+        except UserError as e:
+            tried.append(Rung(name, overrides, None, False, f"the recipe refuses it: {e}"))
             continue
         try:
             p = make_plan(c, world_size, None, arch=arch, cache=cache)
