@@ -38,3 +38,6 @@ def torch_barrier() -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from unidad_dist.device import exit_process
+
+    exit_process(0)  # a rank past its last collective: gloo could abort it at finalisation

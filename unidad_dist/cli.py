@@ -459,40 +459,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The process entry point (the ``unidad-dist`` script and ``python -m unidad_dist``): main(), then, in a process
-    that has had a gloo/NCCL process group (a rank started by a launcher, or one rank's private group), an exit
-    that skips the interpreter's finalisation.
-
-    Why: gloo's worker threads drop a finished collective's work objects a moment after the caller's wait
-    returns, and dropping one releases the Python tensors it held, which takes the GIL. A rank that returns
-    right after its last collective (rank 1 of `evaluate`, whose share ends with its gather while rank 0 still
-    measures) can reach finalisation first; the worker's GIL acquire then ends its thread, and the forced
-    unwind through the work's destructor aborts the process ("terminate called without an active exception",
-    SIGABRT, the launcher reporting a failed job after a successful command). Seen in about one run in six on
-    2 loaded cores; destroy_process_group does not stop those threads. So such a process runs what finalisation
-    would have run that matters — waits for our non-daemon threads, runs the atexit handlers (wandb, logging),
-    flushes stdout and stderr — while the interpreter is whole, then ends with the command's exit code."""
+    """The process entry point (the ``unidad-dist`` script and ``python -m unidad_dist``): main(), then the exit
+    device.exit_process gives a process that had a process group (it skips the interpreter's finalisation,
+    where gloo's threads could abort a rank after a successful command)."""
     rc = main()
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()):
-        _exit_now(rc)  # also one rank's private group (DeepSpeed's engines need one): the same threads
+    if "torch.distributed" in sys.modules:
+        from unidad_dist.device import exit_process
+
+        exit_process(rc)
     raise SystemExit(rc)
-
-
-def _exit_now(rc: int) -> None:
-    import atexit
-    import threading
-
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
-            pass
-    os._exit(rc)
 
 
 def _main(argv: list[str] | None = None) -> int:
