@@ -537,8 +537,9 @@ def _main(argv: list[str] | None = None) -> int:
 def _close_process_group() -> None:
     """A rank started by a launcher that finished its command closes its process group (torch asks for it before
     exit: NCCL's queued work, its warning). That alone does not stop gloo's worker threads, which could still
-    abort the process at exit: entry() handles that. Not after a failure: with NCCL, destroying waits for this
-    rank's queued work, which a failed peer never completes — there the launcher tears the job down."""
+    abort the process at exit: device.exit_process (entry()) handles that. Not after a failure: with NCCL,
+    destroying waits for this rank's queued work, which a failed peer never completes — there the launcher
+    tears the job down."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
         return
     import torch.distributed as dist

@@ -105,7 +105,6 @@ def runtime_from_env(dist_timeout_s: float = 600.0, device: torch.device | None 
                    dist_timeout=dist_timeout_s)
 
 
-
 def exit_process(rc: int) -> None:
     """End this process with exit code ``rc``. One that had a process group (WORLD_SIZE > 1: a rank started by
     a launcher; or one rank's private group, which DeepSpeed's engines need) skips the interpreter's
@@ -137,6 +136,7 @@ def exit_process(rc: int) -> None:
         except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
             pass
     os._exit(rc)
+
 
 def free_port() -> int:
     import socket
