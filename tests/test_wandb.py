@@ -10,6 +10,7 @@ import re
 import shutil
 import struct
 import sys
+import time
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -63,12 +64,30 @@ def _items(items) -> dict:
     return out
 
 
+def _complete_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a ``.wandb`` file once its writer has finished it (its last record is ``exit``). wandb's
+    service process can still be writing it when ``finish()`` has returned: a CI run read one with no ``run``
+    record yet, and the same file held every record a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            recs = list(wandb_records(path))
+        except Exception:  # noqa: BLE001 - a record cut off mid-write does not parse yet
+            recs = []
+        if recs and recs[-1].WhichOneof("record_type") == "exit":
+            return recs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record {timeout_s:.0f} s after the run finished "
+                                 f"(records: {[r.WhichOneof('record_type') for r in recs]})")
+        time.sleep(0.2)
+
+
 def read_offline_run(folder: Path) -> dict:
     """run (id, project), config, history {step: {key: value}}, summary {key: value} of one offline-run folder."""
     files = list(folder.glob("run-*.wandb"))
     assert len(files) == 1, files
     out = {"history": {}, "summary": {}, "config": {}}
-    for rec in wandb_records(files[0]):
+    for rec in _complete_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = rec.run
