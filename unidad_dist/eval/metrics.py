@@ -163,13 +163,18 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a.flatten(1).double(), b.flatten(1).double())
 
 
-def copy_rate(samples: torch.Tensor, shots: torch.Tensor) -> float:
+def nearest_shot(samples: torch.Tensor, shots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: whether it is a copy (closer to a shot, or its mirror image, than half the shots' median
+    nearest-neighbour distance) and the index of that nearest shot."""
     among = _pairwise(shots, shots)
     among.fill_diagonal_(float("inf"))
     threshold = 0.5 * among.min(dim=1).values.median()
-    refs = torch.cat([shots, shots.flip(-1)])
-    nearest = _pairwise(samples, refs).min(dim=1).values
-    return float((nearest < threshold).double().mean())
+    nearest, idx = _pairwise(samples, torch.cat([shots, shots.flip(-1)])).min(dim=1)
+    return nearest < threshold, idx % len(shots)
+
+
+def copy_rate(samples: torch.Tensor, shots: torch.Tensor) -> float:
+    return float(nearest_shot(samples, shots)[0].double().mean())
 
 
 def _mean_pairwise(x: torch.Tensor) -> torch.Tensor:
