@@ -15,12 +15,17 @@ for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a stray launcher variable mu
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption("--run-rebuild", action="store_true", default=False,
+                     help="also run tests marked rebuild (the built-in teacher's rebuild, ~25 min on 2 cores; "
+                          "`make test-rebuild`)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs (the demo acceptance); run in CI with --run-slow")
     config.addinivalue_line("markers", "multirank: starts ranks in other processes (set automatically: see "
                                        "starts_ranks); `-m 'not multirank'` is the 1-rank subset")
+    config.addinivalue_line("markers", "rebuild: rebuilds the shipped demo teacher (~25 min on 2 cores, more than CI's "
+                                       "budget allows beside the rest); run with --run-rebuild")
 
 
 TESTS = Path(__file__).resolve().parent
@@ -58,12 +63,12 @@ def pytest_collection_modifyitems(config, items):
         seen: set = set()
         if any(starts_ranks(f, seen) for f in funcs if f is not None):
             item.add_marker(pytest.mark.multirank)
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")
+    skips = {"slow": None if config.getoption("--run-slow") else "slow: pass --run-slow (CI does)",
+             "rebuild": None if config.getoption("--run-rebuild") else "rebuilds the teacher: pass --run-rebuild"}
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if reason is not None and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
