@@ -91,7 +91,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--domains", default=",".join(builtin.HELD_OUT),
-                    help=f"comma-separated domain names, {DEMO!r} for the demo's own shots (default: every held-out one)")
+                    help=f"comma-separated domain names, {DEMO!r} for the demo's own shots "
+                         "(default: every held-out one)")
     ap.add_argument("--seeds", default="0", help="comma-separated run.seed values")
     ap.add_argument("--no-control", action="store_true", help="skip the a = 0 control runs")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")

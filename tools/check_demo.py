@@ -70,8 +70,8 @@ def main(argv: list[str]) -> int:
     if problems:
         print("demo check FAILED (" + acceptance(args.min_diversity) + "): " + "; ".join(problems))
         return 1
-    print("demo check passed (" + acceptance(args.min_diversity) + ("" if measured else "; the shape distance not measured")
-          + ")")
+    unmeasured = "" if measured else "; the shape distance not measured"
+    print("demo check passed (" + acceptance(args.min_diversity) + unmeasured + ")")
     return 0
 
 
