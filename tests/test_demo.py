@@ -63,6 +63,7 @@ def test_the_demos_own_acceptance_asks_diversity_06(tmp_path, capsys):
     assert check_demo.main(["check_demo.py", str(tmp_path / "summary.json")]) == 0
     assert check_demo.main(["check_demo.py", str(tmp_path / "summary.json"), "--min-diversity", "0.6"]) == 1
     assert "diversity 0.550 < 0.6" in capsys.readouterr().out
+    assert check_demo.DEMO_MIN_DIVERSITY == 0.6
     assert "--min-diversity 0.6" in (ROOT / ".ci" / "run").read_text()  # CI applies it to `make demo`
 
 

@@ -12,7 +12,8 @@ import sys
 
 from unidad_dist.eval.metrics import SHAPE_LIMIT
 
-MIN_DIVERSITY = 0.5
+MIN_DIVERSITY = 0.5  # held-out domains (issue 11)
+DEMO_MIN_DIVERSITY = 0.6  # the demo's own target (issue 13): CI's `make demo` check, heldout_domains' demo rows
 
 
 def acceptance(min_diversity: float = MIN_DIVERSITY) -> str:
