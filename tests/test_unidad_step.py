@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from unidad_dist.core.draws import SampleDraws
+from unidad_dist.errors import UserError
 from unidad_dist.methods.generate import generate, student_timesteps
 from unidad_dist.methods.unidad import UniDAD
 from unidad_dist.parallel import engines
@@ -540,6 +541,74 @@ def test_student_warm_start_regresses_onto_the_named_teachers_ddim_samples(make_
         if i + 1 < len(ts):
             x = ab[ts[i + 1]].sqrt() * x0 + (1 - ab[ts[i + 1]]).sqrt() * (x - a * x0) / s
     assert torch.allclose(got["x0"].double(), x0, atol=1e-4), float((got["x0"].double() - x0).abs().max())
+
+
+@pytest.mark.parametrize("inputs", ["renoised", "trajectory"])
+def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inputs, monkeypatch):
+    """student.warm_start_inputs: the student's input at each later step t_k is, with "trajectory", the teacher's
+    own DDIM state at t_k on the way to the pair's x0 (t_k off the DDIM grid added to it) — checked against a DDIM
+    written here over the grid with t_k inserted — and the regression's target is that same trajectory's x0; with
+    "renoised", x0 noised afresh (no trajectory state)."""
+    from diffusers import DDPMScheduler
+
+    from unidad_dist.methods import unidad
+
+    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 2,
+                               "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
+                               "student.warm_start_batch": 3, "student.warm_start_inputs": inputs})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    calls, targets = [], []
+    real_x0, real_loss = m.student_x0, unidad.losses.denoising_loss
+
+    def student_x0(x, t, cond, module=None):
+        calls.append((x.detach().clone(), int(t[0])))
+        return real_x0(x, t, cond, module)
+
+    def loss(pred, target, *a, **kw):
+        targets.append(target.detach().clone())
+        return real_loss(pred, target, *a, **kw)
+
+    m.student_x0 = student_x0
+    monkeypatch.setattr(unidad.losses, "denoising_loss", loss)
+    m.prepare()
+    assert [t for _, t in calls] == [999, 700, 300] * 2 and len(targets) == 6
+
+    # the source teacher's DDIM over its 3-step grid (999, 500, 0), with 700 and 300 added for "trajectory",
+    # written here
+    sched = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler")
+    ab = sched.alphas_cumprod.double()
+    d = SampleDraws(cfg.run.seed, -1, range(3), rt.device)
+    x = d.randn(m.m.sample_shape, "warm_start", "z").double()
+    z, states = x.clone(), {}
+    ts = [999, 700, 500, 300, 0] if inputs == "trajectory" else [999, 500, 0]
+    for i, t in enumerate(ts):
+        states[t] = x.clone()
+        with torch.no_grad():
+            pred = models.source_teacher.module(x.float(), torch.full((3,), t), None).double()
+        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        x0 = a * x - s * pred if sched.config.prediction_type == "v_prediction" else (x - s * pred) / a
+        x0 = x0.clamp(-1, 1)
+        if i + 1 < len(ts):
+            x = ab[ts[i + 1]].sqrt() * x0 + (1 - ab[ts[i + 1]]).sqrt() * (x - a * x0) / s
+
+    def row(of: torch.Tensor, rows: torch.Tensor):  # the index of the row of `rows` that `of` is, else None
+        hit = [j for j in range(rows.shape[0]) if torch.allclose(of.double(), rows[j], atol=1e-4)]
+        return hit[0] if hit else None
+
+    for (x_in, t), target in zip(calls, targets):
+        for r in range(x_in.shape[0]):
+            j = row(target[r], x0)
+            assert j is not None, "the regression's target is not one of the teacher's samples"
+            if t == 999:
+                assert row(x_in[r], z) == j  # the pair's own noise
+            elif inputs == "trajectory":
+                assert row(x_in[r], states[t]) == j, t  # that trajectory's state at t
+            else:
+                assert all(row(x_in[r], states[u]) is None for u in states), t
+                assert (x_in[r].double() - ab[t].sqrt() * x0[j]).std() > 0.5 * (1 - ab[t]).sqrt()
+    with pytest.raises(UserError, match="student.warm_start_inputs"):
+        make_cfg("pixel", **{"student.warm_start_inputs": "ode"})
 
 
 def test_student_warm_start_from_the_target_teacher_needs_a_fitted_colocated_one(make_cfg):

@@ -99,17 +99,21 @@ def ddim_timesteps(steps: int, T: int, spacing: str = "linspace") -> list[int]:
 
 
 def ddim(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, timesteps: Sequence[int],
-         schedule: NoiseSchedule, prev: Optional[Sequence[int]] = None, eps_from_clipped: bool = True) -> torch.Tensor:
+         schedule: NoiseSchedule, prev: Optional[Sequence[int]] = None, eps_from_clipped: bool = True,
+         states: Optional[dict] = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from pure noise ``z`` over ``timesteps`` (decreasing). ``call(x_t, t)``
     returns x̂0 (fp32), or (x̂0, ε̂); x̂0 is clipped when the schedule clips samples. Step i goes to ``prev[i]``
     (default: the next timestep of the list; a negative one ends there, returning x̂0). ``eps_from_clipped``:
     the noise that carries to the next step is recomputed from the clipped x̂0 (the teachers' grids and
     warm-start pairs); False keeps the model's own (ε̂ when ``call`` gives it), as diffusers'
-    DDIMScheduler.step does (with ``prev[i] = t - T // steps``, its rule, the two agree)."""
+    DDIMScheduler.step does (with ``prev[i] = t - T // steps``, its rule, the two agree). ``states``: a dict
+    whose keys are timesteps of the list; each is set to the trajectory's x_t there (the input of that step)."""
     prev = list(timesteps[1:]) + [-1] if prev is None else list(prev)
     x = z
     for i, t in enumerate(timesteps):
         tt = torch.full((z.shape[0],), int(t), dtype=torch.long, device=z.device)
+        if states is not None and int(t) in states:
+            states[int(t)] = x
         out = call(x, tt)
         x0, eps_model = out if isinstance(out, tuple) else (out, None)
         a, s = schedule.coefficients(tt, x.ndim, x.device)

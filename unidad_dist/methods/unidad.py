@@ -61,6 +61,11 @@ class StudentConfig(TrainableRoleConfig):
     warm_start_teacher_steps: int = 25  # warm start: DDIM steps of the teacher's samples
     warm_start_lr: float = 1e-3  # warm start: learning rate
     warm_start_batch: int = 32  # warm start: pairs per step
+    # warm start: the student's input at its steps after the first — "renoised" (the teacher's sample noised
+    # afresh to t_k: step k learns the mean of x0 given x_t, a blur where x_t is noisy), or "trajectory" (the
+    # teacher's own DDIM state at t_k on the way to that sample: step k learns the map from there to x0, sharp,
+    # as progressive / consistency distillation regress; t_k not on the DDIM grid are added to it)
+    warm_start_inputs: str = "renoised"
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -197,6 +202,7 @@ class UniDAD(Method):
             raise UserError(f"student.ema must be in [0, 1) (0 = off), got {st.ema}")
         positive("student.warm_start", st.warm_start, allow_zero=True)
         choice("student.warm_start_teacher", st.warm_start_teacher, ("source", "target"))
+        choice("student.warm_start_inputs", st.warm_start_inputs, ("renoised", "trajectory"))
         if st.warm_start > 0 and st.warm_start_teacher == "source" and not cfg.source_teacher.enabled:
             raise UserError("student.warm_start regresses the student onto the source teacher's samples, but "
                             "source_teacher.enabled=false; enable it, set student.warm_start_teacher=target or "
@@ -667,13 +673,17 @@ class UniDAD(Method):
 
     @torch.no_grad()
     def teacher_sample(self, n: int, steps: int = 25, seed: Optional[int] = None, batch: int = 64,
-                       purpose: str = "teacher_sample", role: str = "source_teacher"
-                       ) -> tuple[torch.Tensor, torch.Tensor, list]:
+                       purpose: str = "teacher_sample", role: str = "source_teacher",
+                       states: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Deterministic DDIM (η = 0) samples of a teacher: returns (z, x0, prompts). The source teacher sees
         the prompts without the rare token and its CFG scale; the target teacher the prompts as they are and
-        its own scale (as in the DMD loss, docs/algorithm.md §4)."""
+        its own scale (as in the DMD loss, docs/algorithm.md §4). ``states``: a dict whose keys are timesteps
+        (those not on the ``steps``-step grid are added to it); each is set to the trajectories' x_t there."""
         seed = self.seed if seed is None else seed
         ts = ddim_timesteps(steps, self.T)
+        if states:
+            ts = sorted(set(ts) | set(states), reverse=True)
+        parts: dict[int, list] = {t: [] for t in states or {}}
         zs, xs, all_prompts = [], [], []
         for start in range(0, n, batch):
             idx = list(range(start, min(n, start + batch)))
@@ -686,10 +696,16 @@ class UniDAD(Method):
                 ps, uncond = b.prompts, b.uncond
                 cond = b.cond_src if role == "source_teacher" else b.cond
             scale = self.cfg.source_teacher.cfg if role == "source_teacher" else self.cfg.target_teacher.cfg
-            x = ddim(lambda x_t, tt: self.teacher_x0(role, x_t, tt, cond, uncond, scale), z, ts, self.schedule)
+            got = dict.fromkeys(parts)
+            x = ddim(lambda x_t, tt: self.teacher_x0(role, x_t, tt, cond, uncond, scale), z, ts, self.schedule,
+                     states=got)
+            for t in parts:
+                parts[t].append(got[t])
             zs.append(z)
             xs.append(x)
             all_prompts.extend(ps or [])
+        for t in parts:
+            states[t] = torch.cat(parts[t])
         return torch.cat(zs), torch.cat(xs), all_prompts
 
     def grids(self, n: int) -> dict[str, torch.Tensor]:
@@ -777,8 +793,9 @@ class UniDAD(Method):
         sc = self.cfg.student
         if sc.warm_start <= 0:
             return {}
+        traj = dict.fromkeys(self.timesteps[1:]) if sc.warm_start_inputs == "trajectory" else None
         z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start",
-                                             role=f"{sc.warm_start_teacher}_teacher")
+                                             role=f"{sc.warm_start_teacher}_teacher", states=traj)
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
@@ -791,6 +808,8 @@ class UniDAD(Method):
                 tt = torch.full((idx.numel(),), t, dtype=torch.long, device=z.device)
                 if k == 0:
                     x_in = z[idx]
+                elif traj is not None:  # the teacher's own x_t on the way to x0: the map from there to x0
+                    x_in = traj[t][idx]
                 else:
                     noise = torch.randn(x0[idx].shape, generator=g).to(z.device)
                     x_in = self.schedule.add_noise(x0[idx], noise, tt)
