@@ -611,6 +611,32 @@ def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inp
         make_cfg("pixel", **{"student.warm_start_inputs": "ode"})
 
 
+@pytest.mark.parametrize("start", ["source", "target"])
+def test_fake_teacher_start(make_cfg, rt, start):
+    """fake_teacher.start=target: after the warm starts its UNet holds the target teacher's weights as they
+    enter training (its own warm start done), its GAN heads their init; "source": the source teacher's copy."""
+    cfg = make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "train.batch_size": 4,
+                               "target_teacher.warm_start": 3, "target_teacher.warm_start_lr": 2e-3,
+                               "fake_teacher.start": start})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    heads = _params(models.fake_teacher.module.heads)
+    src = _params(models.source_teacher.module.unet)
+    m.prepare()
+    trg = _params(models.target_teacher.module.unet)
+    assert not _same(src, trg)  # the target teacher's warm start ran
+    assert _same(_params(models.fake_teacher.module.unet), trg if start == "target" else src)
+    assert _same(heads, _params(models.fake_teacher.module.heads))
+    with pytest.raises(UserError, match="fake_teacher.start=target .* target_teacher.mode=off"):
+        make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "fake_teacher.start": "target"})
+    with pytest.raises(UserError, match="placement.mode=split"):
+        make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "fake_teacher.start": "target",
+                             "placement.mode": "split"})
+    with pytest.raises(UserError, match="fake_teacher.lora.rank=4 and target_teacher.lora.rank=0"):
+        make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "fake_teacher.start": "target",
+                             "fake_teacher.lora.rank": 4})
+
+
 def test_student_warm_start_from_the_target_teacher_needs_a_fitted_colocated_one(make_cfg):
     from unidad_dist.errors import UserError
 

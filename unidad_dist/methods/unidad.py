@@ -71,7 +71,10 @@ class StudentConfig(TrainableRoleConfig):
 
 @dataclass
 class FakeTeacherConfig(TrainableRoleConfig):
-    pass
+    # Its UNet's starting weights: "source" (a copy of the source teacher, as the paper: the student starts as
+    # that teacher), or "target" (after the warm starts, the target teacher's: the distribution the student
+    # starts in when student.warm_start_teacher=target regressed it onto that teacher's samples; beyond the paper)
+    start: str = "source"
 
 
 @dataclass
@@ -203,6 +206,9 @@ class UniDAD(Method):
         positive("student.warm_start", st.warm_start, allow_zero=True)
         choice("student.warm_start_teacher", st.warm_start_teacher, ("source", "target"))
         choice("student.warm_start_inputs", st.warm_start_inputs, ("renoised", "trajectory"))
+        choice("fake_teacher.start", cfg.fake_teacher.start, ("source", "target"))
+        if cfg.fake_teacher.start == "target":
+            cls._validate_fake_start(cfg)
         if st.warm_start > 0 and st.warm_start_teacher == "source" and not cfg.source_teacher.enabled:
             raise UserError("student.warm_start regresses the student onto the source teacher's samples, but "
                             "source_teacher.enabled=false; enable it, set student.warm_start_teacher=target or "
@@ -245,6 +251,22 @@ class UniDAD(Method):
             raise UserError("student.warm_start_teacher=target needs the student and the target teacher on the "
                             "same ranks, but placement.mode=split puts them on different sides; use "
                             "placement.mode=colocated or student.warm_start_teacher=source")
+
+    @staticmethod
+    def _validate_fake_start(cfg) -> None:
+        if cfg.target_teacher.mode == "off":
+            raise UserError("fake_teacher.start=target starts the fake teacher as the target teacher, but "
+                            "target_teacher.mode=off; set target_teacher.mode=online or frozen, or "
+                            "fake_teacher.start=source")
+        if cfg.placement.mode == "split":
+            raise UserError("fake_teacher.start=target copies the target teacher's weights into the fake teacher, "
+                            "but placement.mode=split puts them on different sides; use placement.mode=colocated "
+                            "or fake_teacher.start=source")
+        if cfg.fake_teacher.lora.rank != cfg.target_teacher.lora.rank:
+            ranks = (cfg.fake_teacher.lora.rank, cfg.target_teacher.lora.rank)
+            raise UserError(f"fake_teacher.start=target needs the two roles' UNets alike, but fake_teacher.lora.rank="
+                            f"{ranks[0]} and target_teacher.lora.rank={ranks[1]}; give them the same rank or set "
+                            "fake_teacher.start=source")
 
     @staticmethod
     def _validate_dmd(cfg) -> None:
@@ -731,6 +753,9 @@ class UniDAD(Method):
         if student and teacher == "target_teacher":  # after the target teacher's own; colocated (validated)
             self.m.to_device("student", teacher)
             out.update(self.warm_start(progress=progress))
+        if self.cfg.fake_teacher.start == "target" and self.ex.holds("fake_teacher"):  # colocated (validated)
+            # after every warm start: the target teacher as it enters training; the GAN heads keep their init
+            self.role("fake_teacher").unet.load_state_dict(self.role("target_teacher").unet.state_dict())
         return out
 
     def _fit(self, role_name: str, steps: int, lr: float, loss_fn, label: str, progress: bool,
