@@ -3,6 +3,7 @@
 rank with one checkpoint, requeues, resumes and ends with weights bit-identical to an uninterrupted
 `launch local` run of the same recipe; with --max-requeues 0 it ends stopped and the same command resumes it. Without a SLURM here the cluster test is skipped with the reason."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -185,9 +186,9 @@ def test_a_job_at_its_time_limit_stops_or_requeues_within_max_requeues_and_finis
     """A real time limit (--time 1): SLURM sends USR2 --signal-delay seconds before it (measured here: 8 s
     earlier still, its timer ticks every ~30 s). With --max-requeues 0 the job ends stopped (exit 128 + USR2) with
     its checkpoint; the same command with room for requeues resumes it, runs into the limit again, requeues and
-    finishes. The second command trains to 3x the first job's iterations + 50 (train.iterations may change on
-    resume), so it needs about two more windows whatever the machine's speed (here ~200 iterations each, 0.16-0.17 s
-    per iteration after ~10 s of start-up); --max-requeues 8 leaves room."""
+    finishes. The second command trains 120 s more at the first job's rate (train.iterations may change on
+    resume), so it needs more than one window whatever the machine's speed and wherever SLURM's timer tick falls;
+    --max-requeues 8 leaves room."""
     why = _slurm_up()
     if why:
         pytest.skip(why)
@@ -206,9 +207,12 @@ def test_a_job_at_its_time_limit_stops_or_requeues_within_max_requeues_and_finis
     first = int(r.stdout.split("stopped at iteration ")[1].split()[0])
     assert 0 <= first < iters and checkpoint.latest_complete(tmp_path / "timed").name == checkpoint.ckpt_name(first)
 
-    # the rest: about two more windows at the speed this machine just showed (a fixed count finished within one
-    # window on a fast machine), so the second command meets the limit again, requeues and then finishes
-    iters = 3 * first + 50
+    # the rest: 120 s of training at the rate this job just showed, more than any one window holds, so the second
+    # command meets the limit again, requeues and then finishes. A window's training time varies ~3x with where
+    # SLURM's 30-s timer tick falls (measured: 20-48 s; a count of 3x the first window + 50 once finished in one
+    # window whose training ran 42 s); its 120 s need 2-5 windows, within --max-requeues 8.
+    train_s = float(r.stdout.split("stopped at iteration ")[1].split("(")[1].split()[0])
+    iters = first + max(50, math.ceil(first / max(train_s, 1.0) * 120))
     cmd = cmd + [f"train.iterations={iters}"]
     requeued: set = set()
     stop = threading.Event()
