@@ -4,16 +4,17 @@ procedural domain (unidad_dist.builtin.HELD_OUT), and the a = 0 control (target 
     .venv/bin/python benchmarks/heldout_domains.py [--domains a,b] [--seeds 0] [--no-control] [--out DIR] [k=v ...]
 
 For each domain: 10 shots at 32 px (seed 77), `unidad-dist demo data.target.path=SHOTS run.seed=S [k=v ...]`,
-then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0 student.warm_start=0`. Prints one row per (domain, seed) — the proxy
-ratio (after / before), the proxy distance after / the source teacher's own samples' distance to the shots
-(the unadapted distribution: below 1 means closer to the target than the source teacher is; before, the
-student after its warm starts — with the demo recipe, its regression onto the target teacher's samples), copy rate,
-diversity, noise level (samples / shots), the shape distance (the foreground's shape alone; above 1 the
-samples draw another shape or a blob), and the control's ratio — and
+then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0 student.warm_start=0`.
+Prints one row per (domain, seed) — the proxy ratio (after / initial: the student as the run found it, before
+any warm start, so a warm start counts as the adaptation it is), the training phase's ratio alone (after /
+before: the student after its warm starts), the proxy distance after / the source teacher's own samples'
+distance to the shots (the unadapted distribution: below 1 means closer to the target than the source teacher
+is), copy rate, diversity, noise level (samples / shots), the shape distance (the foreground's shape alone;
+above 1 the samples draw another shape or a blob), and the control's ratio (no warm starts: initial = before) — and
 whether the acceptance holds (tools/check_demo.py: ratio <= 0.5, copy rate < 5 %, diversity >= 0.5, noise,
 shape distance <= 1; the control's proxy fall at
-most half the adapted run's). Writes table.json and, per row, a strip of PNG grids (shots | student before
-| student after | control after) under --out. ``--jobs N`` runs N at a time with cpu_count / N threads
+most half the adapted run's). Writes table.json and, per row, a strip of PNG grids (shots | student initial
+| student before | student after | control after) under --out. ``--jobs N`` runs N at a time with cpu_count / N threads
 each.
 
 ``--domains demo`` is the demo's own target (``builtin:demo_target``, the recipe's default shots of blue discs),
@@ -58,9 +59,10 @@ def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int) -
 
 
 def _strip(out: Path, runs: list[Path]) -> None:
-    """shots | student before | student after of each run, side by side."""
+    """shots | student initial (when a warm start changed it) | before | after of each run, side by side."""
     first = runs[0] / "samples"
-    image_strip(out, [first / "target_shots.png", first / "student_before.png",
+    initial = [first / "student_initial.png"] if (first / "student_initial.png").is_file() else []
+    image_strip(out, [first / "target_shots.png", *initial, first / "student_before.png",
                       *[r / "samples" / "student_after.png" for r in runs]])
 
 
@@ -144,6 +146,7 @@ def main() -> int:
         adapted = summaries[(name, seed, "adapted")]
         row = {"domain": name, "held_out": name in builtin.HELD_OUT, "seed": seed,
                "ratio": adapted["proxy_distance_ratio"],
+               "train_ratio": adapted.get("proxy_distance_ratio_training", adapted["proxy_distance_ratio"]),
                "vs_source": adapted["proxy_distance_after"] / source_distance[name],
                "shape": adapted.get("shape_distance"), "copy_rate": adapted["copy_rate"],
                "diversity": adapted["diversity"], "noise_level": adapted["noise_level"],
@@ -162,19 +165,21 @@ def main() -> int:
         _strip(base / "grids.png", runs)
         rows.append(row)
     table_file.write_text(json.dumps(rows, indent=2))
-    print(f"\n{'domain':26} seed  ratio vs_src shape  copy   div  noise(s/shots)   sharp(s/shots)  control  result")
+    print(f"\n{'domain':26} seed  ratio  train vs_src shape  copy   div  noise(s/shots)   sharp(s/shots)  control  "
+          "result")
     for row in rows:
         print(_line(row))
     bad = [r for r in rows if r["problems"]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} rows meet the acceptance; {time.time() - t0:.0f} s; runs and grids "
-          f"(shots | student before | after | control after) in {out}/<domain>/seed<S>/grids.png")
+          f"(shots | student initial | before | after | control after) in {out}/<domain>/seed<S>/grids.png")
     return 1 if bad else 0
 
 
 def _line(r: dict) -> str:
     control = f"{r['control_ratio']:7.3f}" if "control_ratio" in r else "      -"
     shape = f"{r['shape']:5.2f}" if r.get("shape") is not None else "    -"  # --reuse of runs from before it existed
-    return (f"{r['domain']:26} {r['seed']:4} {r['ratio']:6.3f} {r['vs_source']:6.2f} {shape} {r['copy_rate']:5.3f} "
+    return (f"{r['domain']:26} {r['seed']:4} {r['ratio']:6.3f} {r.get('train_ratio', r['ratio']):6.3f} "
+            f"{r['vs_source']:6.2f} {shape} {r['copy_rate']:5.3f} "
             f"{r['diversity']:5.2f} "
             f"{r['noise_level']:6.3f}/{r['noise_level_shots']:5.3f}   {r['sharpness']:5.3f}/{r['sharpness_shots']:5.3f}  "
             f"{control}  {'ok' if not r['problems'] else '; '.join(r['problems'])}")

@@ -16,7 +16,7 @@ from unidad_dist import builtin
 from unidad_dist.cli import main
 from unidad_dist.eval.metrics import SHAPE_LIMIT
 from benchmarks.heldout_domains import CONTROL
-from tools.check_demo import check_summary
+from tools.check_demo import check_summary, initial_distance
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "red_triangles_light"  # held out: one filled shape of one colour on a light background (the issue's case)
@@ -38,6 +38,17 @@ def test_the_acceptance_refuses_grainy_samples():
     grainy = {**clean, "noise_level": 0.095}
     assert any("noise_level 0.095" in p for p in check_summary(grainy))
     assert check_summary({**grainy, "noise_level_shots": 0.07}) == []  # noisy shots allow noisy samples
+
+
+def test_the_acceptance_judges_the_ratio_from_the_student_before_its_warm_start():
+    """The ratio is the whole run's: from the student as the run found it (proxy_distance_initial), not as its
+    warm start left it — a warm start that moved the student away from the target passed with the latter."""
+    s = {"proxy_distance_initial": 10.0, "proxy_distance_before": 5.0, "proxy_distance_after": 4.0,
+         "copy_rate": 0.0, "diversity": 0.8, "noise_level": 0.02, "noise_level_shots": 0.0}
+    assert check_summary(s) == []
+    bad = {**s, "proxy_distance_initial": 6.0, "proxy_distance_before": 20.0}
+    assert check_summary(bad) == ["proxy_distance_after 4.0000 > 0.5 x proxy_distance_initial 6.0000"]
+    assert check_summary({k: v for k, v in bad.items() if k != "proxy_distance_initial"}) == []  # an older summary
 
 
 def test_the_acceptance_refuses_another_shape():
@@ -87,9 +98,10 @@ def test_demo_adapts_to_a_held_out_domain_and_beats_the_a0_control(tmp_path):
 
 
 def _assert_beats_control(adapted: dict, control: dict) -> None:
-    """The a = 0 control's proxy fall is at most half the adapted run's."""
-    fall = 1 - adapted["proxy_distance_after"] / adapted["proxy_distance_before"]
-    fall_control = 1 - control["proxy_distance_after"] / control["proxy_distance_before"]
+    """The a = 0 control's proxy fall is at most half the adapted run's (each from its student as the run found
+    it)."""
+    fall = 1 - adapted["proxy_distance_after"] / initial_distance(adapted)
+    fall_control = 1 - control["proxy_distance_after"] / initial_distance(control)
     print(f"fall adapted {fall:.3f}, control {fall_control:.3f}")
     assert fall_control <= 0.5 * fall, (fall, fall_control)
 

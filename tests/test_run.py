@@ -48,6 +48,34 @@ def test_train_each_backbone(tmp_path, pipes, form):
     assert summary["proxy_distance_before"] == before["proxy_distance"]
 
 
+@pytest.mark.parametrize("teacher", ["source", "target"])
+def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_path, pipes, teacher):
+    """The summary's ratio divides by the student as the run found it (its warm start is adaptation too): the
+    "initial" evaluation runs before the warm start changes the student, so it equals the "before" evaluation of
+    the same run without a warm start; ``proxy_distance_ratio_training`` keeps the training phase's alone."""
+    warm = {"student.warm_start": 3, "student.warm_start_pairs": 4, "student.warm_start_batch": 2,
+            "student.warm_start_teacher_steps": 2, "student.warm_start_teacher": teacher,
+            "target_teacher.warm_start": 2, "train.iterations": 1}
+    recipe, rdir = _write_recipe(tmp_path / "warm", pipes, **warm)
+    assert _cli("train", "--config", recipe) == 0
+    recipe0, rdir0 = _write_recipe(tmp_path / "cold", pipes, **{**warm, "student.warm_start": 0})
+    assert _cli("train", "--config", recipe0) == 0
+    s, s0 = (json.loads((d / "summary.json").read_text()) for d in (rdir, rdir0))
+    before = json.loads((rdir / "eval_before.json").read_text())
+    assert s["proxy_distance_initial"] == before["initial_proxy_distance"] == s0["proxy_distance_before"]
+    assert s["shape_distance_initial"] == s0["shape_distance_before"]
+    assert s["noise_level_initial"] == s0["noise_level_before"]
+    assert s["proxy_distance_before"] != s["proxy_distance_initial"]  # the warm start changed the student
+    assert s["proxy_distance_ratio"] == s["proxy_distance_after"] / s["proxy_distance_initial"]
+    assert s["proxy_distance_ratio_training"] == s["proxy_distance_after"] / s["proxy_distance_before"]
+    assert (rdir / "samples" / "student_initial.png").is_file()
+    # no warm start changed the sampler: initial is as training started, and no second evaluation ran
+    assert s0["proxy_distance_initial"] == s0["proxy_distance_before"]
+    assert s0["proxy_distance_ratio"] == s0["proxy_distance_ratio_training"]
+    assert not (rdir0 / "samples" / "student_initial.png").exists()
+    assert not any(k.startswith("initial_") for k in json.loads((rdir0 / "eval_before.json").read_text()))
+
+
 def test_iterations_zero_then_sample_and_export(tmp_path, pipes):
     from diffusers import UNet2DModel
 

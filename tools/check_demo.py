@@ -17,7 +17,7 @@ DEMO_MIN_DIVERSITY = 0.6  # the demo's own target (issue 13): CI's `make demo` c
 
 
 def acceptance(min_diversity: float = MIN_DIVERSITY) -> str:
-    return (f"proxy_distance_after <= 0.5 * proxy_distance_before, copy_rate < 0.05, diversity >= {min_diversity}, "
+    return (f"proxy_distance_after <= 0.5 * proxy_distance_initial, copy_rate < 0.05, diversity >= {min_diversity}, "
             f"noise_level <= noise_level_shots + 0.03, shape_distance <= {SHAPE_LIMIT}")
 
 # The samples' noise (Haar HH estimate) may exceed the shots' by at most this: grainy squiggles in the target's
@@ -26,13 +26,22 @@ def acceptance(min_diversity: float = MIN_DIVERSITY) -> str:
 NOISE_MARGIN = 0.03
 
 
+def initial_distance(s: dict):
+    """The sampler's proxy distance as the run found it, before any warm start (summaries written before the
+    initial evaluation existed: as training started)."""
+    initial = s.get("proxy_distance_initial")
+    return s.get("proxy_distance_before") if initial is None else initial
+
+
 def check_summary(s: dict, min_diversity: float = MIN_DIVERSITY) -> list[str]:
+    """The acceptance's problems; the ratio is the whole run's (a warm start is adaptation too: dividing by the
+    distance after it rewarded a warm start that moved the student away from the target, issue 11)."""
     problems = []
-    before, after = s.get("proxy_distance_before"), s.get("proxy_distance_after")
-    if before is None or after is None:
+    initial, after = initial_distance(s), s.get("proxy_distance_after")
+    if initial is None or after is None:
         return ["summary has no proxy distances"]
-    if not after <= 0.5 * before:
-        problems.append(f"proxy_distance_after {after:.4f} > 0.5 x proxy_distance_before {before:.4f}")
+    if not after <= 0.5 * initial:
+        problems.append(f"proxy_distance_after {after:.4f} > 0.5 x proxy_distance_initial {initial:.4f}")
     if not s["copy_rate"] < 0.05:
         problems.append(f"copy_rate {s['copy_rate']:.3f} >= 0.05")
     if not s["diversity"] >= min_diversity:
@@ -66,7 +75,7 @@ def main(argv: list[str]) -> int:
     wall = s.get("wall_time_s", {})
     measured = s.get("shape_distance") is not None
     shape = f", shape distance {s['shape_distance']:.2f}" if measured else " (no shape distance: an older summary)"
-    print(f"demo: proxy {s.get('proxy_distance_before'):.4f} -> {s.get('proxy_distance_after'):.4f}{shape}, "
+    print(f"demo: proxy {initial_distance(s):.4f} -> {s.get('proxy_distance_after'):.4f}{shape}, "
           f"copy_rate {s.get('copy_rate'):.3f}, diversity {s.get('diversity'):.3f}, total {wall.get('total_s', 0):.0f}s")
     if problems:
         print("demo check FAILED (" + acceptance(args.min_diversity) + "): " + "; ".join(problems))

@@ -163,9 +163,11 @@ class Method:
         """The exchange between placement sides (``parallel.exchange``)."""
         return self.m.exchange
 
-    def prepare(self) -> dict:
+    def prepare(self, initial: Optional[Callable[[], None]] = None) -> dict:
         """Fresh start only, before the engines are attached. Returns what it measured (kept in
-        eval_before.json)."""
+        eval_before.json). A method whose prepare changes the sampler's weights (a warm start) calls ``initial()``
+        once, on the ranks that hold the sampler, right before the first change, with the sampler on the compute
+        device (the loop evaluates the sampler as the run found it there)."""
         return {}
 
     def step(self, iteration: int) -> dict:

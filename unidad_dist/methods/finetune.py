@@ -163,7 +163,7 @@ class Finetune(Method):
                         purpose="prior", use_ema=False)
         return to_uint8(self.m.to_pixels(x)), ps
 
-    def prepare(self) -> dict:
+    def prepare(self, initial=None) -> dict:  # draws the prior with the sampler; its weights stay as they are
         if self.cfg.algorithm.prior_images > 0:
             self.m.to_device("target_teacher")
             self._load_prior(draw_missing=True)

@@ -736,23 +736,29 @@ class UniDAD(Method):
             return {}
         return {"source_teacher": self.teacher_sample(n, steps=25, purpose="grid")[1]}
 
-    def prepare(self) -> dict:
+    def prepare(self, initial=None) -> dict:
         """The warm starts the recipe asks for, where their roles live: the student's (regression onto the
         source or the target teacher's samples) and the online target teacher's (denoising on the target shots),
-        the target teacher's first when the student's regresses onto its samples."""
+        the target teacher's first when the student's regresses onto its samples. ``initial()`` (base.Method)
+        runs right before the student's."""
         out = {}
         progress = self.cfg.logging.progress
         teacher = f"{self.cfg.student.warm_start_teacher}_teacher"
         student = self.ex.holds("student") and self.cfg.student.warm_start > 0
-        if student and teacher == "source_teacher":
+
+        def student_warm_start():
             self.m.to_device("student", teacher)  # staged in host memory until their engines
+            if initial is not None:
+                initial()
             out.update(self.warm_start(progress=progress))
+
+        if student and teacher == "source_teacher":
+            student_warm_start()
         if self.ex.holds("target_teacher") and self.cfg.target_teacher.warm_start > 0:
             self.m.to_device("target_teacher")
             out.update(self.target_warm_start(progress=progress))
         if student and teacher == "target_teacher":  # after the target teacher's own; colocated (validated)
-            self.m.to_device("student", teacher)
-            out.update(self.warm_start(progress=progress))
+            student_warm_start()
         if self.cfg.fake_teacher.start == "target" and self.ex.holds("fake_teacher"):  # colocated (validated)
             # after every warm start: the target teacher as it enters training; the GAN heads keep their init
             self.role("fake_teacher").unet.load_state_dict(self.role("target_teacher").unet.state_dict())

@@ -2,6 +2,9 @@
 
 Events, in the order a run meets them (every rank calls every hook; a hook decides what its rank does):
 
+* ``on_sampler_initial(run)``: a fresh run, inside the method's ``prepare``, right before a warm start first
+  changes the sampler's weights (the "initial" evaluation: the sampler as the run found it); not called when
+  ``prepare`` leaves the sampler as it is;
 * ``on_fresh_start(run)``: a fresh run, engines attached, before checkpoint 0 (the "before" evaluation);
 * ``on_train_start(run, start)``: before the first iteration of this process (fresh or resumed);
 * ``on_step_end(run, iteration, logs)``: after each iteration's step (``logs``: what the method logged);
@@ -35,6 +38,9 @@ from unidad_dist.train.sampling import EVAL_DIST_TIMEOUT, eval_prompts, measure,
 
 
 class Hook:
+    def on_sampler_initial(self, run) -> None:
+        pass
+
     def on_fresh_start(self, run) -> None:
         pass
 
@@ -63,6 +69,10 @@ class Hooks(Hook):
     def __init__(self, hooks: list):
         self.hooks = list(hooks)
         self.can_stop = any(type(h).should_stop is not Hook.should_stop for h in self.hooks)
+
+    def on_sampler_initial(self, run) -> None:
+        for h in self.hooks:
+            h.on_sampler_initial(run)
 
     def on_fresh_start(self, run) -> None:
         for h in self.hooks:
@@ -261,12 +271,26 @@ class Evaluation(Hook):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self._grids: list[Path] = []  # the "before" grids this process wrote (a fresh start), for wandb
+        self._initial: dict = {}  # the sampler before its warm start (a fresh start whose prepare changes it)
 
     def _evaluate(self, run) -> tuple[torch.Tensor, dict]:
         """Every rank that holds the sampler samples (a ZeRO-3 forward is a collective); rank 0 measures."""
         x = run.method.sample(run.cfg.eval.num_samples, steps=run.cfg.eval.steps)
         pixels = run.models.to_pixels(x).cpu()
         return pixels, (all_metrics(pixels, run.models.data.images) if run.rt.is_main else {})
+
+    def on_sampler_initial(self, run) -> None:
+        """The sampler as the run found it, before a warm start changes it: what the summary's
+        ``proxy_distance_ratio`` divides by (a warm start is adaptation too)."""
+        t0 = time.time()
+        if run.samples_here:
+            pixels, initial = self._evaluate(run)
+            if run.rt.is_main:
+                grid = save_grid(pixels[:run.cfg.logging.grid_size],
+                                 run.dir / "samples" / f"{run.method.sampler}_initial.png")
+                self._grids.append(grid)
+                self._initial = {f"initial_{k}": v for k, v in initial.items()}
+        run.phases["eval_initial_s"] = time.time() - t0
 
     def on_fresh_start(self, run) -> None:
         t0 = time.time()
@@ -280,9 +304,10 @@ class Evaluation(Hook):
             for name, x in grids.items():
                 save_grid(run.models.to_pixels(x).cpu(), samples / f"{name}.png")
             save_grid(pixels[:g], samples / f"{run.method.sampler}_before.png")
-            self._grids = [samples / "target_shots.png", *(samples / f"{name}.png" for name in grids),
+            self._grids = [samples / "target_shots.png", *(samples / f"{name}.png" for name in grids), *self._grids,
                            samples / f"{run.method.sampler}_before.png"]
             before.update(run.prepared)
+            before.update(self._initial)
             atomic_write_text(run.dir / "eval_before.json", json.dumps(before, indent=2))
         run.phases["eval_before_s"] = time.time() - t0
 
@@ -309,21 +334,28 @@ class Evaluation(Hook):
         self.metrics.logger.image(f"eval/{after_grid.stem}", after_grid, cfg.train.iterations)
         before_file = run.dir / "eval_before.json"
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+        # no warm start changed the sampler: as it started training is as the run found it
+        initial = ({k[len("initial_"):]: v for k, v in before.items() if k.startswith("initial_")}
+                   if "initial_proxy_distance" in before else before)
         run.phases["eval_after_s"] = time.time() - t0
         run.phases["total_s"] = time.time() - run.t_start
         summary = {
             "iterations": cfg.train.iterations,
             **run.method.summary(),
             "proxy_feature": PROXY_FEATURE,
+            # initial: the sampler as the run found it; before: as training starts (after any warm start)
+            "proxy_distance_initial": initial.get("proxy_distance"),
             "proxy_distance_before": before.get("proxy_distance"),
             "proxy_distance_after": after["proxy_distance"],
             "shape_distance": after["shape_distance"],  # the foreground's shape alone (eval/metrics.py)
+            "shape_distance_initial": initial.get("shape_distance"),
             "shape_distance_before": before.get("shape_distance"),
             "copy_rate": after["copy_rate"],
             "diversity": after["diversity"],
             "copy_rate_before": before.get("copy_rate"),
             "diversity_before": before.get("diversity"),
             "noise_level": after["noise_level"],  # beside the proxy: a noisy sample set shows here too
+            "noise_level_initial": initial.get("noise_level"),
             "noise_level_before": before.get("noise_level"),
             "noise_level_shots": after["noise_level_shots"],
             "sharpness": after["sharpness"],
@@ -333,8 +365,10 @@ class Evaluation(Hook):
             "num_shots": int(run.models.data.num_shots),
             "wall_time_s": run.phases,
         }
-        if before.get("proxy_distance"):
-            summary["proxy_distance_ratio"] = after["proxy_distance"] / before["proxy_distance"]
+        if initial.get("proxy_distance"):  # the whole run's adaptation, its warm starts included
+            summary["proxy_distance_ratio"] = after["proxy_distance"] / initial["proxy_distance"]
+        if before.get("proxy_distance"):  # the training phase's alone
+            summary["proxy_distance_ratio_training"] = after["proxy_distance"] / before["proxy_distance"]
         atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.logger.summary(summary, "eval/")
 

@@ -126,8 +126,8 @@ def _proxies(before: Optional[dict], summary: Optional[dict]) -> tuple[list, dic
     numbers."""
     before, summary = before or {}, summary or {}
     rows, used = [], set()
-    for k, v in before.items():
-        if not _number(v) or k.endswith("_shots"):
+    for k, v in before.items():  # the "initial" evaluation's (before a warm start) are summary.json's *_initial
+        if not _number(v) or k.endswith("_shots") or k.startswith("initial_"):
             continue
         after_key = f"{k}_after" if f"{k}_after" in summary else k
         after = summary.get(after_key)
@@ -161,8 +161,9 @@ def _grids(rdir: Path, sampler: Optional[str]) -> list[tuple[str, Path]]:
         if m:
             over_time.append((f"iteration {int(m.group(1))}", p))
     head = [("target shots", samples / "target_shots.png")]
-    if sampler:
-        head.append((f"{sampler} before", samples / f"{sampler}_before.png"))
+    if sampler:  # initial: before its warm start, when it had one
+        head += [(f"{sampler} initial", samples / f"{sampler}_initial.png"),
+                 (f"{sampler} before", samples / f"{sampler}_before.png")]
     tail = [(f"{sampler} after", samples / f"{sampler}_after.png")] if sampler else []
     head, tail = [g for g in head if g[1].is_file()], [g for g in tail if g[1].is_file()]
     room, n = max(1, MAX_GRIDS - len(head) - len(tail)), len(over_time)
