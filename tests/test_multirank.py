@@ -163,7 +163,10 @@ def test_the_student_ema_at_zero3_is_sharded_and_equals_zero2s(tmp_path, pipes):
     from unidad_dist.train.checkpoint import role_weights
 
     over = {"train.iterations": 4, "checkpoint.every": 2, "checkpoint.keep": 5, "student.ema": 0.5,
-            "train.global_batch_size": 4}  # the resumed run on 1 rank keeps the batch
+            "train.global_batch_size": 4,  # the resumed run on 1 rank keeps the batch
+            # a warm start: the "initial" evaluation runs on every rank's plain student before the engines
+            "student.warm_start": 2, "student.warm_start_pairs": 4, "student.warm_start_batch": 2,
+            "student.warm_start_teacher_steps": 2}
     z3 = {f"{r}.zero_stage": 3 for r in ("student", "fake_teacher", "target_teacher")}
     z3.update({f"{r}.zero3_persistence_threshold": 0 for r in ("student", "fake_teacher", "target_teacher")})
     pipe = testing.write_pixel_pipeline(tmp_path / "v", prediction_type="v_prediction")
@@ -185,6 +188,7 @@ def test_the_student_ema_at_zero3_is_sharded_and_equals_zero2s(tmp_path, pipes):
     s2, s3 = (json.loads((d / "summary.json").read_text()) for d in (dir2, dir3))
     for key in ("proxy_distance_ratio", "diversity"):
         assert abs(s2[key] - s3[key]) < 1e-3, (key, s2[key], s3[key])
+    assert s2["proxy_distance_initial"] == s3["proxy_distance_initial"] != s3["proxy_distance_before"]
     # resumed on 1 rank from the 2-rank ZeRO-3 checkpoint 2
     shutil.copytree(dir3, dir_r)
     shutil.rmtree(dir_r / "checkpoints" / "iter_0000004")
