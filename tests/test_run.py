@@ -48,17 +48,17 @@ def test_train_each_backbone(tmp_path, pipes, form):
     assert summary["proxy_distance_before"] == before["proxy_distance"]
 
 
-@pytest.mark.parametrize("teacher", ["source", "target"])
-def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_path, pipes, teacher):
+@pytest.mark.parametrize("teacher,form", [("source", "pixel"), ("target", "pixel"), ("source", "sd15")])
+def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_path, pipes, teacher, form):
     """The summary's ratio divides by the student as the run found it (its warm start is adaptation too): the
     "initial" evaluation runs before the warm start changes the student, so it equals the "before" evaluation of
     the same run without a warm start; ``proxy_distance_ratio_training`` keeps the training phase's alone."""
     warm = {"student.warm_start": 3, "student.warm_start_pairs": 4, "student.warm_start_batch": 2,
             "student.warm_start_teacher_steps": 2, "student.warm_start_teacher": teacher,
             "target_teacher.warm_start": 2, "train.iterations": 1}
-    recipe, rdir = _write_recipe(tmp_path / "warm", pipes, **warm)
+    recipe, rdir = _write_recipe(tmp_path / "warm", pipes, form, **warm)
     assert _cli("train", "--config", recipe) == 0
-    recipe0, rdir0 = _write_recipe(tmp_path / "cold", pipes, **{**warm, "student.warm_start": 0})
+    recipe0, rdir0 = _write_recipe(tmp_path / "cold", pipes, form, **{**warm, "student.warm_start": 0})
     assert _cli("train", "--config", recipe0) == 0
     s, s0 = (json.loads((d / "summary.json").read_text()) for d in (rdir, rdir0))
     before = json.loads((rdir / "eval_before.json").read_text())
