@@ -49,7 +49,7 @@ def test_train_each_backbone(tmp_path, pipes, form):
 
 
 @pytest.mark.parametrize("teacher,form", [("source", "pixel"), ("target", "pixel"), ("source", "sd15")])
-def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_path, pipes, teacher, form):
+def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_path, pipes, teacher, form, capsys):
     """The summary's ratio divides by the student as the run found it (its warm start is adaptation too): the
     "initial" evaluation runs before the warm start changes the student, so it equals the "before" evaluation of
     the same run without a warm start; ``proxy_distance_ratio_training`` keeps the training phase's alone."""
@@ -58,8 +58,11 @@ def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_
             "target_teacher.warm_start": 2, "train.iterations": 1}
     recipe, rdir = _write_recipe(tmp_path / "warm", pipes, form, **warm)
     assert _cli("train", "--config", recipe) == 0
+    out = capsys.readouterr().out  # the phase is announced, its grid listed among the ones to look at
+    assert "evaluating the student before its warm start" in out and "student_initial.png, student_before.png" in out
     recipe0, rdir0 = _write_recipe(tmp_path / "cold", pipes, form, **{**warm, "student.warm_start": 0})
     assert _cli("train", "--config", recipe0) == 0
+    assert "before its warm start" not in capsys.readouterr().out
     s, s0 = (json.loads((d / "summary.json").read_text()) for d in (rdir, rdir0))
     before = json.loads((rdir / "eval_before.json").read_text())
     assert s["proxy_distance_initial"] == before["initial_proxy_distance"] == s0["proxy_distance_before"]

@@ -264,7 +264,8 @@ def cmd_train(config: Path | str, overrides: list[str], shown: str | None = None
 def next_steps(rdir: Path, config, overrides: list[str]) -> str:
     """What to look at and what to run next, in a few lines (printed at the end of train and demo)."""
     samples = rdir / "samples"
-    grids = [f for f in ("target_shots.png", "student_before.png", "student_after.png") if (samples / f).is_file()]
+    grids = [f for f in ("target_shots.png", "student_initial.png", "student_before.png", "student_after.png")
+             if (samples / f).is_file()]
     again = "unidad-dist demo" if config == "demo" else f"unidad-dist train --config {config}"
     again += "".join(f" {o}" for o in overrides if not o.startswith("train.iterations="))
     return "\n".join([

@@ -284,7 +284,12 @@ def restore_or_initialise(run: Run, hooks: Hook) -> int:
     if run.resume_from is None:
         t0 = time.time()
         say(rt, f"preparing {run.cfg.method.name} (its warm starts, if the recipe asks for any)")
-        run.prepared = run.method.prepare(initial=lambda: hooks.on_sampler_initial(run))
+
+        def initial():  # the sampler as the run found it, before a warm start changes it
+            say(rt, f"evaluating the {run.method.sampler} before its warm start")
+            hooks.on_sampler_initial(run)
+
+        run.prepared = run.method.prepare(initial=initial)
         run.phases["prepare_s"] = time.time() - t0
     t0 = time.time()
     say(rt, f"starting DeepSpeed engines: {', '.join(engines.engine_roles(run.cfg)) or 'none'}")
