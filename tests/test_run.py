@@ -72,6 +72,12 @@ def test_the_ratio_is_the_whole_runs_from_the_student_before_its_warm_start(tmp_
     assert s["proxy_distance_ratio"] == s["proxy_distance_after"] / s["proxy_distance_initial"]
     assert s["proxy_distance_ratio_training"] == s["proxy_distance_after"] / s["proxy_distance_before"]
     assert (rdir / "samples" / "student_initial.png").is_file()
+    from unidad_dist.train.report import collect  # the report shows the initial grid; no initial_* proxy rows
+
+    rep, _ = collect(rdir)
+    assert [t for t, _ in rep["grids"]][:3] == ["target shots", "student initial", "student before"]
+    assert not any(row[0].startswith("initial_") for row in rep["proxies"])
+    assert rep["summary_values"]["proxy_distance_initial"] == s["proxy_distance_initial"]
     # no warm start changed the sampler: initial is as training started, and no second evaluation ran
     assert s0["proxy_distance_initial"] == s0["proxy_distance_before"]
     assert s0["proxy_distance_ratio"] == s0["proxy_distance_ratio_training"]
