@@ -493,6 +493,38 @@ def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt,
         make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.warm_start": 5})
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_target_teacher_warm_start_ema(make_cfg, rt, ema, monkeypatch):
+    """target_teacher.warm_start_ema: the target teacher leaves its warm start with the EMA of its weights after
+    each step, started from its weights before the first — computed here from the weights each Adam step left —
+    not the last step's; 0 leaves the last step's. Out of [0, 1): an error naming the key."""
+    steps = 4
+    cfg = make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "target_teacher.warm_start": steps,
+                               "target_teacher.warm_start_lr": 2e-3, "target_teacher.warm_start_ema": ema})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    params = [p for p in models.target_teacher.module.parameters() if p.requires_grad]
+    want = [p.detach().clone().double() for p in params]
+    last, real_step = [], torch.optim.Adam.step
+
+    def step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        last[:] = [p.detach().clone() for p in params]
+        for w, p in zip(want, last):
+            w.mul_(ema).add_(p.double(), alpha=1 - ema)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    m.prepare()
+    got = [p.detach() for p in params]
+    assert all(torch.allclose(g.double(), w, atol=1e-6) for g, w in zip(got, want))
+    # the average is not the last step's weights (nor the start's): the EMA moved, and lags
+    assert all(torch.equal(g, lw) for g, lw in zip(got, last)) == (ema == 0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="target_teacher.warm_start_ema"):
+            make_cfg("pixel", **{"target_teacher.warm_start_ema": bad})
+
+
 @pytest.mark.parametrize("teacher", ["source", "target"])
 def test_student_warm_start_regresses_onto_the_named_teachers_ddim_samples(make_cfg, rt, pipes, teacher):
     """student.warm_start: its pairs are (z, the named teacher's DDIM sample from z) — checked against a DDIM

@@ -68,12 +68,17 @@ def _target(shape: str, color: list, background: str) -> dict:
 # allows — see its notes) and two fresh domains took their place. orange_discs_light followed (it chose the
 # Karras noise levels and the student's second timestep: noise and copy rate); amber_rings_textured replaced it.
 # cyan_crosses_textured confirmed the move of the student's second step to t = 500 and the shots' translation
-# (chosen on blue_discs) before the recipe took them: lime_triangles_textured replaced it.
+# (chosen on blue_discs) before the recipe took them: lime_triangles_textured replaced it. red_triangles_light
+# and green_rings_dark checked the student's trajectory warm start at 300 steps and the target teacher's warm-start
+# EMA (its decay chosen standalone on red_triangles_light and blue discs) before the recipe took them:
+# orange_triangles_dark and azure_rings_light replaced them.
 TUNED_TARGETS = {
     "yellow_triangles_dark": _target("triangle", [0.9, 0.8, 0.1], "dark"),
     "magenta_rings_light": _target("ring", [0.85, 0.2, 0.8], "light"),
     "orange_discs_light": _target("disc", [0.95, 0.55, 0.1], "light"),
     "cyan_crosses_textured": _target("cross", [0.1, 0.8, 0.85], "textured"),
+    "red_triangles_light": _target("triangle", [0.85, 0.15, 0.12], "light"),
+    "green_rings_dark": _target("ring", [0.2, 0.75, 0.3], "dark"),
 }
 TUNED = ("blue_discs", "green_squares", *TUNED_TARGETS)
 HELD_OUT = {
@@ -81,8 +86,8 @@ HELD_OUT = {
     "amber_rings_textured": _target("ring", [0.95, 0.7, 0.15], "textured"),
     "purple_squares_textured": _target("square", [0.55, 0.25, 0.85], "textured"),
     "white_crosses_dark": _target("cross", [0.92, 0.92, 0.92], "dark"),
-    "red_triangles_light": _target("triangle", [0.85, 0.15, 0.12], "light"),
-    "green_rings_dark": _target("ring", [0.2, 0.75, 0.3], "dark"),
+    "orange_triangles_dark": _target("triangle", [0.95, 0.5, 0.1], "dark"),
+    "azure_rings_light": _target("ring", [0.3, 0.6, 0.95], "light"),
     "teal_discs_dark": _target("disc", [0.1, 0.6, 0.55], "dark"),
     "pink_squares_light": _target("square", [0.95, 0.45, 0.65], "light"),
 }

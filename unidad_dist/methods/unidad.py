@@ -102,6 +102,9 @@ class TargetTeacherConfig(TrainableRoleConfig):
     # so the target branch of the DMD loss points at the target domain from the start (beyond the paper).
     warm_start: int = 0
     warm_start_lr: float = 5e-4  # learning rate of that warm start
+    # decay of an EMA of that warm start's weights, which the target teacher then takes (Polyak averaging: its
+    # samples lose the grain of the last Adam steps); 0 = off, it keeps the last step's weights
+    warm_start_ema: float = 0.0
 
 
 @dataclass
@@ -220,6 +223,8 @@ class UniDAD(Method):
         if not 0 <= tc.cond_dropout < 1:
             raise UserError(f"target_teacher.cond_dropout must be in [0, 1), got {tc.cond_dropout}")
         positive("target_teacher.warm_start", tc.warm_start, allow_zero=True)
+        if not 0 <= tc.warm_start_ema < 1:
+            raise UserError(f"target_teacher.warm_start_ema must be in [0, 1) (0 = off), got {tc.warm_start_ema}")
         if tc.warm_start > 0 and tc.mode != "online":
             raise UserError(f"target_teacher.warm_start trains the online target teacher on the shots, but "
                             f"target_teacher.mode={tc.mode}; set target_teacher.mode=online or target_teacher.warm_start=0")
@@ -765,14 +770,16 @@ class UniDAD(Method):
         return out
 
     def _fit(self, role_name: str, steps: int, lr: float, loss_fn, label: str, progress: bool,
-             clip: Optional[float] = None) -> float:
+             clip: Optional[float] = None, ema: float = 0.0) -> float:
         """``steps`` Adam steps of ``loss_fn(step)`` (a loss, or an iterator of micro-batch losses whose gradients
         add up) on a plain role, before its engine is built (a warm start; the role's training optimizer starts
-        fresh afterwards). Returns the last loss."""
+        fresh afterwards). With ``ema`` > 0 the role ends with the EMA of its weights after each step (from its
+        starting ones) instead of the last step's. Returns the last loss."""
         role = self.role(role_name)
         if role.engine is not None:
             raise RuntimeError(f"the {label} must run before parallel.engines.attach")
         opt = torch.optim.Adam(role.params, lr=lr)
+        avg = [p.detach().clone() for p in role.params] if ema > 0 else None
         bar = progress_bar(steps, label, leave=False) if progress and self.rt.is_main else None
         last = 0.0
         for step in range(steps):
@@ -785,6 +792,10 @@ class UniDAD(Method):
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(role.params, clip)
             opt.step()
+            if avg is not None:
+                with torch.no_grad():
+                    for a, p in zip(avg, role.params):
+                        a.lerp_(p, 1 - ema)
             last = float(loss.detach())
             if bar is not None:
                 bar.update(1)
@@ -792,6 +803,10 @@ class UniDAD(Method):
             bar.close()
         for p in role.params:
             p.grad = None
+        if avg is not None:
+            with torch.no_grad():
+                for a, p in zip(avg, role.params):
+                    p.copy_(a)
         return last
 
     def target_warm_start(self, progress: bool = True) -> dict:
@@ -812,7 +827,7 @@ class UniDAD(Method):
                 yield part if micro >= n else part * (len(d.indices) / n)
 
         last = self._fit("target_teacher", tc.warm_start, tc.warm_start_lr, loss, "target teacher warm start",
-                         progress, clip=10.0)
+                         progress, clip=10.0, ema=tc.warm_start_ema)
         return {"target_warm_start_loss": last}
 
     def warm_start(self, progress: bool = True) -> dict:
