@@ -70,8 +70,8 @@ def _target(shape: str, color: list, background: str) -> dict:
 # cyan_crosses_textured confirmed the move of the student's second step to t = 500 and the shots' translation
 # (chosen on blue_discs) before the recipe took them: lime_triangles_textured replaced it. red_triangles_light
 # and green_rings_dark checked the student's trajectory warm start at 300 steps and the target teacher's warm-start
-# EMA (its decay chosen standalone on red_triangles_light and blue discs) before the recipe took them:
-# orange_triangles_dark and azure_rings_light replaced them.
+# EMA (its decay chosen standalone on red_triangles_light and blue discs), a candidate not yet the recipe (see its
+# comment at target_teacher): orange_triangles_dark and azure_rings_light replaced them.
 TUNED_TARGETS = {
     "yellow_triangles_dark": _target("triangle", [0.9, 0.8, 0.1], "dark"),
     "magenta_rings_light": _target("ring", [0.85, 0.2, 0.8], "light"),
