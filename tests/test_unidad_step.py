@@ -575,10 +575,21 @@ def test_student_warm_start_regresses_onto_the_named_teachers_ddim_samples(make_
     assert torch.allclose(got["x0"].double(), x0, atol=1e-4), float((got["x0"].double() - x0).abs().max())
 
 
-def _spy_warm_start(m, monkeypatch):
-    """Record the student's warm-start calls: (its input, t) per call and the regression target per loss."""
+@pytest.mark.parametrize("inputs", ["renoised", "trajectory"])
+def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inputs, monkeypatch):
+    """student.warm_start_inputs: the student's input at each later step t_k is, with "trajectory", the teacher's
+    own DDIM state at t_k on the way to the pair's x0 (t_k off the DDIM grid added to it) — checked against a DDIM
+    written here over the grid with t_k inserted — and the regression's target is that same trajectory's x0; with
+    "renoised", x0 noised afresh (no trajectory state)."""
+    from diffusers import DDPMScheduler
+
     from unidad_dist.methods import unidad
 
+    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 2,
+                               "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
+                               "student.warm_start_batch": 3, "student.warm_start_inputs": inputs})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
     calls, targets = [], []
     real_x0, real_loss = m.student_x0, unidad.losses.denoising_loss
 
@@ -592,23 +603,6 @@ def _spy_warm_start(m, monkeypatch):
 
     m.student_x0 = student_x0
     monkeypatch.setattr(unidad.losses, "denoising_loss", loss)
-    return calls, targets
-
-
-@pytest.mark.parametrize("inputs", ["renoised", "trajectory"])
-def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inputs, monkeypatch):
-    """student.warm_start_inputs: the student's input at each later step t_k is, with "trajectory", the teacher's
-    own DDIM state at t_k on the way to the pair's x0 (t_k off the DDIM grid added to it) — checked against a DDIM
-    written here over the grid with t_k inserted — and the regression's target is that same trajectory's x0; with
-    "renoised", x0 noised afresh (no trajectory state)."""
-    from diffusers import DDPMScheduler
-
-    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 2,
-                               "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
-                               "student.warm_start_batch": 3, "student.warm_start_inputs": inputs})
-    models = build(cfg, rt)
-    m = UniDAD(cfg, models, rt)
-    calls, targets = _spy_warm_start(m, monkeypatch)
     m.prepare()
     assert [t for _, t in calls] == [999, 700, 300] * 2 and len(targets) == 6
 
@@ -647,62 +641,6 @@ def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inp
                 assert (x_in[r].double() - ab[t].sqrt() * x0[j]).std() > 0.5 * (1 - ab[t]).sqrt()
     with pytest.raises(UserError, match="student.warm_start_inputs"):
         make_cfg("pixel", **{"student.warm_start_inputs": "ode"})
-
-
-@pytest.mark.parametrize("drop", [True, False])
-def test_student_warm_start_drops_the_pairs_whose_teacher_sample_copies_a_shot(make_cfg, rt, monkeypatch, drop):
-    """student.warm_start_drop_copies: the pairs whose teacher sample is a target shot (or its mirror image), by
-    the evaluation's copy criterion, are never regression targets, and each kept pair keeps its own noise and
-    trajectory states; without it every pair is one."""
-    from unidad_dist.eval import metrics
-    from unidad_dist.methods import unidad
-
-    assert metrics.nearest_shot is unidad.nearest_shot  # the filter is the evaluation's copy criterion
-    cfg = make_cfg("pixel", **{"student.steps": 2, "student.timesteps": [999, 500], "student.warm_start": 3,
-                               "student.warm_start_pairs": 5, "student.warm_start_teacher_steps": 3,
-                               "student.warm_start_batch": 8, "student.warm_start_inputs": "trajectory",
-                               "student.warm_start_drop_copies": drop})
-    models = build(cfg, rt)
-    m = UniDAD(cfg, models, rt)
-    data = m.m.data
-    real_sample, got = m.teacher_sample, {}
-
-    def sample(*args, **kw):  # the teacher's samples, two of them replaced by a shot and a shot's mirror image
-        z, x0, prompts = real_sample(*args, **kw)
-        x0 = x0.clamp(-1, 1)
-        x0[1] = data.model_space[0]
-        x0[3] = data.model_space_flipped[2] + 0.01
-        got.update(z=z, x0=x0, states=dict(kw["states"]))
-        return z, x0, prompts
-
-    m.teacher_sample = sample
-    calls, targets = _spy_warm_start(m, monkeypatch)
-    out = m.prepare()
-    assert out.get("warm_start_copies_dropped") == (2 if drop else None)
-
-    def row(of, rows):
-        hit = [j for j in range(rows.shape[0]) if torch.equal(of, rows[j])]
-        return hit[0] if hit else None
-
-    seen = set()
-    for (x_in, t), target in zip(calls, targets):
-        for r in range(x_in.shape[0]):
-            j = row(target[r], got["x0"])
-            assert j is not None
-            seen.add(j)
-            assert row(x_in[r], got["z"] if t == 999 else got["states"][500]) == j, t  # the pair's own inputs
-    assert seen == ({0, 2, 4} if drop else {0, 1, 2, 3, 4})
-    if drop:
-        x0 = got["x0"].clone()
-        x0[:] = data.model_space[:1]
-
-        def all_copies(*args, **kw):
-            z, _, prompts = real_sample(*args, **kw)
-            return z, x0, prompts
-
-        m.teacher_sample = all_copies
-        with pytest.raises(UserError, match="student.warm_start_drop_copies"):
-            m.warm_start(progress=False)
 
 
 @pytest.mark.parametrize("start", ["source", "target"])

@@ -57,19 +57,3 @@ def save_images(images: torch.Tensor, folder: Path, pattern: str = "{:05d}.png")
         Image.fromarray(a).save(p)
         out.append(p)
     return out
-
-
-def nearest_shot(samples: torch.Tensor, shots: torch.Tensor,
-                 mirrored: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: whether it is a copy — closer (L2) to a shot, or its mirror image, than half the shots' median
-    nearest-neighbour distance — and the index of that nearest shot. ``mirrored``: the shots' mirror images
-    (default ``shots.flip(-1)``; a latent codec's encodings of the flipped images are not the flipped latents)."""
-    def dist(a, b):
-        return torch.cdist(a.flatten(1).double().cpu(), b.flatten(1).double().cpu())
-
-    among = dist(shots, shots)
-    among.fill_diagonal_(float("inf"))
-    threshold = 0.5 * among.min(dim=1).values.median()
-    mirrored = shots.flip(-1) if mirrored is None else mirrored
-    nearest, idx = dist(samples, torch.cat([shots, mirrored])).min(dim=1)
-    return nearest < threshold, idx % len(shots)

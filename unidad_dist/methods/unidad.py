@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from unidad_dist.core.draws import SampleDraws, global_indices, shared_randint
-from unidad_dist.core.images import nearest_shot
 from unidad_dist.core.progress import progress_bar
 from unidad_dist.core.schema import choice, positive
 from unidad_dist.core.sections import AlgorithmConfig, RoleConfig, TrainableRoleConfig, TrainConfig
@@ -67,10 +66,6 @@ class StudentConfig(TrainableRoleConfig):
     # teacher's own DDIM state at t_k on the way to that sample: step k learns the map from there to x0, sharp,
     # as progressive / consistency distillation regress; t_k not on the DDIM grid are added to it)
     warm_start_inputs: str = "renoised"
-    # warm start: leave out the pairs whose teacher sample copies a target shot (eval's copy criterion, in the
-    # model's space: nearer a shot or its mirror image than half the shots' median nearest-neighbour distance),
-    # so the student is not taught the copies a teacher fitted to ten shots draws
-    warm_start_drop_copies: bool = False
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -849,20 +844,6 @@ class UniDAD(Method):
                                              role=f"{sc.warm_start_teacher}_teacher", states=traj)
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
-        dropped = 0
-        if sc.warm_start_drop_copies:
-            data = self.m.data
-            copies = nearest_shot(x0, data.model_space, data.model_space_flipped)[0].to(x0.device)
-            dropped = int(copies.sum())
-            if dropped == len(copies):
-                raise UserError(f"student.warm_start_drop_copies: every one of the {sc.warm_start_teacher} teacher's "
-                                f"{dropped} warm-start samples copies a target shot; set "
-                                f"student.warm_start_drop_copies=false or raise student.warm_start_pairs")
-            keep = ~copies
-            z, x0 = z[keep], x0[keep]
-            prompts = [p for p, k in zip(prompts, keep.tolist()) if k] if prompts else prompts
-            if traj is not None:
-                traj = {t: v[keep] for t, v in traj.items()}
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
 
         def loss_fn(step):
@@ -881,11 +862,8 @@ class UniDAD(Method):
                 loss = loss + losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
             return loss / len(self.timesteps)
 
-        out = {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
-                                            progress)}
-        if sc.warm_start_drop_copies:
-            out["warm_start_copies_dropped"] = dropped
-        return out
+        return {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
+                                             progress)}
 
     def summary(self) -> dict:
         out = {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
