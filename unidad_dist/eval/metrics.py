@@ -104,10 +104,10 @@ def _geometry(mask: torch.Tensor) -> dict:
 
 
 def largest_component(mask: torch.Tensor, grid: int = 64) -> torch.Tensor:
-    """The largest 4-connected component of each (n, h, w) 0/1 mask (ties: the one holding the highest pixel
-    index). Masks larger than ``grid`` pixels a side are labelled on a ``grid``-sized max-pooled copy (cells
-    that touch there join), the component's cells then intersected with the full mask: the cost stays that
-    of a 64 x 64 mask."""
+    """The largest 4-connected component of each (n, h, w) 0/1 mask (ties: the one whose last pixel, in
+    row-major order, comes first). Masks larger than ``grid`` pixels a side are labelled on a ``grid``-sized
+    max-pooled copy (cells that touch there join), the component's cells then intersected with the full mask:
+    the cost stays that of a 64 x 64 mask."""
     n, h, w = mask.shape
     k = max(1, math.ceil(max(h, w) / grid))
     small = F.max_pool2d(mask[:, None], k, ceil_mode=True)[:, 0] if k > 1 else mask
