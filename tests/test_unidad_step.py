@@ -643,6 +643,34 @@ def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inp
         make_cfg("pixel", **{"student.warm_start_inputs": "ode"})
 
 
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_student_warm_start_last_weight(make_cfg, rt, weight, monkeypatch):
+    """student.warm_start_last_weight: the warm start's loss is the weighted mean of its steps' regression losses,
+    the weight on the last step (t = 300 here), not the first. Each step's loss is made a different constant
+    (1 / 10 / 100 at t = 999 / 700 / 300), so a weight on the wrong step, or a plain mean, reads differently."""
+    from unidad_dist.methods import unidad
+
+    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 1,
+                               "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
+                               "student.warm_start_batch": 3, "student.warm_start_last_weight": weight})
+    m = UniDAD(cfg, build(cfg, rt), rt)
+    ts, real_x0 = [], m.student_x0
+    per_t = {999: 1.0, 700: 10.0, 300: 100.0}
+
+    def student_x0(x, t, cond, module=None):
+        ts.append(int(t[0]))
+        return real_x0(x, t, cond, module)
+
+    m.student_x0 = student_x0
+    monkeypatch.setattr(unidad.losses, "denoising_loss", lambda pred, target, *a, **kw: pred.sum() * 0 + per_t[ts[-1]])
+    got = m.warm_start(progress=False)["warm_start_loss"]
+    assert ts == [999, 700, 300]
+    assert got == pytest.approx((1.0 + 10.0 + weight * 100.0) / (2.0 + weight), rel=1e-6)
+    for bad in (0.0, -1.0):
+        with pytest.raises(UserError, match="student.warm_start_last_weight"):
+            make_cfg("pixel", **{"student.warm_start_last_weight": bad})
+
+
 @pytest.mark.parametrize("start", ["source", "target"])
 def test_fake_teacher_start(make_cfg, rt, start):
     """fake_teacher.start=target: after the warm starts its UNet holds the target teacher's weights as they

@@ -66,6 +66,9 @@ class StudentConfig(TrainableRoleConfig):
     # teacher's own DDIM state at t_k on the way to that sample: step k learns the map from there to x0, sharp,
     # as progressive / consistency distillation regress; t_k not on the DDIM grid are added to it)
     warm_start_inputs: str = "renoised"
+    # warm start: the weight of the last step's regression loss (the other steps' weigh 1; the loss is their
+    # weighted mean). The last step draws the fine detail, where the regression leaves grain (beyond the paper)
+    warm_start_last_weight: float = 1.0
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -209,6 +212,9 @@ class UniDAD(Method):
         positive("student.warm_start", st.warm_start, allow_zero=True)
         choice("student.warm_start_teacher", st.warm_start_teacher, ("source", "target"))
         choice("student.warm_start_inputs", st.warm_start_inputs, ("renoised", "trajectory"))
+        if not st.warm_start_last_weight > 0:
+            raise UserError(f"student.warm_start_last_weight must be > 0 (1 = every step weighs the same), got "
+                            f"{st.warm_start_last_weight}")
         choice("fake_teacher.start", cfg.fake_teacher.start, ("source", "target"))
         if cfg.fake_teacher.start == "target":
             cls._validate_fake_start(cfg)
@@ -845,6 +851,7 @@ class UniDAD(Method):
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
+        weights = [1.0] * (len(self.timesteps) - 1) + [float(sc.warm_start_last_weight)]
 
         def loss_fn(step):
             idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
@@ -859,8 +866,8 @@ class UniDAD(Method):
                 else:
                     noise = torch.randn(x0[idx].shape, generator=g).to(z.device)
                     x_in = self.schedule.add_noise(x0[idx], noise, tt)
-                loss = loss + losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
-            return loss / len(self.timesteps)
+                loss = loss + weights[k] * losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
+            return loss / sum(weights)
 
         return {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
                                              progress)}
