@@ -493,17 +493,21 @@ def test_target_teacher_warm_start_fits_the_shots_and_nothing_else(make_cfg, rt,
         make_cfg("pixel", **{"target_teacher.mode": "off", "algorithm.a": 0.0, "target_teacher.warm_start": 5})
 
 
+@pytest.mark.parametrize("role", ["target_teacher", "student"])
 @pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_target_teacher_warm_start_ema(make_cfg, rt, ema, monkeypatch):
-    """target_teacher.warm_start_ema: the target teacher leaves its warm start with the EMA of its weights after
-    each step, started from its weights before the first — computed here from the weights each Adam step left —
-    not the last step's; 0 leaves the last step's. Out of [0, 1): an error naming the key."""
+def test_warm_start_ema(make_cfg, rt, role, ema, monkeypatch):
+    """<role>.warm_start_ema: the role (the target teacher, the student) leaves its warm start with the EMA of
+    its weights after each step, started from its weights before the first — computed here from the weights
+    each Adam step left — not the last step's; 0 leaves the last step's. Out of [0, 1): an error naming the
+    key. Only that role's warm start runs, so every Adam step is its."""
     steps = 4
-    cfg = make_cfg("pixel", **{"target_teacher.mode": "online", "algorithm.a": 0.75, "target_teacher.warm_start": steps,
-                               "target_teacher.warm_start_lr": 2e-3, "target_teacher.warm_start_ema": ema})
+    over = ({"target_teacher.mode": "online", "algorithm.a": 0.75} if role == "target_teacher" else
+            {"student.warm_start_pairs": 8, "student.warm_start_batch": 4, "student.warm_start_teacher_steps": 2})
+    cfg = make_cfg("pixel", **over, **{f"{role}.warm_start": steps, f"{role}.warm_start_lr": 2e-3,
+                                       f"{role}.warm_start_ema": ema})
     models = build(cfg, rt)
     m = UniDAD(cfg, models, rt)
-    params = [p for p in models.target_teacher.module.parameters() if p.requires_grad]
+    params = [p for p in getattr(models, role).module.parameters() if p.requires_grad]
     want = [p.detach().clone().double() for p in params]
     last, real_step = [], torch.optim.Adam.step
 
@@ -521,8 +525,8 @@ def test_target_teacher_warm_start_ema(make_cfg, rt, ema, monkeypatch):
     # the average is not the last step's weights (nor the start's): the EMA moved, and lags
     assert all(torch.equal(g, lw) for g, lw in zip(got, last)) == (ema == 0)
     for bad in (1.0, -0.1):
-        with pytest.raises(UserError, match="target_teacher.warm_start_ema"):
-            make_cfg("pixel", **{"target_teacher.warm_start_ema": bad})
+        with pytest.raises(UserError, match=f"{role}.warm_start_ema"):
+            make_cfg("pixel", **{f"{role}.warm_start_ema": bad})
 
 
 @pytest.mark.parametrize("teacher", ["source", "target"])

@@ -69,6 +69,9 @@ class StudentConfig(TrainableRoleConfig):
     # warm start: the weight of the last step's regression loss (the other steps' weigh 1; the loss is their
     # weighted mean). The last step draws the fine detail, where the regression leaves grain (beyond the paper)
     warm_start_last_weight: float = 1.0
+    # warm start: decay of an EMA of its weights, which the student then takes (Polyak averaging, as
+    # target_teacher.warm_start_ema; beyond the paper); 0 = off, it keeps the last step's weights
+    warm_start_ema: float = 0.0
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -215,6 +218,8 @@ class UniDAD(Method):
         if not st.warm_start_last_weight > 0:
             raise UserError(f"student.warm_start_last_weight must be > 0 (1 = every step weighs the same), got "
                             f"{st.warm_start_last_weight}")
+        if not 0 <= st.warm_start_ema < 1:
+            raise UserError(f"student.warm_start_ema must be in [0, 1) (0 = off), got {st.warm_start_ema}")
         choice("fake_teacher.start", cfg.fake_teacher.start, ("source", "target"))
         if cfg.fake_teacher.start == "target":
             cls._validate_fake_start(cfg)
@@ -870,7 +875,7 @@ class UniDAD(Method):
             return loss / sum(weights)
 
         return {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
-                                             progress)}
+                                             progress, ema=sc.warm_start_ema)}
 
     def summary(self) -> dict:
         out = {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
