@@ -61,7 +61,8 @@ def main() -> int:
         if args.reuse and (run_dir / "summary.json").is_file():
             return task, (json.loads((run_dir / "summary.json").read_text()), None)
         t = time.time()
-        summary = _run(run_dir, out / name / "shots", seed, list(args.overrides) + [f"algorithm.a={value}"], threads)
+        summary = _run(run_dir, out / name / "shots", seed, list(args.overrides) + [f"algorithm.a={value}"], threads,
+                       "demo")
         seconds = time.time() - t
         print(f"{name} seed {seed} a={value}: ratio {summary['proxy_distance_ratio']:.3f} ({seconds:.0f} s)", flush=True)
         return task, (summary, seconds)

@@ -1,9 +1,12 @@
-"""Adaptation on target domains nobody tuned for (issue 11): the demo recipe, unchanged, on each held-out
+"""Adaptation on target domains nobody tuned for (issue 11): a recipe, unchanged — by default
+recipes/demo_new_target.yaml, the default for a target of your own on the demo's teacher — on each held-out
 procedural domain (unidad_dist.builtin.HELD_OUT), and the a = 0 control (target teacher off) on each.
 
-    .venv/bin/python benchmarks/heldout_domains.py [--domains a,b] [--seeds 0] [--no-control] [--out DIR] [k=v ...]
+    .venv/bin/python benchmarks/heldout_domains.py [--recipe NAME] [--domains a,b] [--seeds 0] [--no-control]
+        [--out DIR] [k=v ...]
 
-For each domain: 10 shots at 32 px (seed 77), `unidad-dist demo data.target.path=SHOTS run.seed=S [k=v ...]`,
+For each domain: 10 shots at 32 px (seed 77), `unidad-dist train --config RECIPE data.target.path=SHOTS
+run.seed=S [k=v ...]`,
 then the same with `algorithm.a=0 target_teacher.mode=off target_teacher.warm_start=0 student.warm_start=0`.
 Prints one row per (domain, seed) — the proxy ratio (after / initial: the student as the run found it, before
 any warm start, so a warm start counts as the adaptation it is), the training phase's ratio alone (after /
@@ -18,10 +21,11 @@ most half the adapted run's). Writes table.json and, per row, a strip of PNG gri
 each.
 
 ``--domains demo`` is the demo's own target (``builtin:demo_target``, the recipe's default shots of blue discs),
-where the acceptance also asks diversity >= 0.6; with ``green_squares``, the generated second domain, it is
-the demo's 3-seed acceptance:
+where the acceptance also asks diversity >= 0.6; with ``green_squares``, the generated second domain, and the
+demo's own recipe it is the demo's 3-seed acceptance (issue 13):
 
-    .venv/bin/python benchmarks/heldout_domains.py --domains demo,green_squares --seeds 0,1,2 --jobs 2 --threads 1
+    .venv/bin/python benchmarks/heldout_domains.py --recipe demo --domains demo,green_squares --seeds 0,1,2 --jobs 2 \
+        --threads 1
 """
 from __future__ import annotations
 
@@ -48,8 +52,12 @@ CONTROL = ["algorithm.a=0", "target_teacher.mode=off", "target_teacher.warm_star
 DEMO = "demo"  # the demo's own target, builtin:demo_target (its acceptance asks DEMO_MIN_DIVERSITY)
 
 
-def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int) -> dict:
-    args = [sys.executable, "-m", "unidad_dist", "demo", f"run.dir={run_dir}", f"data.target.path={shots}",
+RECIPE = "demo_new_target"  # the default recipe for a target of your own on the demo's teacher (issue 11)
+
+
+def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int, recipe: str = RECIPE) -> dict:
+    args = [sys.executable, "-m", "unidad_dist", "train", "--config", recipe, f"run.dir={run_dir}",
+            f"data.target.path={shots}",
             f"run.seed={seed}", "logging.progress=false", *over]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -94,6 +102,7 @@ def main() -> int:
     ap.add_argument("--domains", default=",".join(builtin.HELD_OUT),
                     help=f"comma-separated domain names, {DEMO!r} for the demo's own shots "
                          "(default: every held-out one)")
+    ap.add_argument("--recipe", default=RECIPE, help="the recipe every run trains (a shipped name or a file)")
     ap.add_argument("--seeds", default="0", help="comma-separated run.seed values")
     ap.add_argument("--no-control", action="store_true", help="skip the a = 0 control runs")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
@@ -127,7 +136,7 @@ def main() -> int:
         run_dir = out / name / f"seed{seed}" / variant
         if args.reuse and (run_dir / "summary.json").is_file():
             return task, json.loads((run_dir / "summary.json").read_text())
-        summary = _run(run_dir, out / name / "shots", seed, over, threads)
+        summary = _run(run_dir, out / name / "shots", seed, over, threads, args.recipe)
         print(f"{name} seed {seed} {variant}: ratio {summary['proxy_distance_ratio']:.3f}, copy rate "
               f"{summary['copy_rate']:.3f}, diversity {summary['diversity']:.2f} ({time.time() - t:.0f} s)", flush=True)
         return task, summary
