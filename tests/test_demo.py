@@ -27,7 +27,7 @@ def _train(run_dir, shots, *over, recipe="demo"):
     args = ["train", "--config", recipe, f"run.dir={run_dir}", f"data.target.path={shots}", "logging.progress=false",
             *over]
     if main(args) != 0:  # pytest.fail, not assert: the expected failure below covers only the acceptance
-        pytest.fail(f"demo failed: {args}")
+        pytest.fail(f"training failed: {args}")
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -92,10 +92,10 @@ def test_the_new_target_recipe_adapts_to_a_held_out_domain_and_beats_the_a0_cont
     # sample and export work on its run folder (pytest.fail: not covered by the expected failure)
     if main(["sample", "--run", str(tmp_path / "adapted"), "--steps", "2", "--num", "8",
              "--out", str(tmp_path / "s.png")]) != 0:
-        pytest.fail("sample failed on the demo's run folder")
+        pytest.fail("sample failed on the run folder")
     if main(["export", "--run", str(tmp_path / "adapted"), "--out", str(tmp_path / "export")]) != 0 or \
             not (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        pytest.fail("export failed on the demo's run folder")
+        pytest.fail("export failed on the run folder")
     assert check_summary(adapted) == [], adapted
     _assert_beats_control(adapted, _train(tmp_path / "control", shots, *CONTROL, recipe=RECIPE))
 
