@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,24 @@ def test_sample_bad_input(run, tmp_path, capsys):
 
     with pytest.raises(UserError, match="holds no prompt"):
         read_prompt_file(tmp_path / "empty.txt", "sks", "cat")
+
+
+def test_a_run_folder_from_another_version_is_refused_by_name(run, tmp_path, capsys):
+    """A run whose config.yaml holds a key this version does not know (one since removed or renamed): sample,
+    export and evaluate each fail with one error naming the file, the key and the way out, and write nothing."""
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["train"]["removed_key"] = 3
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for cmd in (["sample", "--run", str(old), "--num", "2", "--out", str(tmp_path / "x")],
+                ["export", "--run", str(old), "--out", str(tmp_path / "x")],
+                ["evaluate", "--run", str(old)]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert f"{old / 'config.yaml'} does not load with this version" in err and "train.removed_key" in err, err
+        assert "with the version that trained it" in err
+    assert not (tmp_path / "x").exists() and not (old / "eval").exists()
 
 
 def _during_run(pipes, tmp_path, nproc: int, **over):

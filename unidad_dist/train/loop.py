@@ -451,7 +451,12 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, i
     if not cfg_file.is_file():
         raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the run.dir of a training run")
     pick_checkpoint(rdir, iteration)  # a run with nothing to load fails before anything is built
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    try:
+        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    except UserError as e:  # a folder written by another version (a key since removed or renamed)
+        raise UserError(f"{cfg_file} does not load with this version of unidad_dist ({e}); sample or export the "
+                        "run with the version that trained it, or change that key in its config.yaml to this "
+                        "version's (README, \"Recipe keys\")") from None
     cfg = replace(cfg, placement=type(cfg.placement)())  # one process holds the sampler
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
     sampler = cfg.method.sampler
