@@ -455,7 +455,7 @@ def load_run(run: str | Path, rt: Runtime | None = None, use_ema: bool = True, i
         cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     except UserError as e:  # a folder written by another version (a key since removed or renamed)
         raise UserError(f"{cfg_file} does not load with this version of unidad_dist ({e}); sample or export the "
-                        "run with the version that trained it, or change that key in its config.yaml to this "
+                        "run with the version that trained it, or change that entry in its config.yaml to this "
                         "version's (README, \"Recipe keys\")") from None
     cfg = replace(cfg, placement=type(cfg.placement)())  # one process holds the sampler
     rt = rt or runtime_from_env(cfg.run.dist_timeout)
