@@ -72,6 +72,14 @@ class StudentConfig(TrainableRoleConfig):
     # warm start: decay of an EMA of its weights, which the student then takes (Polyak averaging, as
     # target_teacher.warm_start_ema; beyond the paper); 0 = off, it keeps the last step's weights
     warm_start_ema: float = 0.0
+    # warm start: rounds of on-policy refinement after it (beyond the paper). Each runs the student's own chain on
+    # the pairs' noise, as it samples (x̂0 re-noised to each later timestep with fresh noise), and regresses each
+    # later step onto the teacher's DDIM completion from the student's own state there (the first step keeps its
+    # pair), for warm_start_refine_steps steps: the warm start alone trains later steps on the teacher's states,
+    # but at sampling time they see the student's (DAgger's remedy for exposure bias); 0 = off, as is
+    # student.warm_start=0 (no warm start at all)
+    warm_start_refine: int = 0
+    warm_start_refine_steps: int = 150  # warm start: regression steps of each refinement round
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -220,6 +228,8 @@ class UniDAD(Method):
                             f"{st.warm_start_last_weight}")
         if not 0 <= st.warm_start_ema < 1:
             raise UserError(f"student.warm_start_ema must be in [0, 1) (0 = off), got {st.warm_start_ema}")
+        positive("student.warm_start_refine", st.warm_start_refine, allow_zero=True)
+        positive("student.warm_start_refine_steps", st.warm_start_refine_steps)
         choice("fake_teacher.start", cfg.fake_teacher.start, ("source", "target"))
         if cfg.fake_teacher.start == "target":
             cls._validate_fake_start(cfg)
@@ -727,16 +737,9 @@ class UniDAD(Method):
             idx = list(range(start, min(n, start + batch)))
             d = SampleDraws(seed, -1, idx, self.rt.device)
             z = d.randn(self.m.sample_shape, purpose, "z")
-            ps = None
-            cond = uncond = None
-            if self.m.text is not None:
-                b = self.m.data.batch(d, augment=False)  # only its prompts are read
-                ps, uncond = b.prompts, b.uncond
-                cond = b.cond_src if role == "source_teacher" else b.cond
-            scale = self.cfg.source_teacher.cfg if role == "source_teacher" else self.cfg.target_teacher.cfg
+            call, ps = self._teacher_call(role, d)
             got = dict.fromkeys(parts)
-            x = ddim(lambda x_t, tt: self.teacher_x0(role, x_t, tt, cond, uncond, scale), z, ts, self.schedule,
-                     states=got)
+            x = ddim(call, z, ts, self.schedule, states=got)
             for t in parts:
                 parts[t].append(got[t])
             zs.append(z)
@@ -745,6 +748,44 @@ class UniDAD(Method):
         for t in parts:
             states[t] = torch.cat(parts[t])
         return torch.cat(zs), torch.cat(xs), all_prompts
+
+    def _teacher_call(self, role: str, d: SampleDraws):
+        """(call(x_t, t) -> x̂0 of the teacher ``role``, the prompts or None) for the samples of ``d``: the source
+        teacher sees the prompts without the rare token and its CFG scale, the target teacher the prompts as they
+        are and its own scale."""
+        ps = cond = uncond = None
+        if self.m.text is not None:
+            b = self.m.data.batch(d, augment=False)  # only its prompts are read
+            ps, uncond = b.prompts, b.uncond
+            cond = b.cond_src if role == "source_teacher" else b.cond
+        scale = self.cfg.source_teacher.cfg if role == "source_teacher" else self.cfg.target_teacher.cfg
+        return (lambda x_t, tt: self.teacher_x0(role, x_t, tt, cond, uncond, scale)), ps
+
+    @torch.no_grad()
+    def _student_states(self, z: torch.Tensor, prompts: list, role: str, purpose: str, batch: int = 64):
+        """The student's own chain on the warm start's noise ``z`` as it samples (x̂0 re-noised to each later
+        timestep with fresh noise keyed by (seed, pair index, ``purpose``)), and the teacher ``role``'s DDIM
+        completion from each of its states (over the warm start's DDIM grid below that timestep). Returns
+        (inputs, targets): dicts over the student's timesteps after the first."""
+        sc = self.cfg.student
+        grid = ddim_timesteps(sc.warm_start_teacher_steps, self.T)
+        inputs: dict[int, list] = {t: [] for t in self.timesteps[1:]}
+        targets: dict[int, list] = {t: [] for t in self.timesteps[1:]}
+        for start in range(0, z.shape[0], batch):
+            idx = list(range(start, min(z.shape[0], start + batch)))
+            d = SampleDraws(self.seed, -1, idx, self.rt.device)
+            call, _ = self._teacher_call(role, d)
+            cond = self.m.data.encode([prompts[i] for i in idx]) if prompts else None
+            x_t = z[start:start + len(idx)]
+            for k, t in enumerate(self.timesteps):
+                tt = torch.full((len(idx),), t, dtype=torch.long, device=z.device)
+                if k > 0:
+                    x_t = self.schedule.add_noise(x0, d.randn(self.m.sample_shape, purpose, f"renoise_{k}"), tt)
+                    y = ddim(call, x_t, [t] + [s for s in grid if s < t], self.schedule)
+                    inputs[t].append(x_t)
+                    targets[t].append(y.clamp(-1, 1) if self.m.codec is None else y)
+                x0 = self.student_x0(x_t, tt, cond)
+        return {t: torch.cat(v) for t, v in inputs.items()}, {t: torch.cat(v) for t, v in targets.items()}
 
     def grids(self, n: int) -> dict[str, torch.Tensor]:
         """The source teacher's 25-step DDIM samples (its own domain, for comparison)."""
@@ -850,13 +891,17 @@ class UniDAD(Method):
         sc = self.cfg.student
         if sc.warm_start <= 0:
             return {}
+        role = f"{sc.warm_start_teacher}_teacher"
         traj = dict.fromkeys(self.timesteps[1:]) if sc.warm_start_inputs == "trajectory" else None
         z, x0, prompts = self.teacher_sample(sc.warm_start_pairs, sc.warm_start_teacher_steps, purpose="warm_start",
-                                             role=f"{sc.warm_start_teacher}_teacher", states=traj)
+                                             role=role, states=traj)
         if self.m.codec is None:
             x0 = x0.clamp(-1, 1)
         g = torch.Generator(device=CPU).manual_seed(self.seed + 17)
         weights = [1.0] * (len(self.timesteps) - 1) + [float(sc.warm_start_last_weight)]
+        # each later step's input and target: the teacher's trajectory state (or x0 re-noised afresh: None) and the
+        # pair's x0; in a refinement round, the student's own state and the teacher's completion from there
+        inputs, targets = traj, dict.fromkeys(self.timesteps[1:], x0)
 
         def loss_fn(step):
             idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
@@ -865,17 +910,23 @@ class UniDAD(Method):
             for k, t in enumerate(self.timesteps):
                 tt = torch.full((idx.numel(),), t, dtype=torch.long, device=z.device)
                 if k == 0:
-                    x_in = z[idx]
-                elif traj is not None:  # the teacher's own x_t on the way to x0: the map from there to x0
-                    x_in = traj[t][idx]
+                    x_in, target = z[idx], x0[idx]
+                elif inputs is not None:  # a state on the way to the target: the map from there to it
+                    x_in, target = inputs[t][idx], targets[t][idx]
                 else:
                     noise = torch.randn(x0[idx].shape, generator=g).to(z.device)
-                    x_in = self.schedule.add_noise(x0[idx], noise, tt)
-                loss = loss + weights[k] * losses.denoising_loss(self.student_x0(x_in, tt, cond), x0[idx])
+                    x_in, target = self.schedule.add_noise(x0[idx], noise, tt), x0[idx]
+                loss = loss + weights[k] * losses.denoising_loss(self.student_x0(x_in, tt, cond), target)
             return loss / sum(weights)
 
-        return {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
-                                             progress, ema=sc.warm_start_ema)}
+        out = {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
+                                            progress, ema=sc.warm_start_ema)}
+        for r in range(sc.warm_start_refine):
+            inputs, targets = self._student_states(z, prompts, role, f"warm_start_refine_{r}")
+            out["warm_start_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
+                                               f"student warm start, refinement {r + 1}", progress,
+                                               ema=sc.warm_start_ema)
+        return out
 
     def summary(self) -> dict:
         out = {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
