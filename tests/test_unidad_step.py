@@ -579,6 +579,46 @@ def test_student_warm_start_regresses_onto_the_named_teachers_ddim_samples(make_
     assert torch.allclose(got["x0"].double(), x0, atol=1e-4), float((got["x0"].double() - x0).abs().max())
 
 
+def _spy_warm_start(m, monkeypatch):
+    """Record each student call of the warm start (input, t, output, grad on) and each regression's target."""
+    from unidad_dist.methods import unidad
+
+    calls, targets = [], []
+    real_x0, real_loss = m.student_x0, unidad.losses.denoising_loss
+
+    def student_x0(x, t, cond, module=None):
+        out = real_x0(x, t, cond, module)
+        calls.append((x.detach().clone(), int(t[0]), out.detach().clone(), torch.is_grad_enabled()))
+        return out
+
+    def loss(pred, target, *a, **kw):
+        targets.append(target.detach().clone())
+        return real_loss(pred, target, *a, **kw)
+
+    m.student_x0 = student_x0
+    monkeypatch.setattr(unidad.losses, "denoising_loss", loss)
+    return calls, targets
+
+
+def _teacher_ddim(models, pipe, x, ts):
+    """The source teacher's deterministic DDIM from x at ts[0] over ts (x0 clipped), written with the
+    scheduler's own alphas; returns (x0, {t: the trajectory's state there})."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
+    ab = sched.alphas_cumprod.double()
+    x, states = x.double(), {}
+    for i, t in enumerate(ts):
+        states[t] = x.clone()
+        with torch.no_grad():
+            pred = models.source_teacher.module(x.float(), torch.full((x.shape[0],), t), None).double()
+        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        x0 = (a * x - s * pred if sched.config.prediction_type == "v_prediction" else (x - s * pred) / a).clamp(-1, 1)
+        if i + 1 < len(ts):
+            x = ab[ts[i + 1]].sqrt() * x0 + (1 - ab[ts[i + 1]]).sqrt() * (x - a * x0) / s
+    return x0, states
+
+
 @pytest.mark.parametrize("inputs", ["renoised", "trajectory"])
 def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inputs, monkeypatch):
     """student.warm_start_inputs: the student's input at each later step t_k is, with "trajectory", the teacher's
@@ -587,52 +627,27 @@ def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inp
     "renoised", x0 noised afresh (no trajectory state)."""
     from diffusers import DDPMScheduler
 
-    from unidad_dist.methods import unidad
-
     cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 2,
                                "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
                                "student.warm_start_batch": 3, "student.warm_start_inputs": inputs})
     models = build(cfg, rt)
     m = UniDAD(cfg, models, rt)
-    calls, targets = [], []
-    real_x0, real_loss = m.student_x0, unidad.losses.denoising_loss
-
-    def student_x0(x, t, cond, module=None):
-        calls.append((x.detach().clone(), int(t[0])))
-        return real_x0(x, t, cond, module)
-
-    def loss(pred, target, *a, **kw):
-        targets.append(target.detach().clone())
-        return real_loss(pred, target, *a, **kw)
-
-    m.student_x0 = student_x0
-    monkeypatch.setattr(unidad.losses, "denoising_loss", loss)
+    calls, targets = _spy_warm_start(m, monkeypatch)
     m.prepare()
-    assert [t for _, t in calls] == [999, 700, 300] * 2 and len(targets) == 6
+    assert [t for _, t, _, _ in calls] == [999, 700, 300] * 2 and len(targets) == 6
 
-    # the source teacher's DDIM over its 3-step grid (999, 500, 0), with 700 and 300 added for "trajectory",
-    # written here
-    sched = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler")
-    ab = sched.alphas_cumprod.double()
+    # the source teacher's DDIM over its 3-step grid (999, 500, 0), with 700 and 300 added for "trajectory"
+    ab = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler").alphas_cumprod.double()
     d = SampleDraws(cfg.run.seed, -1, range(3), rt.device)
-    x = d.randn(m.m.sample_shape, "warm_start", "z").double()
-    z, states = x.clone(), {}
-    ts = [999, 700, 500, 300, 0] if inputs == "trajectory" else [999, 500, 0]
-    for i, t in enumerate(ts):
-        states[t] = x.clone()
-        with torch.no_grad():
-            pred = models.source_teacher.module(x.float(), torch.full((3,), t), None).double()
-        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
-        x0 = a * x - s * pred if sched.config.prediction_type == "v_prediction" else (x - s * pred) / a
-        x0 = x0.clamp(-1, 1)
-        if i + 1 < len(ts):
-            x = ab[ts[i + 1]].sqrt() * x0 + (1 - ab[ts[i + 1]]).sqrt() * (x - a * x0) / s
+    z = d.randn(m.m.sample_shape, "warm_start", "z").double()
+    x0, states = _teacher_ddim(models, pipes["pixel"], z, [999, 700, 500, 300, 0] if inputs == "trajectory"
+                               else [999, 500, 0])
 
     def row(of: torch.Tensor, rows: torch.Tensor):  # the index of the row of `rows` that `of` is, else None
         hit = [j for j in range(rows.shape[0]) if torch.allclose(of.double(), rows[j], atol=1e-4)]
         return hit[0] if hit else None
 
-    for (x_in, t), target in zip(calls, targets):
+    for (x_in, t, _, _), target in zip(calls, targets):
         for r in range(x_in.shape[0]):
             j = row(target[r], x0)
             assert j is not None, "the regression's target is not one of the teacher's samples"
@@ -645,6 +660,91 @@ def test_student_warm_start_inputs_after_the_first_step(make_cfg, rt, pipes, inp
                 assert (x_in[r].double() - ab[t].sqrt() * x0[j]).std() > 0.5 * (1 - ab[t]).sqrt()
     with pytest.raises(UserError, match="student.warm_start_inputs"):
         make_cfg("pixel", **{"student.warm_start_inputs": "ode"})
+
+
+def test_student_warm_start_refinement_regresses_the_students_own_states_onto_teacher_completions(make_cfg, rt, pipes,
+                                                                                                monkeypatch):
+    """student.warm_start_refine: after the warm start, each round runs the student's own chain on the pairs'
+    noise (its x̂0 re-noised to the next timestep with noise keyed by (seed, pair, "warm_start_refine_<r>")) and
+    regresses each later step from that state onto the teacher's DDIM completion from it — written here over the
+    grid below t with the scheduler's own alphas; the first step keeps its pair (z -> the teacher's sample).
+    Planted: the pair's x0 as the later steps' target, the teacher's trajectory states as their inputs, or the pair's
+    x0 re-noised instead of the student's x̂0 each fail."""
+    from diffusers import DDPMScheduler
+
+    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 1,
+                               "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
+                               "student.warm_start_batch": 3, "student.warm_start_inputs": "trajectory",
+                               "student.warm_start_refine": 2, "student.warm_start_refine_steps": 1})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    calls, targets = _spy_warm_start(m, monkeypatch)  # (input, t, output, grad on) of each student call
+    m.prepare()
+    # warm start (3, grad) | round 0: chain (3, no grad), fit (3) | round 1: chain, fit
+    fit, chain = [(999, True), (700, True), (300, True)], [(999, False), (700, False), (300, False)]
+    assert [(t, g) for _, t, _, g in calls] == fit + (chain + fit) * 2
+    assert len(targets) == 9
+    ab = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler").alphas_cumprod.double()
+
+    def teacher_ddim(x, ts):
+        return _teacher_ddim(models, pipes["pixel"], x, ts)[0]
+
+    d = SampleDraws(cfg.run.seed, -1, range(3), rt.device)
+    z = d.randn(m.m.sample_shape, "warm_start", "z")
+    pair_x0 = teacher_ddim(z, [999, 700, 500, 300, 0])  # "trajectory": its t_k added to the grid
+    for r in range(2):
+        chain = calls[3 + 6 * r: 6 + 6 * r]
+        fit, fit_targets = calls[6 + 6 * r: 9 + 6 * r], targets[3 + 3 * r: 6 + 3 * r]
+        assert torch.equal(chain[0][0], z)  # the chain starts at the pairs' noise
+        want_in, want_target = {}, {}
+        for k, (t, grid) in enumerate([(700, [700, 500, 0]), (300, [300, 0])], start=1):
+            noise = d.randn(m.m.sample_shape, f"warm_start_refine_{r}", f"renoise_{k}").double()
+            x_t = ab[t].sqrt() * chain[k - 1][2].double() + (1 - ab[t]).sqrt() * noise  # the student's own x̂0
+            assert torch.allclose(chain[k][0].double(), x_t, atol=1e-5), (r, t)
+            want_in[t], want_target[t] = x_t, teacher_ddim(x_t, grid)
+        order = fit[0][0]  # the fit's batch draws pairs by index: find each row's pair from its step-0 input
+        rows = [next(j for j in range(3) if torch.equal(order[i], z[j])) for i in range(3)]
+        assert torch.allclose(fit_targets[0].double(), pair_x0[rows], atol=1e-4)  # the first step keeps its pair
+        for k, t in ((1, 700), (2, 300)):
+            assert torch.allclose(fit[k][0].double(), want_in[t][rows], atol=1e-5), (r, t)
+            assert torch.allclose(fit_targets[k].double(), want_target[t][rows], atol=1e-4), (r, t)
+            assert not torch.allclose(fit_targets[k].double(), pair_x0[rows], atol=1e-3)  # not the pair's x0
+    for bad in ("student.warm_start_refine", "student.warm_start_refine_steps"):
+        with pytest.raises(UserError, match=bad):
+            make_cfg("pixel", **{bad: -1})
+
+
+@pytest.mark.parametrize("form", ["sd15", "sdxl"])
+def test_student_warm_start_refinement_on_text_backbones(make_cfg, rt, form, monkeypatch):
+    """The refinement on latent text backbones: the student's chain and the teacher's completions see the pairs'
+    prompts (its conditioning, SDXL's added embeddings included), and a round moves the student's weights."""
+    cfg = make_cfg(form, **{"student.steps": 2, "student.warm_start": 1, "student.warm_start_pairs": 2,
+                            "student.warm_start_teacher_steps": 2, "student.warm_start_batch": 2,
+                            "student.warm_start_refine": 1, "student.warm_start_refine_steps": 1})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    seen, real_fit = [], m._fit
+
+    def fit(role_name, steps, *a, **kw):
+        seen.append(_params(models.student.module))
+        return real_fit(role_name, steps, *a, **kw)
+
+    m._fit = fit
+    real_states = m._student_states
+    got = {}
+
+    def states(z, prompts, role, purpose, **kw):
+        got["prompts"] = prompts
+        got["out"] = real_states(z, prompts, role, purpose, **kw)
+        return got["out"]
+
+    m._student_states = states
+    m.prepare()
+    assert got["prompts"] and len(got["prompts"]) == 2  # the pairs' prompts reach the chain
+    inputs, targets = got["out"]
+    t1 = m.timesteps[1]
+    assert inputs[t1].shape == targets[t1].shape == (2, *m.m.sample_shape)
+    assert len(seen) == 2 and not _same(seen[1], _params(models.student.module))  # the round trained the student
 
 
 @pytest.mark.parametrize("weight", [1.0, 3.0])
