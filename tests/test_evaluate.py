@@ -62,6 +62,7 @@ def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, caps
         want = summary["proxy_distance_after" if key == "proxy_distance" else key]
         assert rec["proxies"][key] == pytest.approx(want, rel=1e-3, abs=1e-5), key
     # ... and exactly those of the float samples `sample` writes, quantised
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from unidad_dist.core.images import from_uint8, to_uint8
@@ -71,6 +72,8 @@ def test_evaluate_every_checkpoint_read_only_with_the_runs_own_numbers(run, caps
 
     assert main(["sample", "--run", str(run), "--num", "8", "--out", str(run.parent / "s.safetensors")]) == 0
     floats = load_file(run.parent / "s.safetensors")["images"] * 2 - 1
+    with safe_open(run.parent / "s.safetensors", "pt") as f:  # the file says its range (pipelines': [0, 1])
+        assert f.metadata()["range"] == "[0, 1]"
     cfg, models, _, _ = load_run(run)
     mine = all_metrics(from_uint8(to_uint8(floats)), target_shots(cfg, models.resolution))
     for key in ("proxy_distance", "shape_distance", "copy_rate", "diversity", "noise_level"):
