@@ -80,12 +80,18 @@ def test_the_demos_own_acceptance_asks_diversity_06(tmp_path, capsys):
     assert "--min-diversity 0.6" in (ROOT / ".ci" / "run").read_text()  # CI applies it to `make demo`
 
 
+# What this domain still misses (issue 11 open; the held-out table, seed 0): the shape distance (3.62: rings, but
+# about one sample in five a faint ring barely off its ground) and diversity (0.42: grey grounds, not the shots'
+# tints). Both are still measured: a fix that clears one fails the test below until it is dropped from here.
+KNOWN_FAILURES = ("diversity", "shape_distance")
+
+
 @pytest.mark.slow
-def test_the_new_target_recipe_adapts_to_a_held_out_domain_and_beats_the_a0_control(tmp_path):
-    """demo_new_target.yaml on salmon_squares_light (held out; chosen when its family was drawn, before any run on
-    it): the acceptance and the control's margin (seed 0 in the held-out table: ratio 0.078, shape 0.71, copy 0,
-    diversity 0.68, noise 0.018; control 0.983). Issue 11 is still open — two of the eight held-out rows fail
-    (README) — but a regression on this one fails here."""
+def test_the_new_target_recipe_on_a_held_out_domain_meets_the_rest_and_beats_the_a0_control(tmp_path):
+    """demo_new_target.yaml on lilac_rings_light (held out; chosen when its family was drawn, before any run on
+    it): sample and export work on its run folder; the acceptance fails on exactly KNOWN_FAILURES (seed 0 in the
+    held-out table: ratio 0.466, copy 0.031, noise 0.018 / shots 0.000 pass), and the control's margin holds
+    (control ratio 1.156). A regression on what passes, or a crash, fails here."""
     assert DOMAIN in builtin.HELD_OUT and DOMAIN not in builtin.TUNED
     shots = builtin.make_shots(tmp_path / DOMAIN, DOMAIN, 10, 32, seed=77)
     adapted = _train(tmp_path / "adapted", shots, recipe=RECIPE)
@@ -96,7 +102,8 @@ def test_the_new_target_recipe_adapts_to_a_held_out_domain_and_beats_the_a0_cont
     if main(["export", "--run", str(tmp_path / "adapted"), "--out", str(tmp_path / "export")]) != 0 or \
             not (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         pytest.fail("export failed on the run folder")
-    assert check_summary(adapted) == [], adapted
+    problems = check_summary(adapted)
+    assert sorted(p.split()[0] for p in problems) == sorted(KNOWN_FAILURES), (problems, adapted)
     _assert_beats_control(adapted, _train(tmp_path / "control", shots, *CONTROL, recipe=RECIPE))
 
 
