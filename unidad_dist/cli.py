@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: as trained)")
     p.add_argument("--num", type=int, default=None, help="number of images (default 16; 4 per prompt with --prompts)")
-    p.add_argument("--out", required=True, help="a .png grid, a folder for single PNGs, or .safetensors (tensor 'images': floats in [0, 1], (N, 3, H, W), as diffusers pipelines give them; the package's own model space is [-1, 1])")
+    p.add_argument("--out", required=True,
+                   help="a .png grid, a folder for single PNGs, or .safetensors (tensor 'images': floats in [0, 1], "
+                        "(N, 3, H, W), as diffusers pipelines give them; the package's own model space is [-1, 1])")
     p.add_argument("--batch", type=int, default=16, help="images each rank draws at a time")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the run's own per-sample noise (default: the run's run.seed); image i depends "
