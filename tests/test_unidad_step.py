@@ -667,12 +667,13 @@ def test_student_warm_start_refinement_regresses_the_students_own_states_onto_te
     """student.warm_start_refine: after the warm start, each round runs the student's own chain on the pairs'
     noise (its x̂0 re-noised to the next timestep with noise keyed by (seed, pair, "warm_start_refine_<r>")) and
     regresses each later step from that state onto the teacher's DDIM completion from it — written here over the
-    grid below t with the scheduler's own alphas; the first step keeps its pair (z -> the teacher's sample).
-    Planted: the pair's x0 as the later steps' target, the teacher's trajectory states as their inputs, or the pair's
-    x0 re-noised instead of the student's x̂0 each fail."""
+    grid below t with the scheduler's own alphas (t = 500 lies on the 3-step grid, 300 off it); the first step keeps
+    its pair (z -> the teacher's sample). Planted: the pair's x0 as the later steps' target, the teacher's trajectory
+    states as their inputs, the pair's x0 re-noised instead of the student's x̂0, or one noise for every round each
+    fail; the states do not depend on how the pairs are batched."""
     from diffusers import DDPMScheduler
 
-    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 700, 300], "student.warm_start": 1,
+    cfg = make_cfg("pixel", **{"student.steps": 3, "student.timesteps": [999, 500, 300], "student.warm_start": 1,
                                "student.warm_start_pairs": 3, "student.warm_start_teacher_steps": 3,
                                "student.warm_start_batch": 3, "student.warm_start_inputs": "trajectory",
                                "student.warm_start_refine": 2, "student.warm_start_refine_steps": 1})
@@ -680,8 +681,8 @@ def test_student_warm_start_refinement_regresses_the_students_own_states_onto_te
     m = UniDAD(cfg, models, rt)
     calls, targets = _spy_warm_start(m, monkeypatch)  # (input, t, output, grad on) of each student call
     m.prepare()
-    # warm start (3, grad) | round 0: chain (3, no grad), fit (3) | round 1: chain, fit
-    fit, chain = [(999, True), (700, True), (300, True)], [(999, False), (700, False), (300, False)]
+    # warm start (3, grad) | round 0: chain (2, no grad: the last x̂0 re-noises nothing), fit (3) | round 1: chain, fit
+    fit, chain = [(999, True), (500, True), (300, True)], [(999, False), (500, False)]
     assert [(t, g) for _, t, _, g in calls] == fit + (chain + fit) * 2
     assert len(targets) == 9
     ab = DDPMScheduler.from_pretrained(pipes["pixel"], subfolder="scheduler").alphas_cumprod.double()
@@ -691,60 +692,94 @@ def test_student_warm_start_refinement_regresses_the_students_own_states_onto_te
 
     d = SampleDraws(cfg.run.seed, -1, range(3), rt.device)
     z = d.randn(m.m.sample_shape, "warm_start", "z")
-    pair_x0 = teacher_ddim(z, [999, 700, 500, 300, 0])  # "trajectory": its t_k added to the grid
+    pair_x0 = teacher_ddim(z, [999, 500, 300, 0])  # "trajectory": its t_k added to the grid
     for r in range(2):
-        chain = calls[3 + 6 * r: 6 + 6 * r]
-        fit, fit_targets = calls[6 + 6 * r: 9 + 6 * r], targets[3 + 3 * r: 6 + 3 * r]
+        chain = calls[3 + 5 * r: 5 + 5 * r]
+        fit, fit_targets = calls[5 + 5 * r: 8 + 5 * r], targets[3 + 3 * r: 6 + 3 * r]
         assert torch.equal(chain[0][0], z)  # the chain starts at the pairs' noise
         want_in, want_target = {}, {}
-        for k, (t, grid) in enumerate([(700, [700, 500, 0]), (300, [300, 0])], start=1):
+        for k, (t, grid) in enumerate([(500, [500, 0]), (300, [300, 0])], start=1):
             noise = d.randn(m.m.sample_shape, f"warm_start_refine_{r}", f"renoise_{k}").double()
             x_t = ab[t].sqrt() * chain[k - 1][2].double() + (1 - ab[t]).sqrt() * noise  # the student's own x̂0
-            assert torch.allclose(chain[k][0].double(), x_t, atol=1e-5), (r, t)
             want_in[t], want_target[t] = x_t, teacher_ddim(x_t, grid)
+        assert torch.allclose(chain[1][0].double(), want_in[500], atol=1e-5), r
         order = fit[0][0]  # the fit's batch draws pairs by index: find each row's pair from its step-0 input
         rows = [next(j for j in range(3) if torch.equal(order[i], z[j])) for i in range(3)]
         assert torch.allclose(fit_targets[0].double(), pair_x0[rows], atol=1e-4)  # the first step keeps its pair
-        for k, t in ((1, 700), (2, 300)):
+        for k, t in ((1, 500), (2, 300)):
             assert torch.allclose(fit[k][0].double(), want_in[t][rows], atol=1e-5), (r, t)
             assert torch.allclose(fit_targets[k].double(), want_target[t][rows], atol=1e-4), (r, t)
             assert not torch.allclose(fit_targets[k].double(), pair_x0[rows], atol=1e-3)  # not the pair's x0
+    whole = m._student_states(z, [], "source_teacher", "p")
+    parts = m._student_states(z, [], "source_teacher", "p", batch=2)  # pairs 0-1, then 2: the same states
+    for t in (500, 300):
+        for a, b in zip(whole, parts):  # inputs, targets (batched float sums differ in the last digits)
+            assert torch.allclose(a[t], b[t], rtol=1e-4, atol=1e-4), t
     for bad in ("student.warm_start_refine", "student.warm_start_refine_steps"):
         with pytest.raises(UserError, match=bad):
             make_cfg("pixel", **{bad: -1})
+    with pytest.raises(UserError, match="student.steps >= 2"):
+        make_cfg("pixel", **{"student.steps": 1, "student.warm_start": 1, "student.warm_start_refine": 1})
 
 
 @pytest.mark.parametrize("form", ["sd15", "sdxl"])
 def test_student_warm_start_refinement_on_text_backbones(make_cfg, rt, form, monkeypatch):
-    """The refinement on latent text backbones: the student's chain and the teacher's completions see the pairs'
-    prompts (its conditioning, SDXL's added embeddings included), and a round moves the student's weights."""
+    """The refinement on latent text backbones: the student's chain sees each pair's own prompt encoded (SDXL's
+    added embeddings included), the teacher's completions the target teacher's conditioning for those prompts, and a
+    round moves the student's weights."""
     cfg = make_cfg(form, **{"student.steps": 2, "student.warm_start": 1, "student.warm_start_pairs": 2,
                             "student.warm_start_teacher_steps": 2, "student.warm_start_batch": 2,
                             "student.warm_start_refine": 1, "student.warm_start_refine_steps": 1})
     models = build(cfg, rt)
     m = UniDAD(cfg, models, rt)
-    seen, real_fit = [], m._fit
+    seen, real_fit, real_x0, real_teacher = [], m._fit, m.student_x0, m.teacher_x0
+    chain_conds, teacher_conds = [], []
 
     def fit(role_name, steps, *a, **kw):
         seen.append(_params(models.student.module))
         return real_fit(role_name, steps, *a, **kw)
 
-    m._fit = fit
-    real_states = m._student_states
-    got = {}
+    def student_x0(x, t, cond, module=None):
+        if not torch.is_grad_enabled():  # the refinement's chain
+            chain_conds.append(cond)
+        return real_x0(x, t, cond, module)
+
+    def teacher_x0(role, x, t, cond, uncond, scale, **kw):
+        teacher_conds.append((role, cond))
+        return real_teacher(role, x, t, cond, uncond, scale, **kw)
+
+    m._fit, m.student_x0, m.teacher_x0 = fit, student_x0, teacher_x0
+    got, real_states = {}, m._student_states
 
     def states(z, prompts, role, purpose, **kw):
         got["prompts"] = prompts
+        n = len(teacher_conds)
         got["out"] = real_states(z, prompts, role, purpose, **kw)
+        got["teacher"] = teacher_conds[n:]
         return got["out"]
 
     m._student_states = states
     m.prepare()
-    assert got["prompts"] and len(got["prompts"]) == 2  # the pairs' prompts reach the chain
+    prompts = got["prompts"]
+    assert prompts and len(prompts) == 2  # the pairs' prompts reach the chain
+    want = m.m.data.encode(prompts)
+    assert len(chain_conds) == 1 and _same_cond(chain_conds[0], want)  # each pair's own prompt, in order
+    batch = m.m.data.batch(SampleDraws(cfg.run.seed, -1, [0, 1], rt.device), augment=False)
+    assert batch.prompts == prompts
+    assert got["teacher"] and all(r == "source_teacher" and _same_cond(c, batch.cond_src) for r, c in got["teacher"])
     inputs, targets = got["out"]
     t1 = m.timesteps[1]
     assert inputs[t1].shape == targets[t1].shape == (2, *m.m.sample_shape)
     assert len(seen) == 2 and not _same(seen[1], _params(models.student.module))  # the round trained the student
+
+
+def _same_cond(a, b) -> bool:
+    """Two conditionings (tensors, or dicts / tuples of them) hold the same values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_cond(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same_cond(x, y) for x, y in zip(a, b))
+    return torch.allclose(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 @pytest.mark.parametrize("weight", [1.0, 3.0])

@@ -230,6 +230,9 @@ class UniDAD(Method):
             raise UserError(f"student.warm_start_ema must be in [0, 1) (0 = off), got {st.warm_start_ema}")
         positive("student.warm_start_refine", st.warm_start_refine, allow_zero=True)
         positive("student.warm_start_refine_steps", st.warm_start_refine_steps)
+        if st.warm_start_refine > 0 and st.warm_start > 0 and st.steps < 2:
+            raise UserError(f"student.warm_start_refine={st.warm_start_refine} refines the steps after the first, but "
+                            f"the student takes one step; set student.steps >= 2 or student.warm_start_refine=0")
         choice("fake_teacher.start", cfg.fake_teacher.start, ("source", "target"))
         if cfg.fake_teacher.start == "target":
             cls._validate_fake_start(cfg)
@@ -784,7 +787,8 @@ class UniDAD(Method):
                     y = ddim(call, x_t, [t] + [s for s in grid if s < t], self.schedule)
                     inputs[t].append(x_t)
                     targets[t].append(y.clamp(-1, 1) if self.m.codec is None else y)
-                x0 = self.student_x0(x_t, tt, cond)
+                if k + 1 < len(self.timesteps):  # the last step's x̂0 re-noises nothing
+                    x0 = self.student_x0(x_t, tt, cond)
         return {t: torch.cat(v) for t, v in inputs.items()}, {t: torch.cat(v) for t, v in targets.items()}
 
     def grids(self, n: int) -> dict[str, torch.Tensor]:
@@ -923,9 +927,9 @@ class UniDAD(Method):
                                             progress, ema=sc.warm_start_ema)}
         for r in range(sc.warm_start_refine):
             inputs, targets = self._student_states(z, prompts, role, f"warm_start_refine_{r}")
-            out["warm_start_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
-                                               f"student warm start, refinement {r + 1}", progress,
-                                               ema=sc.warm_start_ema)
+            out["warm_start_refine_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
+                                                      f"student warm start, refinement {r + 1}", progress,
+                                                      ema=sc.warm_start_ema)
         return out
 
     def summary(self) -> dict:
