@@ -722,6 +722,47 @@ def test_student_warm_start_refinement_regresses_the_students_own_states_onto_te
         make_cfg("pixel", **{"student.steps": 1, "student.warm_start": 1, "student.warm_start_refine": 1})
 
 
+@pytest.mark.parametrize("refine_ema", [0.0, 0.5])
+def test_student_refinement_rounds_leave_their_own_ema_not_the_warm_starts(make_cfg, rt, refine_ema, monkeypatch):
+    """student.warm_start_refine_ema: each refinement round leaves the student with the EMA of its weights after
+    each of the round's steps, started from the round's first weights (computed here from what each Adam step left),
+    whatever student.warm_start_ema (0.9 here) the warm start before it used; 0 leaves the round's last step's
+    weights. Out of [0, 1): an error naming the key."""
+    cfg = make_cfg("pixel", **{"student.steps": 2, "student.warm_start": 2, "student.warm_start_pairs": 4,
+                               "student.warm_start_batch": 2, "student.warm_start_teacher_steps": 2,
+                               "student.warm_start_ema": 0.9, "student.warm_start_refine": 2,
+                               "student.warm_start_refine_steps": 3, "student.warm_start_refine_ema": refine_ema})
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    params = [p for p in models.student.module.parameters() if p.requires_grad]
+    starts, steps, real_step, real_fit = [], [], torch.optim.Adam.step, m._fit
+
+    def step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        steps.append([p.detach().clone() for p in params])
+        return out
+
+    def fit(*a, **kw):
+        starts.append(([p.detach().clone() for p in params], len(steps)))
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    monkeypatch.setattr(m, "_fit", fit)
+    m.prepare()
+    assert [n for _, n in starts] == [0, 2, 5] and len(steps) == 8  # warm start 2 steps, two rounds of 3
+    start, first = starts[-1]
+    want = [w.double() for w in start]
+    for weights in steps[first:]:
+        for w, p in zip(want, weights):
+            w.mul_(refine_ema).add_(p.double(), alpha=1 - refine_ema)
+    got = [p.detach() for p in params]
+    assert all(torch.allclose(g.double(), w, atol=1e-6) for g, w in zip(got, want))
+    assert all(torch.equal(g, lw) for g, lw in zip(got, steps[-1])) == (refine_ema == 0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="student.warm_start_refine_ema"):
+            make_cfg("pixel", **{"student.warm_start_refine_ema": bad})
+
+
 @pytest.mark.parametrize("form", ["sd15", "sdxl"])
 def test_student_warm_start_refinement_on_text_backbones(make_cfg, rt, form, monkeypatch):
     """The refinement on latent text backbones: the student's chain sees each pair's own prompt encoded (SDXL's

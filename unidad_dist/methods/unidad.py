@@ -80,6 +80,10 @@ class StudentConfig(TrainableRoleConfig):
     # student.warm_start=0 (no warm start at all)
     warm_start_refine: int = 0
     warm_start_refine_steps: int = 150  # warm start: regression steps of each refinement round
+    # warm start: decay of the EMA each refinement round leaves the student with (as warm_start_ema, from the
+    # round's starting weights); 0 = off, the round's last step's weights. Averaging washes out what a round learns
+    # fastest, the map from the noise's low frequencies to the ground's tint (docs/heldout.md §7)
+    warm_start_refine_ema: float = 0.0
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -226,8 +230,9 @@ class UniDAD(Method):
         if not st.warm_start_last_weight > 0:
             raise UserError(f"student.warm_start_last_weight must be > 0 (1 = every step weighs the same), got "
                             f"{st.warm_start_last_weight}")
-        if not 0 <= st.warm_start_ema < 1:
-            raise UserError(f"student.warm_start_ema must be in [0, 1) (0 = off), got {st.warm_start_ema}")
+        for key in ("warm_start_ema", "warm_start_refine_ema"):
+            if not 0 <= getattr(st, key) < 1:
+                raise UserError(f"student.{key} must be in [0, 1) (0 = off), got {getattr(st, key)}")
         positive("student.warm_start_refine", st.warm_start_refine, allow_zero=True)
         positive("student.warm_start_refine_steps", st.warm_start_refine_steps)
         if st.warm_start_refine > 0 and st.warm_start > 0 and st.steps < 2:
@@ -929,7 +934,7 @@ class UniDAD(Method):
             inputs, targets = self._student_states(z, prompts, role, f"warm_start_refine_{r}")
             out["warm_start_refine_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
                                                       f"student warm start, refinement {r + 1}", progress,
-                                                      ema=sc.warm_start_ema)
+                                                      ema=sc.warm_start_refine_ema)
         return out
 
     def summary(self) -> dict:
