@@ -750,13 +750,14 @@ def test_student_refinement_rounds_leave_their_own_ema_not_the_warm_starts(make_
     monkeypatch.setattr(m, "_fit", fit)
     m.prepare()
     assert [n for _, n in starts] == [0, 2, 5] and len(steps) == 8  # warm start 2 steps, two rounds of 3
-    start, first = starts[-1]
-    want = [w.double() for w in start]
-    for weights in steps[first:]:
-        for w, p in zip(want, weights):
-            w.mul_(refine_ema).add_(p.double(), alpha=1 - refine_ema)
     got = [p.detach() for p in params]
-    assert all(torch.allclose(g.double(), w, atol=1e-6) for g, w in zip(got, want))
+    # each round: its end (the next round's start, then the student's final weights) is the EMA of its own steps
+    for (start, first), (end, last) in zip(starts[1:], [starts[2], (got, len(steps))]):
+        want = [w.double() for w in start]
+        for weights in steps[first:last]:
+            for w, p in zip(want, weights):
+                w.mul_(refine_ema).add_(p.double(), alpha=1 - refine_ema)
+        assert all(torch.allclose(e.double(), w, atol=1e-6) for e, w in zip(end, want))
     assert all(torch.equal(g, lw) for g, lw in zip(got, steps[-1])) == (refine_ema == 0)
     for bad in (1.0, -0.1):
         with pytest.raises(UserError, match="student.warm_start_refine_ema"):
