@@ -81,8 +81,8 @@ class StudentConfig(TrainableRoleConfig):
     warm_start_refine: int = 0
     warm_start_refine_steps: int = 150  # warm start: regression steps of each refinement round
     # warm start: decay of the EMA each refinement round leaves the student with (as warm_start_ema, from the
-    # round's starting weights); 0 = off, the round's last step's weights. Averaging washes out what a round learns
-    # fastest, the map from the noise's low frequencies to the ground's tint (docs/heldout.md §7)
+    # round's starting weights); 0 = off, the round's last step's weights (docs/heldout.md §7: off, the rounds fit
+    # lilac_rings_light's t = 500 step faster; in whole runs the effect was mixed)
     warm_start_refine_ema: float = 0.0
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
