@@ -764,6 +764,56 @@ def test_student_refinement_rounds_leave_their_own_ema_not_the_warm_starts(make_
             make_cfg("pixel", **{"student.warm_start_refine_ema": bad})
 
 
+@pytest.mark.parametrize("form, drop", [("pixel", False), ("pixel", True), ("sd15", True)])
+def test_student_warm_start_drop_copies_leaves_out_the_pairs_that_copy_a_shot(make_cfg, rt, form, drop, monkeypatch):
+    """student.warm_start_drop_copies: the warm start's steps never draw a pair whose teacher sample copies a target
+    shot or its mirror image (the data's shots in model space and their flips), and a refinement round none whose
+    first-step pair or any completion copies one; off, they draw every pair. Every pair a copy: an error naming the
+    key, before any step. On a latent backbone the mirror images are the flipped shots' latents, not flipped latents."""
+    n = 8
+    over = {"student.steps": 2, "student.warm_start": 40, "student.warm_start_pairs": n, "student.warm_start_batch": 2,
+            "student.warm_start_teacher_steps": 2, "student.warm_start_refine": 1,
+            "student.warm_start_refine_steps": 40, "student.warm_start_drop_copies": drop}
+    cfg = make_cfg(form, **over)
+    models = build(cfg, rt)
+    m = UniDAD(cfg, models, rt)
+    shots, mirrors = models.data.model_space, models.data.model_space_flipped
+    assert not torch.equal(mirrors, shots) and torch.equal(mirrors, shots.flip(-1)) == (form == "pixel")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((n,) + tuple(shots.shape[1:]), generator=g)
+    x0 = torch.rand((n,) + tuple(shots.shape[1:]), generator=g) * 2 - 1  # uniform noise: far from every shot
+    x0[1] = shots[0] + 0.01 * torch.randn(shots[0].shape, generator=g)
+    x0[4] = mirrors[2]
+    completions = {t: torch.rand(x0.shape, generator=g) * 2 - 1 for t in m.timesteps[1:]}
+    completions[m.timesteps[-1]][6] = mirrors[3]  # pair 6 copies only in the round
+    phases, real_fit, real_x0 = [], m._fit, m.student_x0
+
+    def fit(*a, **kw):
+        phases.append(set())
+        return real_fit(*a, **kw)
+
+    def student_x0(x, t, cond, module=None):
+        if torch.is_grad_enabled() and int(t[0]) == m.timesteps[0]:  # a step's first-step inputs: which pairs
+            phases[-1].update(int((z - row).flatten(1).abs().sum(1).argmin()) for row in x)
+        return real_x0(x, t, cond, module)
+
+    prompts = [models.data.prompts[0]] * n if form != "pixel" else []
+    monkeypatch.setattr(m, "teacher_sample", lambda *a, **kw: (z, x0, prompts))
+    monkeypatch.setattr(m, "_student_states", lambda *a, **kw: ({t: z for t in m.timesteps[1:]}, completions))
+    m._fit, m.student_x0 = fit, student_x0
+    out = m.warm_start(progress=False)
+    every = set(range(n))
+    assert phases == ([every - {1, 4}, every - {1, 4, 6}] if drop else [every, every])
+    assert (out.get("warm_start_pairs_kept"), out.get("warm_start_refine_0_pairs_kept")) == ((6, 5) if drop else
+                                                                                            (None, None))
+    if drop:
+        x0[:] = shots[torch.arange(n) % len(shots)]
+        phases.clear()
+        with pytest.raises(UserError, match="student.warm_start_drop_copies"):
+            m.warm_start(progress=False)
+        assert phases == []
+
+
 @pytest.mark.parametrize("form", ["sd15", "sdxl"])
 def test_student_warm_start_refinement_on_text_backbones(make_cfg, rt, form, monkeypatch):
     """The refinement on latent text backbones: the student's chain sees each pair's own prompt encoded (SDXL's

@@ -20,6 +20,25 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
+def pairwise_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L2 distances (float64) between the flattened rows of ``a`` (N, ...) and ``b`` (M, ...): (N, M)."""
+    return torch.cdist(a.flatten(1).double(), b.flatten(1).double())
+
+
+def nearest_shot(samples: torch.Tensor, shots: torch.Tensor,
+                 mirrors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: whether it is a copy (closer to a shot, or its mirror image, than half the shots' median
+    nearest-neighbour distance) and the index of that nearest shot. ``mirrors``: the shots' mirror images where
+    a horizontal flip of the tensor is not one (VAE latents: the latents of the flipped images); default
+    ``shots.flip(-1)``."""
+    among = pairwise_l2(shots, shots)
+    among.fill_diagonal_(float("inf"))
+    threshold = 0.5 * among.min(dim=1).values.median()
+    mirrors = shots.flip(-1) if mirrors is None else mirrors
+    nearest, idx = pairwise_l2(samples, torch.cat([shots, mirrors])).min(dim=1)
+    return nearest < threshold, idx % len(shots)
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, min_cell: int = 96) -> Path:
     """A PNG grid of images in [-1, 1] or uint8 (N, 3, H, W); small images are upscaled (nearest) for viewing."""
     from PIL import Image

@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from unidad_dist.core.images import nearest_shot, pairwise_l2
+
 PROXY_FEATURE = ("colour + structure Frechet distance (colour statistics 13-d; edge sharpness, noise, contrast and "
                  "foreground-shape descriptors 8-d); a proxy, not FID")
 SALIENT_FRACTION = 0.15
@@ -205,26 +207,12 @@ def proxy_distance(samples: torch.Tensor, shots: torch.Tensor) -> float:
     return frechet_distance(proxy_features(samples), proxy_features(shots))
 
 
-def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a.flatten(1).double(), b.flatten(1).double())
-
-
-def nearest_shot(samples: torch.Tensor, shots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: whether it is a copy (closer to a shot, or its mirror image, than half the shots' median
-    nearest-neighbour distance) and the index of that nearest shot."""
-    among = _pairwise(shots, shots)
-    among.fill_diagonal_(float("inf"))
-    threshold = 0.5 * among.min(dim=1).values.median()
-    nearest, idx = _pairwise(samples, torch.cat([shots, shots.flip(-1)])).min(dim=1)
-    return nearest < threshold, idx % len(shots)
-
-
 def copy_rate(samples: torch.Tensor, shots: torch.Tensor) -> float:
     return float(nearest_shot(samples, shots)[0].double().mean())
 
 
 def _mean_pairwise(x: torch.Tensor) -> torch.Tensor:
-    d = _pairwise(x, x)
+    d = pairwise_l2(x, x)
     n = x.shape[0]
     return d.sum() / (n * (n - 1))
 

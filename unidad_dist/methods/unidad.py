@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from unidad_dist.core.draws import SampleDraws, global_indices, shared_randint
+from unidad_dist.core.images import nearest_shot
 from unidad_dist.core.progress import progress_bar
 from unidad_dist.core.schema import choice, positive
 from unidad_dist.core.sections import AlgorithmConfig, RoleConfig, TrainableRoleConfig, TrainConfig
@@ -84,6 +85,11 @@ class StudentConfig(TrainableRoleConfig):
     # round's starting weights); 0 = off, the round's last step's weights (docs/heldout.md §7: off, the rounds fit
     # lilac_rings_light's t = 500 step faster; in whole runs the effect was mixed)
     warm_start_refine_ema: float = 0.0
+    # warm start: leave out the pairs whose teacher sample copies a shot (closer to one, or to its mirror image, than
+    # half the shots' median nearest-neighbour distance: the evaluation's copy test, in model space), and in each
+    # refinement round those where any of the teacher's completions does, so the student is not taught the copies
+    # of a target teacher that memorised its few shots (beyond the paper; data deduplication against memorisation)
+    warm_start_drop_copies: bool = False
     ema: float = 0.0  # decay of the student EMA; 0 = off
 
 
@@ -911,9 +917,13 @@ class UniDAD(Method):
         # each later step's input and target: the teacher's trajectory state (or x0 re-noised afresh: None) and the
         # pair's x0; in a refinement round, the student's own state and the teacher's completion from there
         inputs, targets = traj, dict.fromkeys(self.timesteps[1:], x0)
+        # the pairs the steps draw from (student.warm_start_drop_copies: those whose teacher sample copies no shot)
+        kept = self._not_copies([x0], torch.arange(z.shape[0]), "warm start")
+        pool = kept
+        out = {"warm_start_pairs_kept": len(kept)} if sc.warm_start_drop_copies else {}
 
         def loss_fn(step):
-            idx = torch.randint(0, z.shape[0], (min(sc.warm_start_batch, z.shape[0]),), generator=g)
+            idx = pool[torch.randint(0, len(pool), (min(sc.warm_start_batch, len(pool)),), generator=g)]
             cond = self.m.data.encode([prompts[i] for i in idx.tolist()]) if prompts else None
             loss = torch.zeros((), device=z.device)
             for k, t in enumerate(self.timesteps):
@@ -928,14 +938,34 @@ class UniDAD(Method):
                 loss = loss + weights[k] * losses.denoising_loss(self.student_x0(x_in, tt, cond), target)
             return loss / sum(weights)
 
-        out = {"warm_start_loss": self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
-                                            progress, ema=sc.warm_start_ema)}
+        out["warm_start_loss"] = self._fit("student", sc.warm_start, sc.warm_start_lr, loss_fn, "student warm start",
+                                           progress, ema=sc.warm_start_ema)
         for r in range(sc.warm_start_refine):
             inputs, targets = self._student_states(z, prompts, role, f"warm_start_refine_{r}")
+            pool = self._not_copies(list(targets.values()), kept, f"warm start refinement {r + 1}")
+            if sc.warm_start_drop_copies:
+                out[f"warm_start_refine_{r}_pairs_kept"] = len(pool)
             out["warm_start_refine_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
                                                       f"student warm start, refinement {r + 1}", progress,
                                                       ema=sc.warm_start_refine_ema)
         return out
+
+    def _not_copies(self, samples: list, among: torch.Tensor, label: str) -> torch.Tensor:
+        """The indices in ``among`` of the warm start's pairs none of whose ``samples`` (tensors over all pairs, in
+        model space) copies a target shot, with student.warm_start_drop_copies; else ``among`` itself."""
+        if not self.cfg.student.warm_start_drop_copies:
+            return among
+        data = self.m.data
+        copy = torch.zeros(len(samples[0]), dtype=torch.bool)
+        for x in samples:
+            shots = data.model_space.to(x.device, x.dtype)
+            copy |= nearest_shot(x, shots, data.model_space_flipped.to(x.device, x.dtype))[0].cpu()
+        kept = among[~copy[among]]
+        if len(kept) == 0:
+            raise UserError(f"student.warm_start_drop_copies: in the {label}, every one of the {len(among)} pairs "
+                            f"copies a target shot (the target teacher memorised the shots); shorten "
+                            f"target_teacher.warm_start or set student.warm_start_drop_copies=false")
+        return kept
 
     def summary(self) -> dict:
         out = {"student_steps": self.cfg.student.steps, "a": self.cfg.algorithm.a}
