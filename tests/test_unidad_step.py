@@ -767,12 +767,13 @@ def test_student_refinement_rounds_leave_their_own_ema_not_the_warm_starts(make_
 @pytest.mark.parametrize("form, drop", [("pixel", False), ("pixel", True), ("sd15", True)])
 def test_student_warm_start_drop_copies_leaves_out_the_pairs_that_copy_a_shot(make_cfg, rt, form, drop, monkeypatch):
     """student.warm_start_drop_copies: the warm start's steps never draw a pair whose teacher sample copies a target
-    shot or its mirror image (the data's shots in model space and their flips), and a refinement round none whose
-    first-step pair or any completion copies one; off, they draw every pair. Every pair a copy: an error naming the
-    key, before any step. On a latent backbone the mirror images are the flipped shots' latents, not flipped latents."""
+    shot or its mirror image (the data's shots in model space and their flips), and each refinement round none whose
+    first-step pair or any of that round's completions (at any of its timesteps) copies one; off, they draw every
+    pair. Every pair a copy, in the warm start or in a round: an error naming the key, before any step of it. On a
+    latent backbone the mirror images are the flipped shots' latents, not flipped latents."""
     n = 8
-    over = {"student.steps": 2, "student.warm_start": 40, "student.warm_start_pairs": n, "student.warm_start_batch": 2,
-            "student.warm_start_teacher_steps": 2, "student.warm_start_refine": 1,
+    over = {"student.steps": 3, "student.warm_start": 40, "student.warm_start_pairs": n, "student.warm_start_batch": 2,
+            "student.warm_start_teacher_steps": 2, "student.warm_start_refine": 2,
             "student.warm_start_refine_steps": 40, "student.warm_start_drop_copies": drop}
     cfg = make_cfg(form, **over)
     models = build(cfg, rt)
@@ -784,9 +785,11 @@ def test_student_warm_start_drop_copies_leaves_out_the_pairs_that_copy_a_shot(ma
     x0 = torch.rand((n,) + tuple(shots.shape[1:]), generator=g) * 2 - 1  # uniform noise: far from every shot
     x0[1] = shots[0] + 0.01 * torch.randn(shots[0].shape, generator=g)
     x0[4] = mirrors[2]
-    completions = {t: torch.rand(x0.shape, generator=g) * 2 - 1 for t in m.timesteps[1:]}
-    completions[m.timesteps[-1]][6] = mirrors[3]  # pair 6 copies only in the round
-    phases, real_fit, real_x0 = [], m._fit, m.student_x0
+    middle, last = m.timesteps[1], m.timesteps[-1]
+    rounds = [{t: torch.rand(x0.shape, generator=g) * 2 - 1 for t in m.timesteps[1:]} for _ in range(2)]
+    rounds[0][middle][6] = mirrors[3]  # pair 6 copies only in round 1, at the middle step
+    rounds[1][last][7] = shots[5]  # pair 7 only in round 2, at the last
+    phases, real_fit, real_x0, calls = [], m._fit, m.student_x0, iter(rounds)
 
     def fit(*a, **kw):
         phases.append(set())
@@ -799,15 +802,22 @@ def test_student_warm_start_drop_copies_leaves_out_the_pairs_that_copy_a_shot(ma
 
     prompts = [models.data.prompts[0]] * n if form != "pixel" else []
     monkeypatch.setattr(m, "teacher_sample", lambda *a, **kw: (z, x0, prompts))
-    monkeypatch.setattr(m, "_student_states", lambda *a, **kw: ({t: z for t in m.timesteps[1:]}, completions))
+    monkeypatch.setattr(m, "_student_states", lambda *a, **kw: ({t: z for t in m.timesteps[1:]}, next(calls)))
     m._fit, m.student_x0 = fit, student_x0
     out = m.warm_start(progress=False)
     every = set(range(n))
-    assert phases == ([every - {1, 4}, every - {1, 4, 6}] if drop else [every, every])
-    assert (out.get("warm_start_pairs_kept"), out.get("warm_start_refine_0_pairs_kept")) == ((6, 5) if drop else
-                                                                                            (None, None))
-    if drop:
-        x0[:] = shots[torch.arange(n) % len(shots)]
+    assert phases == ([every - {1, 4}, every - {1, 4, 6}, every - {1, 4, 7}] if drop else [every] * 3)
+    kept = [out.get(k) for k in ("warm_start_pairs_kept", "warm_start_refine_0_pairs_kept",
+                                 "warm_start_refine_1_pairs_kept")]
+    assert kept == ([6, 5, 5] if drop else [None] * 3)
+    if drop:  # every completion of the first round a copy: the error, before that round's first step
+        rounds[0][middle][:] = shots[torch.arange(n) % len(shots)]
+        phases.clear()
+        calls = iter(rounds)
+        with pytest.raises(UserError, match="refinement 1.*student.warm_start_drop_copies=false"):
+            m.warm_start(progress=False)
+        assert len(phases) == 1  # the warm start ran; the round did not
+        x0[:] = shots[torch.arange(n) % len(shots)]  # every pair's sample a copy: before the warm start's first step
         phases.clear()
         with pytest.raises(UserError, match="student.warm_start_drop_copies"):
             m.warm_start(progress=False)

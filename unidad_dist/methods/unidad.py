@@ -918,7 +918,7 @@ class UniDAD(Method):
         # pair's x0; in a refinement round, the student's own state and the teacher's completion from there
         inputs, targets = traj, dict.fromkeys(self.timesteps[1:], x0)
         # the pairs the steps draw from (student.warm_start_drop_copies: those whose teacher sample copies no shot)
-        kept = self._not_copies([x0], torch.arange(z.shape[0]), "warm start")
+        kept = self._not_copies([x0], torch.arange(z.shape[0]), "warm start", role)
         pool = kept
         out = {"warm_start_pairs_kept": len(kept)} if sc.warm_start_drop_copies else {}
 
@@ -942,7 +942,7 @@ class UniDAD(Method):
                                            progress, ema=sc.warm_start_ema)
         for r in range(sc.warm_start_refine):
             inputs, targets = self._student_states(z, prompts, role, f"warm_start_refine_{r}")
-            pool = self._not_copies(list(targets.values()), kept, f"warm start refinement {r + 1}")
+            pool = self._not_copies(list(targets.values()), kept, f"warm start refinement {r + 1}", role)
             if sc.warm_start_drop_copies:
                 out[f"warm_start_refine_{r}_pairs_kept"] = len(pool)
             out["warm_start_refine_loss"] = self._fit("student", sc.warm_start_refine_steps, sc.warm_start_lr, loss_fn,
@@ -950,21 +950,24 @@ class UniDAD(Method):
                                                       ema=sc.warm_start_refine_ema)
         return out
 
-    def _not_copies(self, samples: list, among: torch.Tensor, label: str) -> torch.Tensor:
+    def _not_copies(self, samples: list, among: torch.Tensor, label: str, role: str) -> torch.Tensor:
         """The indices in ``among`` of the warm start's pairs none of whose ``samples`` (tensors over all pairs, in
-        model space) copies a target shot, with student.warm_start_drop_copies; else ``among`` itself."""
+        model space, from the teacher ``role``) copies a target shot, with student.warm_start_drop_copies; else
+        ``among`` itself."""
         if not self.cfg.student.warm_start_drop_copies:
             return among
         data = self.m.data
         copy = torch.zeros(len(samples[0]), dtype=torch.bool)
-        for x in samples:
-            shots = data.model_space.to(x.device, x.dtype)
-            copy |= nearest_shot(x, shots, data.model_space_flipped.to(x.device, x.dtype))[0].cpu()
+        for x in samples:  # the distances in float64 (pairwise_l2): the same pairs on every rank and device
+            copy |= nearest_shot(x.cpu(), data.model_space.cpu(), data.model_space_flipped.cpu())[0]
         kept = among[~copy[among]]
         if len(kept) == 0:
+            fix = ("shorten target_teacher.warm_start (its fit to the shots)" if role == "target_teacher"
+                   and self.cfg.target_teacher.mode == "online" else "regress onto another teacher "
+                   "(student.warm_start_teacher)")
             raise UserError(f"student.warm_start_drop_copies: in the {label}, every one of the {len(among)} pairs "
-                            f"copies a target shot (the target teacher memorised the shots); shorten "
-                            f"target_teacher.warm_start or set student.warm_start_drop_copies=false")
+                            f"copies a target shot ({role}'s samples reproduce the shots); {fix}, or set "
+                            f"student.warm_start_drop_copies=false")
         return kept
 
     def summary(self) -> dict:
