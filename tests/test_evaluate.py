@@ -493,3 +493,21 @@ def test_eval_every_keeps_the_run_lock_fresh_while_it_lasts():
     assert after >= 5
     _time.sleep(0.05)
     assert Lock.beats == after  # stopped with the block
+
+
+def test_the_held_out_table_judges_the_copy_rate_evaluate_measures_over_more_samples(run, no_weights):
+    """benchmarks/heldout_domains.py judges the copy rate over COPY_SAMPLES samples of the finished student: the
+    number `unidad-dist evaluate --num N` records for the run's last checkpoint and EMA (not the run's own
+    eval.num_samples = 8 here), and the acceptance then judges that number, not the summary's."""
+    from benchmarks.heldout_domains import COPY_SAMPLES, copy_rate_over, judged
+    from tools.check_demo import check_summary
+
+    assert COPY_SAMPLES == 512
+    value = copy_rate_over(run, threads=1, num=16)
+    rec = json.loads((run / "eval" / "2-k2-n16-ema.json").read_text())
+    assert rec["num_samples"] == 16 and rec["checkpoint"] == "iter_0000002"
+    assert value == rec["proxies"]["copy_rate"]
+    ok = {"proxy_distance_before": 10.0, "proxy_distance_after": 4.0, "copy_rate": 0.078, "diversity": 0.9,
+          "noise_level": 0.02, "noise_level_shots": 0.0, "shape_distance": 0.2}
+    assert check_summary(judged(ok, 0.021)) == [] and check_summary(judged(ok, 0.06)) != []
+    assert ok["copy_rate"] == 0.078  # the summary itself is left as the run wrote it
