@@ -62,14 +62,19 @@ RECIPE = "demo_new_target"  # the default recipe for a target of your own on the
 COPY_SAMPLES = 512
 
 
-def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int, recipe: str = RECIPE) -> dict:
-    args = [sys.executable, "-m", "unidad_dist", "train", "--config", recipe, f"run.dir={run_dir}",
-            f"data.target.path={shots}",
-            f"run.seed={seed}", "logging.progress=false", *over]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+def _cli(threads: int, *args: str) -> str:
+    """`unidad-dist ARGS` in a subprocess at ``threads`` threads; its stdout, or SystemExit with its stderr's end."""
+    cmd = [sys.executable, "-m", "unidad_dist", *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if r.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(args)}\n{r.stderr[-3000:]}")
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def _run(run_dir: Path, shots: Path, seed: int, over: list[str], threads: int, recipe: str = RECIPE) -> dict:
+    _cli(threads, "train", "--config", recipe, f"run.dir={run_dir}", f"data.target.path={shots}", f"run.seed={seed}",
+         "logging.progress=false", *over)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -77,12 +82,8 @@ def copy_rate_over(run_dir: Path, threads: int, num: int = COPY_SAMPLES) -> floa
     """The finished run's copy rate over ``num`` samples: `unidad-dist evaluate --run DIR --num N` (the run's own
     evaluation — its last checkpoint's EMA student, the same noise — with more samples; the first 64 are the run's
     own, so its summary's copies are among them)."""
-    args = [sys.executable, "-m", "unidad_dist", "evaluate", "--run", str(run_dir), "--num", str(num), "--json"]
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if r.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(args)}\n{r.stderr[-3000:]}")
-    return float(json.loads(r.stdout)[0]["proxies"]["copy_rate"])
+    out = _cli(threads, "evaluate", "--run", str(run_dir), "--num", str(num), "--json")
+    return float(json.loads(out)[0]["proxies"]["copy_rate"])
 
 
 def judged(summary: dict, copy_rate: float) -> dict:
